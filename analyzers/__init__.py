@@ -1,0 +1,1 @@
+"""Analyzers: metrics, slices, diagnosis rules, comparison and capacity evaluation over run directories."""

@@ -1,0 +1,58 @@
+"""The `servescope` command line.
+
+Commands are loaded lazily: `servescope run` must not pay for importing the
+analyzers, and `servescope serve` is the only command that imports torch. Each
+command lives in its own module (see COMMANDS) and stays thin: it parses
+options and calls a library function that tests can call directly.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from harness import __version__
+
+# command name -> ("module:attribute" of its click command, one-line help).
+# The help is kept here so `servescope --help` imports nothing.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("harness.commands.run:run", "Drive a target (or the bundled engine) with a workload and measure every request."),
+    "report": ("harness.commands.report:report", "(Re)build summary.json, findings.json and report.html of a run directory."),
+    "compare": ("harness.commands.compare:compare", "Compare two runs; exit 1 on a significant regression."),
+    "capacity": ("harness.commands.capacity:capacity", "Find the highest request rate that meets the SLO."),
+    "slice": ("harness.commands.slice:slice_cmd", "Slice and diagnose recorded or imported requests (no load sent)."),
+    "serve": ("reference_engine.cli:serve", "Start the bundled reference engine (OpenAI-compatible server)."),
+    "workloads": ("harness.commands.workloads:workloads", "List or show the bundled workload presets."),
+    "lab": ("harness.commands.lab:lab", "Run a scripted experiment and its control on the reference engine."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group that imports a command's module only when it is invoked."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module_name, attr = target[0].split(":")
+        module = importlib.import_module(module_name)
+        return getattr(module, attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, help_text) for name, (_, help_text) in sorted(COMMANDS.items())]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="servescope")
+def main() -> None:
+    """servescope: load-test and diagnose LLM serving endpoints."""
+
+
+if __name__ == "__main__":
+    main()

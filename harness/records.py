@@ -1,0 +1,108 @@
+"""The per-request record: one row of `requests.parquet` (see DESIGN.md).
+
+This module is the schema contract between the load generator (which fills
+records), the run directory writer (which persists them) and the analyzers
+(which read them back). Column names and meanings follow DESIGN.md exactly;
+times are seconds on one monotonic clock (`time.perf_counter`), relative to the
+run start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+# Allowed values, so writers and readers agree on spelling.
+STATUSES = ("ok", "error", "timeout", "cancelled")
+ERROR_KINDS = (
+    "http_4xx",
+    "http_5xx",
+    "http_429",
+    "connect",
+    "reset",
+    "protocol",
+    "timeout",
+    "cancelled",
+    "client",
+)
+OUTPUT_TOKENS_SOURCES = ("usage", "tokenizer", "chunks")
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """Everything measured about one request. Unknown values stay None."""
+
+    request_id: str
+    response_id: str | None = None
+    worker: int = 0
+    phase: str = ""
+    session_id: str | None = None
+    turn: int | None = None
+    tenant: str | None = None
+    prefix_group: str | None = None
+    prompt_bucket: str | None = None
+    output_bucket: str | None = None
+    api: str = "completions"
+    prompt_tokens: int | None = None
+    max_tokens: int | None = None
+    scheduled_at: float | None = None
+    sent_at: float | None = None
+    first_token_at: float | None = None
+    end_at: float | None = None
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    tpot_s: float | None = None
+    itl_s: list[float] = field(default_factory=list)
+    chunk_tokens: list[int] = field(default_factory=list)
+    output_tokens: int | None = None
+    output_tokens_source: str | None = None
+    usage_prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    spec_accepted_tokens: int | None = None
+    spec_draft_tokens: int | None = None
+    status: str = "ok"
+    error_kind: str | None = None
+    http_status: int | None = None
+    error_message: str | None = None
+    schedule_lag_s: float | None = None
+    connect_s: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+REQUEST_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(RequestRecord))
+
+
+def arrow_schema():
+    """The pyarrow schema of `requests.parquet` (imported lazily: pyarrow is slow to import)."""
+    import pyarrow as pa
+
+    s, i, f = pa.string(), pa.int64(), pa.float64()
+    types = {
+        "request_id": s, "response_id": s, "worker": i, "phase": s,
+        "session_id": s, "turn": i, "tenant": s, "prefix_group": s,
+        "prompt_bucket": s, "output_bucket": s, "api": s,
+        "prompt_tokens": i, "max_tokens": i,
+        "scheduled_at": f, "sent_at": f, "first_token_at": f, "end_at": f,
+        "ttft_s": f, "e2e_s": f, "tpot_s": f,
+        "itl_s": pa.list_(f), "chunk_tokens": pa.list_(i),
+        "output_tokens": i, "output_tokens_source": s,
+        "usage_prompt_tokens": i, "cached_tokens": i,
+        "spec_accepted_tokens": i, "spec_draft_tokens": i,
+        "status": s, "error_kind": s, "http_status": i, "error_message": s,
+        "schedule_lag_s": f, "connect_s": f,
+    }
+    assert tuple(types) == REQUEST_COLUMNS, "arrow schema out of step with RequestRecord"
+    return pa.schema([(name, types[name]) for name in REQUEST_COLUMNS])
+
+
+# File names of the run directory (DESIGN.md).
+RUN_JSON = "run.json"
+REQUESTS_JSONL = "requests.jsonl"
+REQUESTS_PARQUET = "requests.parquet"
+SERVER_METRICS_JSONL = "server_metrics.jsonl"
+SERVER_METRICS_PARQUET = "server_metrics.parquet"
+SUMMARY_JSON = "summary.json"
+FINDINGS_JSON = "findings.json"
+REPORT_HTML = "report.html"

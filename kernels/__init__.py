@@ -1,0 +1,1 @@
+"""Triton kernels for the reference engine, each beside its plain-torch reference."""

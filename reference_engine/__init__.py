@@ -1,0 +1,1 @@
+"""The bundled reference engine: a real paged-KV, continuously batched Llama-family server (run as its own process)."""
