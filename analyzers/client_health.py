@@ -1,0 +1,69 @@
+"""Is the load generator itself distorting the numbers?
+
+A load generator that sends late (schedule lag) or whose event loop stalls
+(loop lag) adds its own delay to every latency it measures and lowers the
+offered rate. run.json carries the workers' self-check; the requests carry
+each one's schedule lag. Thresholds are relative to the latencies measured, so
+a 5 ms lag is harmless against 2 s TTFTs and fatal against 20 ms ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analyzers.metrics import quantile
+
+# Lag below this is noise on any machine; above it, compare with the latencies.
+ABSOLUTE_FLOOR_S = 0.005
+# Lag is "large" when it reaches this fraction of the median TTFT.
+RELATIVE_LIMIT = 0.10
+LOOP_LAG_LIMIT_S = 0.050
+
+_RUN_JSON_SECTIONS = ("client", "client_check", "self_check", "client_self_check")
+
+
+def client_self_check(run: dict[str, Any]) -> dict[str, Any]:
+    """The self-check section of run.json, whichever name the writer gave it ({} if none)."""
+    for key in _RUN_JSON_SECTIONS:
+        section = run.get(key)
+        if isinstance(section, dict):
+            return section
+    return {}
+
+
+def _first_number(section: dict[str, Any], *keys: str) -> float | None:
+    for key in keys:
+        value = section.get(key)
+        if isinstance(value, (int, float)) and np.isfinite(value):
+            return float(value)
+    return None
+
+
+def client_health(run: dict[str, Any], measured: pd.DataFrame) -> dict[str, Any]:
+    """`{"schedule_lag_p99_s", "loop_lag_max_s", "client_bound", ...}` for summary.json and the client_bound rule."""
+    check = client_self_check(run)
+    lag = measured["schedule_lag_s"].to_numpy(dtype=np.float64) if len(measured) else np.empty(0)
+    lag_p99 = quantile(lag, 0.99)
+    if lag_p99 is None:
+        lag_p99 = _first_number(check, "schedule_lag_p99_s", "schedule_lag_p99")
+    loop_lag = _first_number(check, "loop_lag_max_s", "max_loop_lag_s", "event_loop_lag_max_s", "loop_lag_max")
+    ttft = measured.loc[measured["status"] == "ok", "ttft_s"].to_numpy(dtype=np.float64) if len(measured) else np.empty(0)
+    ttft_p50 = quantile(ttft, 0.5)
+    limit = max(ABSOLUTE_FLOOR_S, RELATIVE_LIMIT * ttft_p50) if ttft_p50 else ABSOLUTE_FLOOR_S
+    reasons = []
+    if lag_p99 is not None and lag_p99 > limit:
+        reasons.append(f"schedule lag p99 {lag_p99 * 1e3:.1f} ms > {limit * 1e3:.1f} ms")
+    if loop_lag is not None and loop_lag > max(LOOP_LAG_LIMIT_S, limit):
+        reasons.append(f"event-loop lag max {loop_lag * 1e3:.1f} ms > {max(LOOP_LAG_LIMIT_S, limit) * 1e3:.1f} ms")
+    return {
+        "schedule_lag_p50_s": quantile(lag, 0.5),
+        "schedule_lag_p99_s": lag_p99,
+        "loop_lag_max_s": loop_lag,
+        "lag_limit_s": limit,
+        "client_bound": bool(reasons),
+        "reasons": reasons,
+        "self_check": check,
+    }

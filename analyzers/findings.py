@@ -1,0 +1,59 @@
+"""A diagnosis finding: what a rule concluded, with the figures behind it.
+
+findings.json is the list of `Finding.to_dict()` (DESIGN.md); the report
+renders the same objects plus their chart. Ranking is by severity, then by the
+rule's order in `analyzers.rules.RULES` (a stable order, so two reports of
+one run list findings identically).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+SEVERITIES = ("high", "medium", "low", "info")
+RULE_IDS = ("client_bound", "errors", "queueing", "convoy", "preemption", "prefix_cache", "spec_decode", "tail")
+
+
+@dataclass
+class Finding:
+    """One conclusion of one rule. `evidence` holds plain numbers (JSON-ready), `chart` a plotly figure dict."""
+
+    rule: str
+    severity: str
+    title: str
+    summary: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+    slices: list[dict[str, Any]] = field(default_factory=list)
+    suggestion: str = ""
+    chart: dict[str, Any] | None = None
+    uncertain: bool = False  # set when the load generator itself was the bottleneck
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULE_IDS:
+            raise ValueError(f"unknown rule id {self.rule!r}; known: {', '.join(RULE_IDS)}")
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"severity must be one of {', '.join(SEVERITIES)}, got {self.severity!r}")
+        if not self.title or not self.summary:
+            raise ValueError(f"finding {self.rule}: title and summary are required")
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        return SEVERITIES.index(self.severity), RULE_IDS.index(self.rule)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The findings.json entry (the chart stays in the report)."""
+        return {
+            "rule": self.rule,
+            "severity": self.severity,
+            "title": self.title,
+            "summary": self.summary,
+            "evidence": self.evidence,
+            "slices": self.slices,
+            "suggestion": self.suggestion,
+            "uncertain": self.uncertain,
+        }
+
+
+def rank_findings(findings: list[Finding]) -> list[Finding]:
+    return sorted(findings, key=lambda f: f.rank)

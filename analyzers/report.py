@@ -1,0 +1,125 @@
+"""`build_report(run_dir, slos=None) -> Path`: summary.json, findings.json and report.html of one run.
+
+This module gathers what the template shows (summary, findings, slice tables,
+time series, worst requests, load-generator health, metadata) and renders it
+with `report_templates.render_page`. It owns no numbers of its own: those come
+from `summarize`, the rules and the slice tables, so the JSON files and the
+HTML always agree.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analyzers.context import DiagnosisContext, build_context
+from analyzers.findings import Finding
+from analyzers.rules import run_rules
+from analyzers.rundata import RunData, load_run
+from analyzers.slices import all_slice_tables
+from analyzers.slo import SLO, slos_from_run
+from analyzers.summary import summarize
+from analyzers.timeseries import all_time_series
+from harness.records import FINDINGS_JSON, REPORT_HTML, SUMMARY_JSON
+
+WORST_ROWS = 15
+WORST_COLUMNS = ("request_id", "phase", "prompt_bucket", "output_bucket", "tenant", "prompt_tokens", "cached_tokens",
+                 "output_tokens", "ttft_s", "tpot_s", "itl_max_s", "e2e_s", "status", "error_kind", "error_message")
+
+
+def build_report(run_dir: str | Path, slos: list[SLO] | None = None, *, timings: dict[str, float] | None = None) -> Path:
+    """Write summary.json, findings.json and report.html into run_dir; returns the report's path.
+
+    `slos` default to the ones recorded in run.json. Pass a dict as `timings` to
+    get the seconds spent in each stage (the report benchmark does).
+    """
+    stage = _Stopwatch(timings)
+    run = load_run(run_dir)
+    stage("load")
+    if slos is None:
+        slos = slos_from_run(run.run)
+    summary = summarize(run, slos)
+    stage("summarize")
+    ctx = build_context(run)
+    findings = run_rules(ctx)
+    stage("diagnose")
+    out = Path(run_dir)
+    _write_json(out / SUMMARY_JSON, summary)
+    _write_json(out / FINDINGS_JSON, [f.to_dict() for f in findings])
+    html = render_run_report(run, summary, findings, ctx)
+    (out / REPORT_HTML).write_text(html, encoding="utf-8")
+    stage("render")
+    return out / REPORT_HTML
+
+
+def render_run_report(run: RunData, summary: dict[str, Any], findings: list[Finding], ctx: DiagnosisContext) -> str:
+    from report_templates import render_page
+
+    return render_page("report.html.j2", **report_context(run, summary, findings, ctx))
+
+
+def report_context(run: RunData, summary: dict[str, Any], findings: list[Finding], ctx: DiagnosisContext) -> dict[str, Any]:
+    """Everything report.html.j2 reads (also what lab.html.j2 reuses per run)."""
+    return {
+        "run": run.run,
+        "run_name": run.path.name if run.path else "run",
+        "summary": summary,
+        "findings": findings,
+        "slices": all_slice_tables(ctx.frame),
+        "time_series": all_time_series(ctx.frame, ctx.metrics),
+        "worst_ttft": worst_requests(ctx.frame, "ttft_s"),
+        "worst_e2e": worst_requests(ctx.frame, "e2e_s"),
+        "client": ctx.client,
+        "metadata": run_metadata(run.run),
+        "prompt_lengths_exact": prompt_lengths_exact(run.run),
+        "server_metrics_present": not run.server_metrics.empty,
+    }
+
+
+def worst_requests(frame: pd.DataFrame, column: str, rows: int = WORST_ROWS) -> list[dict[str, Any]]:
+    values = frame[column].to_numpy(dtype=np.float64)
+    finite = np.flatnonzero(np.isfinite(values))
+    if finite.size == 0:
+        return []
+    top = finite[np.argsort(-values[finite], kind="stable")[:rows]]
+    picked = frame.iloc[top][[c for c in WORST_COLUMNS if c in frame]]
+    return [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()} for row in picked.to_dict("records")]
+
+
+def prompt_lengths_exact(run: dict[str, Any]) -> bool | None:
+    """Were prompt lengths exact for the target's tokenizer? (run.json, whichever spelling the writer used)"""
+    for holder in (run, run.get("tokenizer") if isinstance(run.get("tokenizer"), dict) else {}, run.get("workload") if isinstance(run.get("workload"), dict) else {}):
+        for key in ("prompt_lengths_exact", "exact_for_target", "exact"):
+            if isinstance(holder.get(key), bool):
+                return holder[key]
+    return None
+
+
+def run_metadata(run: dict[str, Any]) -> list[tuple[str, Any]]:
+    """run.json as (key, value) rows, scalars first; big nested values are left to the JSON dump."""
+    scalars = [(k, v) for k, v in run.items() if not isinstance(v, (dict, list))]
+    nested = [(k, v) for k, v in run.items() if isinstance(v, (dict, list))]
+    return scalars + nested
+
+
+def _write_json(path: Path, data: Any) -> None:
+    from report_templates import safe_json
+
+    # safe_json turns NaN into null (NaN is not JSON); re-indent for people reading the file.
+    path.write_text(json.dumps(json.loads(safe_json(data)), indent=2) + "\n", encoding="utf-8")
+
+
+class _Stopwatch:
+    def __init__(self, sink: dict[str, float] | None) -> None:
+        self.sink, self.last = sink, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        if self.sink is not None:
+            self.sink[name] = now - self.last
+        self.last = now

@@ -1,0 +1,28 @@
+"""Small helpers shared by the diagnosis rules (formatting and guards)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def ms(seconds: float | None) -> str:
+    """`123.4 ms` (or `n/a`): findings speak in the unit people read latencies in."""
+    if seconds is None or not np.isfinite(seconds):
+        return "n/a"
+    return f"{seconds * 1e3:.1f} ms" if seconds < 10 else f"{seconds:.2f} s"
+
+
+def median(values) -> float | None:
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    return float(np.median(arr)) if arr.size else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b <= 0:
+        return None
+    return a / b
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"

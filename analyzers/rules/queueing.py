@@ -1,0 +1,119 @@
+"""Rule `queueing`: arrivals outrun completions, so requests wait longer the longer the run goes.
+
+Judged per measured phase (a sweep saturates only at its top rates), from the
+client side alone so it works against any endpoint: the send rate exceeds the
+completion rate, the number of requests in flight keeps growing, and TTFT rises
+from the first third of the phase to the last. The server's waiting-queue gauge
+and queue-time histogram, when scraped, are added as evidence.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy.stats import spearmanr
+
+from analyzers import charts
+from analyzers.context import DiagnosisContext
+from analyzers.findings import Finding
+from analyzers.rules.common import median, ms
+
+MIN_REQUESTS = 30
+RATE_EXCESS = 1.10  # arrivals at least 10% above completions
+TTFT_GROWTH = 1.5  # last-third median TTFT over first-third
+MIN_RHO = 0.3
+
+
+def queueing(ctx: DiagnosisContext) -> Finding | None:
+    best = None
+    for phase, group in ctx.frame.groupby(ctx.frame["phase"].fillna(""), sort=False):
+        result = _judge_phase(ctx, str(phase), group)
+        if result and (best is None or result["ttft_growth"] > best["ttft_growth"]):
+            best = result
+    if best is None:
+        return None
+    severity = "high" if best["ttft_growth"] >= 3 else "medium"
+    chart = best.pop("_chart")
+    return Finding(
+        rule="queueing",
+        severity=severity,
+        title=f"Saturated: requests arrive faster than they complete ({best['arrival_rate']:.2f} vs {best['completion_rate']:.2f} req/s)",
+        summary=(
+            f"In phase {best['phase'] or 'run'}, requests were sent at {best['arrival_rate']:.2f} req/s but completed at "
+            f"{best['completion_rate']:.2f} req/s, so requests in flight grew from {best['in_flight_early']} to "
+            f"{best['in_flight_end']} and median TTFT rose {best['ttft_growth']:.1f}x from the first third "
+            f"({ms(best['ttft_p50_first_third_s'])}) to the last ({ms(best['ttft_p50_last_third_s'])}). "
+            "Latency here is set by how long the run lasted, not by the server's speed."
+        ),
+        evidence=best,
+        slices=[{"dimension": "phase", "value": best["phase"]}],
+        suggestion=(
+            f"The server's capacity for this workload is about {best['completion_rate']:.2f} req/s: offer less, add "
+            "replicas, or find the highest rate that meets the SLO with `servescope capacity`."
+        ),
+        chart=chart,
+    )
+
+
+def _in_flight(sent: np.ndarray, end: np.ndarray, at: np.ndarray) -> np.ndarray:
+    sent_sorted, end_sorted = np.sort(sent[np.isfinite(sent)]), np.sort(end[np.isfinite(end)])
+    return np.searchsorted(sent_sorted, at, side="right") - np.searchsorted(end_sorted, at, side="right")
+
+
+def _judge_phase(ctx: DiagnosisContext, phase: str, group: pd.DataFrame) -> dict | None:
+    ok = group[(group["status"] == "ok") & group["ttft_s"].notna()]
+    if len(ok) < MIN_REQUESTS:
+        return None
+    sent = group["sent_at"].to_numpy(dtype=np.float64)
+    end = group["end_at"].to_numpy(dtype=np.float64)
+    start, stop = np.nanmin(sent), np.nanmax(sent)
+    duration = stop - start
+    if duration <= 0:
+        return None
+    arrival_rate = (np.isfinite(sent).sum() - 1) / duration
+    completion_rate = np.sum((end >= start) & (end <= stop)) / duration
+    early, late = start + duration / 4, stop
+    in_flight_early, in_flight_end = (int(v) for v in _in_flight(sent, end, np.array([early, late])))
+    ok_sent = ok["sent_at"].to_numpy(dtype=np.float64)
+    ttft = ok["ttft_s"].to_numpy(dtype=np.float64)
+    first = median(ttft[ok_sent <= start + duration / 3])
+    last = median(ttft[ok_sent >= stop - duration / 3])
+    if first is None or last is None or first <= 0:
+        return None
+    growth = last / first
+    rho = float(spearmanr(ok_sent, ttft).statistic)
+    outrun = arrival_rate > RATE_EXCESS * completion_rate and in_flight_end > in_flight_early
+    if not (outrun and growth >= TTFT_GROWTH and rho >= MIN_RHO):
+        return None
+    evidence = {
+        "phase": phase,
+        "arrival_rate": float(arrival_rate),
+        "completion_rate": float(completion_rate),
+        "in_flight_early": in_flight_early,
+        "in_flight_end": in_flight_end,
+        "ttft_p50_first_third_s": first,
+        "ttft_p50_last_third_s": last,
+        "ttft_growth": float(growth),
+        "ttft_time_spearman": rho,
+        "n": int(len(ok)),
+    }
+    waiting = ctx.metrics.gauge("waiting")
+    waiting = waiting[(waiting.index >= start) & (waiting.index <= stop)]
+    if len(waiting):
+        evidence["server_waiting_max"] = float(waiting.max())
+        evidence["server_waiting_last"] = float(waiting.iloc[-1])
+    queue_p50 = ctx.metrics.histogram_quantile("queue_hist", 0.5, start, stop)
+    if queue_p50 is not None:
+        evidence["server_queue_time_p50_s"] = queue_p50
+    grid = np.linspace(start, np.nanmax(end) if np.isfinite(end).any() else stop, 200)
+    traces = [
+        charts.scatter(ok_sent, ttft, "TTFT (ms)", scale=1e3),
+        charts.line(grid, _in_flight(sent, end, grid), "requests in flight", yaxis="y2"),
+    ]
+    if len(waiting):
+        traces.append(charts.line(waiting.index.to_numpy(), waiting.to_numpy(), "server waiting queue", yaxis="y2"))
+    evidence["_chart"] = charts.figure(
+        traces, f"TTFT and requests in flight, phase {phase or 'run'}", "send time in run (s)", "TTFT (ms)",
+        yaxis2={"title": {"text": "requests"}, "overlaying": "y", "side": "right"},
+    )
+    return evidence

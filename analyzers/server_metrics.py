@@ -1,0 +1,144 @@
+"""Server metrics scraped from Prometheus: one vocabulary for vLLM, SGLang and the reference engine.
+
+`ServerMetrics` renames every known series to a short canonical key (the
+table below is the only place that knows engine spellings) and answers the
+three questions analyzers ask: a gauge over time, a counter's rate over time
+(reset-safe deltas), and a histogram's quantile from bucket deltas.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+# canonical key -> (kind, vLLM / reference-engine names, SGLang names).
+# vLLM declares counters without `_total`; prometheus_client adds it on export, so both appear.
+METRIC_NAMES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    "running": ("gauge", ("vllm:num_requests_running",), ("sglang:num_running_reqs",)),
+    "waiting": ("gauge", ("vllm:num_requests_waiting",), ("sglang:num_queue_reqs",)),
+    "kv_usage": ("gauge", ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"), ("sglang:token_usage",)),
+    "preemptions": ("counter", ("vllm:num_preemptions_total", "vllm:num_preemptions"), ("sglang:num_retracted_reqs",)),
+    "prefix_queries": ("counter", ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_queries"), ()),
+    "prefix_hits": ("counter", ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_hits"), ()),
+    "prefix_hit_rate": ("gauge", (), ("sglang:cache_hit_rate",)),
+    "cached_tokens": ("counter", (), ("sglang:cached_tokens_total",)),
+    "spec_draft": ("counter", ("vllm:spec_decode_num_draft_tokens_total", "vllm:spec_decode_num_draft_tokens"), ()),
+    "spec_accepted": ("counter", ("vllm:spec_decode_num_accepted_tokens_total", "vllm:spec_decode_num_accepted_tokens"), ()),
+    "spec_accept_rate": ("gauge", (), ("sglang:spec_accept_rate",)),
+    "spec_accept_length": ("gauge", (), ("sglang:spec_accept_length",)),
+    "prompt_tokens": ("counter", ("vllm:prompt_tokens_total", "vllm:prompt_tokens"), ("sglang:prompt_tokens_total",)),
+    "generation_tokens": ("counter", ("vllm:generation_tokens_total", "vllm:generation_tokens"), ("sglang:generation_tokens_total",)),
+    "ttft_hist": ("histogram", ("vllm:time_to_first_token_seconds",), ("sglang:time_to_first_token_seconds",)),
+    "itl_hist": ("histogram", ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"), ("sglang:inter_token_latency_seconds",)),
+    "e2e_hist": ("histogram", ("vllm:e2e_request_latency_seconds",), ("sglang:e2e_request_latency_seconds",)),
+    "queue_hist": ("histogram", ("vllm:request_queue_time_seconds",), ("sglang:queue_time_seconds",)),
+}
+# Gauges that are fractions are averaged across engines; counts are summed.
+_AVERAGED = {"kv_usage", "prefix_hit_rate", "spec_accept_rate", "spec_accept_length"}
+
+
+def _name_table() -> dict[str, tuple[str, str]]:
+    """Exact scraped sample name -> (canonical key, histogram part or "")."""
+    table: dict[str, tuple[str, str]] = {}
+    for key, (kind, vllm, sglang) in METRIC_NAMES.items():
+        for name in vllm + sglang:
+            if kind == "histogram":
+                for part in ("_bucket", "_sum", "_count"):
+                    table[name + part] = (key, part)
+            else:
+                table[name] = (key, "")
+    return table
+
+
+_NAMES = _name_table()
+
+
+@dataclass
+class ServerMetrics:
+    """Canonicalized samples: columns t, key, part, labels, value."""
+
+    samples: pd.DataFrame
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> "ServerMetrics":
+        if frame.empty:
+            return cls(pd.DataFrame(columns=["t", "key", "part", "labels", "value"]))
+        mapped = frame["name"].map(_NAMES)
+        keep = mapped.notna()
+        sub = frame.loc[keep].copy()
+        sub["key"] = [m[0] for m in mapped[keep]]
+        sub["part"] = [m[1] for m in mapped[keep]]
+        return cls(sub[["t", "key", "part", "labels", "value"]].reset_index(drop=True))
+
+    def has(self, key: str) -> bool:
+        return bool((self.samples["key"] == key).any()) if len(self.samples) else False
+
+    def gauge(self, key: str) -> pd.Series:
+        """The gauge over time (indexed by t), summed (or averaged for fractions) across label sets."""
+        sub = self.samples[(self.samples["key"] == key) & (self.samples["part"] == "")]
+        if sub.empty:
+            return pd.Series(dtype=float)
+        grouped = sub.groupby("t")["value"]
+        return (grouped.mean() if key in _AVERAGED else grouped.sum()).sort_index()
+
+    def counter_total(self, key: str) -> pd.Series:
+        """Cumulative increase since the first scrape (reset-safe), summed across label sets."""
+        sub = self.samples[(self.samples["key"] == key) & (self.samples["part"] == "")]
+        if sub.empty:
+            return pd.Series(dtype=float)
+        parts = []
+        for _, series in sub.groupby("labels"):
+            values = series.sort_values("t").set_index("t")["value"]
+            delta = values.diff().fillna(0.0)
+            delta[delta < 0] = values[delta < 0]  # a counter reset: the new value is the increase
+            parts.append(delta.cumsum())
+        return pd.concat(parts, axis=1).sort_index().ffill().fillna(0.0).sum(axis=1)
+
+    def counter_rate(self, key: str) -> pd.Series:
+        """Increase per second between successive scrapes (indexed by the later scrape's t)."""
+        total = self.counter_total(key)
+        if len(total) < 2:
+            return pd.Series(dtype=float)
+        dt = np.diff(total.index.to_numpy(dtype=float))
+        rate = np.diff(total.to_numpy()) / np.where(dt > 0, dt, np.nan)
+        return pd.Series(rate, index=total.index[1:])
+
+    def counter_increase(self, key: str, t0: float | None = None, t1: float | None = None) -> float:
+        total = self.counter_total(key)
+        if total.empty:
+            return 0.0
+        window = total[(total.index >= (t0 if t0 is not None else -np.inf)) & (total.index <= (t1 if t1 is not None else np.inf))]
+        return float(window.iloc[-1] - window.iloc[0]) if len(window) > 1 else 0.0
+
+    def histogram_quantile(self, key: str, q: float, t0: float | None = None, t1: float | None = None) -> float | None:
+        """q-quantile of observations made between t0 and t1, from bucket count deltas (linear within a bucket)."""
+        sub = self.samples[(self.samples["key"] == key) & (self.samples["part"] == "_bucket")]
+        if sub.empty:
+            return None
+        sub = sub[(sub["t"] >= (t0 if t0 is not None else -np.inf)) & (sub["t"] <= (t1 if t1 is not None else np.inf))]
+        if sub.empty:
+            return None
+        les = sub["labels"].map(lambda text: json.loads(text).get("le"))
+        sub = sub.assign(le=pd.to_numeric(les.replace({"+Inf": "inf"}), errors="coerce")).dropna(subset=["le"])
+        first, last = sub["t"].min(), sub["t"].max()
+        counts = sub[sub["t"] == last].groupby("le")["value"].sum()
+        if t0 is not None and first < last:
+            counts = counts - sub[sub["t"] == first].groupby("le")["value"].sum().reindex(counts.index, fill_value=0)
+        counts = counts.sort_index()
+        total = counts.iloc[-1] if len(counts) else 0
+        if total <= 0:
+            return None
+        target = q * total
+        bounds, cum = counts.index.to_numpy(), counts.to_numpy()
+        i = int(np.searchsorted(cum, target))
+        i = min(i, len(cum) - 1)
+        upper = bounds[i]
+        if not np.isfinite(upper):
+            return float(bounds[i - 1]) if i > 0 else None  # above the largest finite bucket
+        lower = bounds[i - 1] if i > 0 else 0.0
+        below = cum[i - 1] if i > 0 else 0.0
+        in_bucket = cum[i] - below
+        return float(lower + (upper - lower) * ((target - below) / in_bucket if in_bucket > 0 else 1.0))

@@ -1,0 +1,93 @@
+"""Slicing requests by any label: the on-call view ("which requests are the slow ones?").
+
+A dimension is a function from the request frame (with the derived columns of
+`analyzers.context`) to one label per request; None means "not applicable"
+(e.g. cache hit/miss on a server that does not report cached tokens) and such
+requests are left out of that dimension's table.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from analyzers.metrics import MIN_SAMPLES, describe
+
+TIME_WINDOWS = 10
+
+
+def _column(name: str) -> Callable[[pd.DataFrame], pd.Series]:
+    return lambda frame: frame[name].astype(object).where(frame[name].notna(), None)
+
+
+def _bands(column: str, edges: tuple[float, ...], names: tuple[str, ...]) -> Callable[[pd.DataFrame], pd.Series]:
+    def label(frame: pd.DataFrame) -> pd.Series:
+        values = frame[column].to_numpy(dtype=np.float64)
+        idx = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(names) - 1)
+        return pd.Series(np.where(np.isnan(values), None, np.array(names, dtype=object)[idx]), index=frame.index)
+
+    return label
+
+
+def _time_window(frame: pd.DataFrame) -> pd.Series:
+    sent = frame["sent_at"].to_numpy(dtype=np.float64)
+    if not np.isfinite(sent).any():
+        return pd.Series([None] * len(frame), index=frame.index, dtype=object)
+    lo, hi = np.nanmin(sent), np.nanmax(sent)
+    width = (hi - lo) / TIME_WINDOWS or 1.0
+    idx = np.clip(((sent - lo) // width), 0, TIME_WINDOWS - 1)
+    labels = [None if np.isnan(i) else f"{lo + i * width:7.1f}-{lo + (i + 1) * width:.1f}s" for i in idx]
+    return pd.Series(labels, index=frame.index, dtype=object)
+
+
+DIMENSIONS: dict[str, tuple[str, Callable[[pd.DataFrame], pd.Series]]] = {
+    "prompt_bucket": ("Prompt bucket", _column("prompt_bucket")),
+    "output_bucket": ("Output bucket", _column("output_bucket")),
+    "cache": ("Prefix cache hit/miss", _column("cache_hit")),
+    "cached_band": ("Cached share of the prompt", _bands("cached_fraction", (0.0, 1e-9, 0.25, 0.5, 0.75), ("0%", "<25%", "25-50%", "50-75%", ">=75%"))),
+    "spec": ("Speculative decoding", _column("spec_on")),
+    "acceptance_band": ("Speculative acceptance", _bands("acceptance", (0.0, 0.3, 0.6), ("<30%", "30-60%", ">=60%"))),
+    "tenant": ("Tenant", _column("tenant")),
+    "prefix_group": ("Prefix group", _column("prefix_group")),
+    "phase": ("Phase", _column("phase")),
+    "time_window": ("Time window (by send time)", _time_window),
+    "status": ("Status", lambda frame: frame["status"].fillna("error").astype(object)),
+}
+
+
+def labels(frame: pd.DataFrame, dimension: str) -> pd.Series:
+    if dimension not in DIMENSIONS:
+        raise ValueError(f"unknown slice dimension {dimension!r}; known: {', '.join(DIMENSIONS)}")
+    return DIMENSIONS[dimension][1](frame)
+
+
+def slice_table(frame: pd.DataFrame, dimension: str) -> list[dict[str, Any]]:
+    """One row per label value: counts, error share and TTFT / TPOT / E2E distributions (ok requests)."""
+    keys = labels(frame, dimension)
+    rows = []
+    total = int(keys.notna().sum())
+    for value, group in frame.groupby(keys, sort=True, dropna=True):
+        ok = group[group["status"] == "ok"]
+        rows.append({
+            "value": str(value),
+            "n": int(len(group)),
+            "share": len(group) / total if total else 0.0,
+            "errors": int(((group["status"] != "ok") & (group["status"] != "cancelled")).sum()),
+            "ttft_s": describe(ok["ttft_s"].to_numpy(dtype=np.float64), with_ci=False),
+            "tpot_s": describe(ok["tpot_s"].to_numpy(dtype=np.float64), with_ci=False),
+            "e2e_s": describe(ok["e2e_s"].to_numpy(dtype=np.float64), with_ci=False),
+            "low_n": len(ok) < MIN_SAMPLES,
+        })
+    return rows
+
+
+def all_slice_tables(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """Tables for every dimension with at least two values (a single value slices nothing)."""
+    tables = []
+    for dim, (title, _) in DIMENSIONS.items():
+        rows = slice_table(frame, dim)
+        if len(rows) >= 2:
+            tables.append({"dimension": dim, "title": title, "rows": rows})
+    return tables

@@ -1,0 +1,143 @@
+"""Service-level objectives: parsing `--slo ttft_p99=500ms,...` and judging a run against them.
+
+One SLO is `<metric>_<stat>=<threshold>`: metric `ttft`, `tpot`, `itl` or
+`e2e`; stat `mean`, `p50`, `p90`, `p95`, `p99` or `p99.9` (also spelled
+`p999`); threshold a duration (`500ms`, `2s`, `1m`; a bare number is seconds). `error_rate=<x>` takes a
+fraction or a percentage (`0.001`, `0.1%`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+LATENCY_METRICS = {"ttft": "ttft_s", "tpot": "tpot_s", "itl": "itl_s", "e2e": "e2e_s"}
+STATS = ("mean", "p50", "p90", "p95", "p99", "p99.9")
+_STAT_ALIASES = {"p999": "p99.9", "p99_9": "p99.9"}
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(us|ms|s|m)?\s*$", re.IGNORECASE)
+_UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+class SLOError(ValueError):
+    """An SLO string that cannot be understood; the message says which part and what is allowed."""
+
+
+@dataclass(frozen=True)
+class SLO:
+    """One objective: `stat` of `metric` must be <= `threshold` (seconds, or a fraction for error_rate)."""
+
+    name: str  # as the user wrote the key, e.g. "ttft_p99"
+    metric: str  # "ttft_s" | "tpot_s" | "itl_s" | "e2e_s" | "error_rate"
+    stat: str  # one of STATS, or "rate" for error_rate
+    threshold: float
+
+    def __post_init__(self) -> None:
+        if self.metric == "error_rate":
+            if self.stat != "rate" or not 0 <= self.threshold <= 1:
+                raise SLOError(f"{self.name}: error_rate must be a fraction in [0, 1], got {self.threshold}")
+        elif self.metric not in LATENCY_METRICS.values() or self.stat not in STATS:
+            raise SLOError(f"{self.name}: unknown metric/stat {self.metric}/{self.stat}")
+        elif not self.threshold > 0:
+            raise SLOError(f"{self.name}: threshold must be positive, got {self.threshold}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "metric": self.metric, "stat": self.stat, "threshold": self.threshold}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from `500ms`, `2s`, `1m`, `250us`; a bare number is seconds (as everywhere in the CLI)."""
+    match = _DURATION.match(text)
+    if not match:
+        raise SLOError(f"{text!r} is not a duration: write a number with a unit, e.g. 500ms, 2s or 1m")
+    return float(match.group(1)) * _UNIT_SECONDS[(match.group(2) or "s").lower()]
+
+
+def parse_slos(text: str | None) -> list[SLO]:
+    """SLOs from `ttft_p99=500ms,tpot_p99=50ms,e2e_p99=2s,error_rate=0.1%` (empty text: none)."""
+    if text is None or not text.strip():
+        return []
+    slos: list[SLO] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        key, value = key.strip().lower(), value.strip()
+        if not sep or not value:
+            raise SLOError(f"{part!r}: expected KEY=VALUE, e.g. ttft_p99=500ms or error_rate=0.1%")
+        slos.append(_parse_one(key, value))
+    names = [s.name for s in slos]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise SLOError(f"SLO given more than once: {', '.join(duplicates)}")
+    return slos
+
+
+def _parse_one(key: str, value: str) -> SLO:
+    if key == "error_rate":
+        try:
+            rate = float(value[:-1]) / 100 if value.endswith("%") else float(value)
+        except ValueError:
+            raise SLOError(f"error_rate={value!r}: expected a fraction (0.001) or a percentage (0.1%)") from None
+        return SLO(name=key, metric="error_rate", stat="rate", threshold=rate)
+    metric, _, stat = key.partition("_")
+    stat = _STAT_ALIASES.get(stat, stat)
+    if metric not in LATENCY_METRICS or stat not in STATS:
+        raise SLOError(
+            f"{key!r}: unknown objective. Use <metric>_<stat> with metric one of "
+            f"{', '.join(LATENCY_METRICS)} and stat one of {', '.join(STATS)}, or error_rate"
+        )
+    try:
+        threshold = parse_duration(value)
+    except SLOError as exc:
+        raise SLOError(f"{key}={value!r}: {exc}") from None
+    return SLO(name=key, metric=LATENCY_METRICS[metric], stat=stat, threshold=threshold)
+
+
+def slos_from_run(run: dict[str, Any]) -> list[SLO]:
+    """The SLOs recorded in run.json's `slo` field (a string, a dict or a list of SLO dicts)."""
+    raw = run.get("slo")
+    if not raw:
+        return []
+    if isinstance(raw, str):
+        return parse_slos(raw)
+    if isinstance(raw, dict) and "objectives" not in raw:
+        return parse_slos(",".join(f"{k}={v}" for k, v in raw.items()))
+    items = raw.get("objectives", []) if isinstance(raw, dict) else raw
+    return [SLO(name=i["name"], metric=i["metric"], stat=i["stat"], threshold=float(i["threshold"])) for i in items]
+
+
+def evaluate(slos: list[SLO], metrics: dict[str, dict[str, Any]], error_rate: float) -> dict[str, Any]:
+    """Verdict of each SLO against one group's described metrics; `ok` only if every one is met.
+
+    A latency objective with no samples is failed, not passed: "no data" must never
+    turn a CI job green.
+    """
+    objectives = []
+    for slo in slos:
+        value = error_rate if slo.metric == "error_rate" else metrics.get(slo.metric, {}).get(slo.stat)
+        ok = value is not None and value <= slo.threshold
+        entry = slo.to_dict() | {"value": value, "ok": bool(ok)}
+        if slo.metric != "error_rate":
+            entry["n"] = metrics.get(slo.metric, {}).get("n", 0)
+        objectives.append(entry)
+    return {"ok": all(o["ok"] for o in objectives), "objectives": objectives}
+
+
+def requests_meeting(slos: list[SLO], frame: pd.DataFrame, itl_max: np.ndarray) -> np.ndarray:
+    """Boolean per row: the request succeeded and met every latency SLO (for goodput).
+
+    Per request, a latency SLO is judged on that request's own value: its TTFT,
+    its TPOT, its E2E, and for ITL its largest gap (every token arrived in time).
+    """
+    ok = (frame["status"] == "ok").to_numpy().copy()
+    for slo in slos:
+        if slo.metric == "error_rate":
+            continue
+        value = itl_max if slo.metric == "itl_s" else frame[slo.metric].to_numpy(dtype=np.float64)
+        # A missing TPOT (one-token output) cannot violate a TPOT objective.
+        ok &= ~(value > slo.threshold)
+    return ok

@@ -1,0 +1,318 @@
+"""Benchmark the Triton kernels on a CUDA GPU against the chip's measured limits and torch.
+
+Run on the GPU machine, from the repository root:
+
+    python -m benchmarks.kernels [--sweep] [--out DIR]
+
+It first measures the two ceilings in the same run (device-to-device copy
+bandwidth, counting bytes read + written, and the bf16 8192^3 matmul rate),
+checks every kernel against its plain-torch reference at the benchmark shapes,
+then times each kernel (triton.testing.do_bench, median) beside torch. With
+--sweep it also tries launch configurations of the two attention kernels and
+reports the best. Results go to DIR/kernels_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+
+# `python benchmarks/kernels.py` would put benchmarks/ first on sys.path, where this
+# very file shadows the `kernels` package: put the repository root first instead.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if "--smoke" in sys.argv:  # CPU dry run of this script's own logic, on Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
+from kernels.kv_write import write_kv, write_kv_ref  # noqa: E402
+from kernels.paged_decode_attention import DecodeConfig, decode_attention, decode_attention_ref  # noqa: E402
+from kernels.paged_prefill_attention import PrefillConfig, prefill_attention, prefill_attention_ref  # noqa: E402
+from kernels.rmsnorm import rms_norm, rms_norm_ref  # noqa: E402
+from kernels.rope import rope, rope_ref  # noqa: E402
+
+DTYPE = torch.bfloat16
+PAGE = 16
+# The issue's decode target: batch 64 x 4k context, 32 query / 8 KV heads, d=128.
+DECODE = dict(batch=64, context=4096, q_heads=32, kv_heads=8, head_dim=128)
+# A latency case where split-K matters: few long sequences.
+DECODE_LONG = dict(batch=2, context=32768, q_heads=32, kv_heads=8, head_dim=128)
+# Prefill: 4k causal, 32/8 heads, d=128, 4 sequences.
+PREFILL = dict(batch=4, seqlen=4096, q_heads=32, kv_heads=8, head_dim=128)
+
+
+DEVICE = "cuda"
+
+
+def median_us(fn: Callable[[], object]) -> float:
+    if DEVICE != "cuda":  # --smoke: one host-timed call, only to exercise the code path
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e6
+    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if torch.isnan(out).any():
+        return float("nan")
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def measure_limits() -> dict:
+    n = 1 << 30 if DEVICE == "cuda" else 1 << 20  # 1 GiB per buffer
+    src = torch.randn(n // 2, dtype=DTYPE, device=DEVICE)
+    dst = torch.empty_like(src)
+    copy_us = median_us(lambda: dst.copy_(src))
+    del src, dst
+    size = 8192 if DEVICE == "cuda" else 256
+    a = torch.randn(size, size, dtype=DTYPE, device=DEVICE)
+    b = torch.randn(size, size, dtype=DTYPE, device=DEVICE)
+    mm_us = median_us(lambda: a @ b)
+    return {"copy_GBps": 2 * n / copy_us / 1e3, "matmul_bf16_TFLOPs": 2 * size**3 / mm_us / 1e6}
+
+
+def paged_cache(lens: list[int], kv_heads: int, head_dim: int, gen: torch.Generator):
+    pages = [-(-n // PAGE) for n in lens]
+    num_blocks = sum(pages)
+    k_cache = torch.randn(num_blocks, PAGE, kv_heads, head_dim, dtype=DTYPE, device=DEVICE, generator=gen)
+    v_cache = torch.randn_like(k_cache)
+    order = torch.randperm(num_blocks, device=DEVICE, generator=gen).int()
+    tables = torch.zeros(len(lens), max(pages), dtype=torch.int32, device=DEVICE)
+    used = 0
+    for row, n in enumerate(pages):
+        tables[row, :n] = order[used : used + n]
+        used += n
+    return k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+
+
+def contiguous_kv(k_cache, v_cache, tables, lens):
+    """The same K/V as [B, Hkv, S, D] contiguous tensors (all lengths equal), for SDPA."""
+    batch, ctx = len(lens), int(lens[0])
+    k = k_cache[tables.long()].reshape(batch, -1, *k_cache.shape[2:])[:, :ctx].transpose(1, 2).contiguous()
+    v = v_cache[tables.long()].reshape(batch, -1, *v_cache.shape[2:])[:, :ctx].transpose(1, 2).contiguous()
+    return k, v
+
+
+def sdpa_times(q, k, v, causal: bool) -> dict[str, float | str]:
+    times: dict[str, float | str] = {}
+    for name, backend in [("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)]:
+        try:
+            with sdpa_kernel(backend):
+                fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)  # noqa: E731
+                fn()
+                torch.cuda.synchronize()
+                times[name] = median_us(fn)
+        except Exception as exc:  # a backend that refuses the shape is reported, not fatal
+            times[name] = f"unavailable: {type(exc).__name__}: {str(exc)[:80]}"
+    return times
+
+
+def bench_decode(shape: dict, configs: list[DecodeConfig], limits: dict, gen, with_sdpa: bool) -> dict:
+    b, ctx, hq, hkv, d = (shape[k] for k in ("batch", "context", "q_heads", "kv_heads", "head_dim"))
+    k_cache, v_cache, tables, lens = paged_cache([ctx] * b, hkv, d, gen)
+    q = torch.randn(b, hq, d, dtype=DTYPE, device=DEVICE, generator=gen)
+    scale = d**-0.5
+    kv_bytes = 2 * b * ctx * hkv * d * 2 + 2 * q.numel() * 2
+    ref = decode_attention_ref(q[:4].float(), k_cache.float(), v_cache.float(), tables[:4], lens[:4], scale)
+    rows = []
+    for cfg in configs:
+        try:
+            out = decode_attention(q, k_cache, v_cache, tables, lens, scale, cfg)
+            err = rel_err(out[:4], ref)
+            us = median_us(lambda: decode_attention(q, k_cache, v_cache, tables, lens, scale, cfg))
+            rows.append({"config": asdict(cfg), "us": us, "GBps": kv_bytes / us / 1e3,
+                         "frac_copy_bw": kv_bytes / us / 1e3 / limits["copy_GBps"], "rel_err": err})
+        except Exception as exc:
+            rows.append({"config": asdict(cfg), "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
+        print("  decode", shape["batch"], cfg, {k: v for k, v in rows[-1].items() if k != "config"}, flush=True)
+    result = {"shape": shape, "bytes": kv_bytes, "variants": rows}
+    good = [r for r in rows if "us" in r and r["rel_err"] < 2e-2]
+    result["best"] = min(good, key=lambda r: r["us"]) if good else None
+    if with_sdpa:
+        k, v = contiguous_kv(k_cache, v_cache, tables, lens)
+        result["sdpa_contiguous_us"] = sdpa_times(q[:, :, None, :], k, v, causal=False)
+    return result
+
+
+def bench_prefill(shape: dict, configs: list[PrefillConfig], limits: dict, gen) -> dict:
+    b, s, hq, hkv, d = (shape[k] for k in ("batch", "seqlen", "q_heads", "kv_heads", "head_dim"))
+    k_cache, v_cache, tables, lens = paged_cache([s] * b, hkv, d, gen)
+    q = torch.randn(b * s, hq, d, dtype=DTYPE, device=DEVICE, generator=gen)
+    cu = torch.arange(0, b * s + 1, s, dtype=torch.int32, device=DEVICE)
+    scale = d**-0.5
+    flops = 4 * b * hq * s * s * d / 2  # causal: half the score matrix
+    ref = prefill_attention_ref(q[:s].float(), k_cache.float(), v_cache.float(), tables[:1], cu[:2], lens[:1], scale)
+    rows = []
+    for cfg in configs:
+        try:
+            out = prefill_attention(q, k_cache, v_cache, tables, cu, lens, scale, max_seqlen_q=s, config=cfg)
+            err = rel_err(out[:s], ref)
+            us = median_us(lambda: prefill_attention(q, k_cache, v_cache, tables, cu, lens, scale, max_seqlen_q=s, config=cfg))
+            rows.append({"config": asdict(cfg), "us": us, "TFLOPs": flops / us / 1e6,
+                         "frac_matmul": flops / us / 1e6 / limits["matmul_bf16_TFLOPs"], "rel_err": err})
+        except Exception as exc:
+            rows.append({"config": asdict(cfg), "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
+        print("  prefill", cfg, {k: v for k, v in rows[-1].items() if k != "config"}, flush=True)
+    good = [r for r in rows if "us" in r and r["rel_err"] < 2e-2]
+    k, v = contiguous_kv(k_cache, v_cache, tables, lens)
+    qc = q.view(b, s, hq, d).transpose(1, 2).contiguous()
+    sdpa = sdpa_times(qc, k, v, causal=True)
+    return {"shape": shape, "flops": flops, "variants": rows, "best": min(good, key=lambda r: r["us"]) if good else None,
+            "sdpa_contiguous_us": sdpa,
+            "sdpa_TFLOPs": {n: flops / t / 1e6 for n, t in sdpa.items() if isinstance(t, float)}}
+
+
+def bench_elementwise(limits: dict, gen) -> list[dict]:
+    tokens, hidden, inter, hq, hkv, d = (4096, 4096, 14336, 32, 8, 128) if DEVICE == "cuda" else (16, 256, 256, 4, 2, 64)
+    rows = []
+
+    def add(name, bytes_moved, triton_fn, torch_fn, check):
+        err = check()
+        t_us, ref_us = median_us(triton_fn), median_us(torch_fn)
+        rows.append({"kernel": name, "triton_us": t_us, "torch_us": ref_us, "GBps": bytes_moved / t_us / 1e3,
+                     "frac_copy_bw": bytes_moved / t_us / 1e3 / limits["copy_GBps"], "rel_err": err})
+        print("  ", rows[-1], flush=True)
+
+    x = torch.randn(tokens, hidden, dtype=DTYPE, device=DEVICE, generator=gen)
+    r = torch.randn_like(x)
+    w = torch.randn(hidden, dtype=DTYPE, device=DEVICE, generator=gen)
+    add("rms_norm+residual [4096x4096]", 4 * x.numel() * 2, lambda: rms_norm(x, w, 1e-5, r),
+        lambda: rms_norm_ref(x, w, 1e-5, r), lambda: rel_err(rms_norm(x, w, 1e-5, r)[0], rms_norm_ref(x, w, 1e-5, r)[0].float()))
+    gu = torch.randn(tokens, 2 * inter, dtype=DTYPE, device=DEVICE, generator=gen)
+    add("silu_and_mul [4096x2x14336]", gu.numel() * 2 * 3 // 2, lambda: silu_and_mul(gu), lambda: silu_and_mul_ref(gu),
+        lambda: rel_err(silu_and_mul(gu), silu_and_mul_ref(gu.float())))
+    q = torch.randn(tokens, hq, d, dtype=DTYPE, device=DEVICE, generator=gen)
+    k = torch.randn(tokens, hkv, d, dtype=DTYPE, device=DEVICE, generator=gen)
+    pos = torch.randint(0, 8192, (tokens,), device=DEVICE, generator=gen)
+    # A true rotation table: rope runs in place hundreds of times while timed, so
+    # a table of random numbers would blow q and k up to inf.
+    angles = torch.arange(8192, device=DEVICE)[:, None] * (500000.0 ** (-torch.arange(0, d, 2, device=DEVICE) / d))[None, :]
+    cache = torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+    def rope_check():
+        q1, k1, q2, k2 = q.clone(), k.clone(), q.float(), k.float()
+        rope(q1, k1, pos, cache)
+        rope_ref(q2, k2, pos, cache)
+        return max(rel_err(q1, q2), rel_err(k1, k2))
+
+    add("rope q[4096,32,128] k[4096,8,128]", 2 * (q.numel() + k.numel()) * 2 + tokens * d * 4,
+        lambda: rope(q, k, pos, cache), lambda: rope_ref(q, k, pos, cache), rope_check)
+    k = torch.randn(tokens, hkv, d, dtype=DTYPE, device=DEVICE, generator=gen)  # fresh: rope rotated the other
+    kc = torch.zeros(tokens // PAGE + 8, PAGE, hkv, d, dtype=DTYPE, device=DEVICE)
+    vc = torch.zeros_like(kc)
+    slots = torch.randperm(kc.shape[0] * PAGE, device=DEVICE, generator=gen)[:tokens]
+
+    def kv_check():
+        kc2, vc2 = kc.clone(), vc.clone()
+        write_kv(k, k, kc, vc, slots)
+        write_kv_ref(k, k, kc2, vc2, slots)
+        return 0.0 if torch.equal(kc, kc2) and torch.equal(vc, vc2) else float("inf")
+
+    add("write_kv [4096,8,128]", 4 * k.numel() * 2, lambda: write_kv(k, k, kc, vc, slots),
+        lambda: write_kv_ref(k, k, kc, vc, slots), kv_check)
+    return rows
+
+
+def decode_sweep() -> list[DecodeConfig]:
+    return [DecodeConfig(block_n=n, num_warps=w, num_stages=s)
+            for n in (32, 64, 128) for w in (4, 8) for s in (1, 2, 3, 4)]
+
+
+def prefill_sweep() -> list[PrefillConfig]:
+    return [PrefillConfig(block_m=m, block_n=n, num_warps=w, num_stages=s)
+            for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also try launch configurations and report the best")
+    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter: checks this script, times nothing")
+    args = parser.parse_args()
+    global DEVICE, DECODE, DECODE_LONG, PREFILL
+    if args.smoke:
+        DEVICE = "cpu"
+        DECODE = dict(batch=4, context=40, q_heads=8, kv_heads=2, head_dim=64)
+        DECODE_LONG = dict(batch=1, context=100, q_heads=8, kv_heads=2, head_dim=64)
+        PREFILL = dict(batch=1, seqlen=40, q_heads=4, kv_heads=2, head_dim=64)
+    elif not torch.cuda.is_available():
+        sys.exit("benchmarks/kernels.py needs a CUDA GPU (the kernels' CPU tests are in tests/kernels/); try --smoke")
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu-smoke"
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    started = time.time()
+    result: dict = {"device": device, "torch": torch.__version__, "triton": triton.__version__}
+    path = os.path.join(args.out, "kernels_" + re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_") + ".json")
+    os.makedirs(args.out, exist_ok=True)
+
+    def save() -> None:
+        with open(path, "w") as fh:
+            json.dump(result, fh, indent=1, default=str)
+
+    limits = result["limits"] = measure_limits()
+    print(f"{device}: copy {limits['copy_GBps']:.0f} GB/s (read+write), bf16 matmul {limits['matmul_bf16_TFLOPs']:.0f} TFLOP/s", flush=True)
+    save()
+    result["elementwise"] = bench_elementwise(limits, gen)
+    save()
+    decode_configs = decode_sweep() if args.sweep else [DecodeConfig()]
+    if args.smoke:
+        decode_configs = [DecodeConfig(block_n=16, num_splits=s) for s in (None, 2)]
+    result["decode"] = bench_decode(DECODE, decode_configs, limits, gen, with_sdpa=True)
+    save()
+    if args.sweep:  # does splitting help even when the grid already covers the GPU? Try it on the top three.
+        ranked = sorted((r for r in result["decode"]["variants"] if "us" in r), key=lambda r: r["us"])[:3]
+        split_configs = [DecodeConfig(**{**r["config"], "num_splits": n}) for r in ranked for n in (2, 4)]
+        result["decode_splits"] = bench_decode(DECODE, split_configs, limits, gen, with_sdpa=False)
+        save()
+    best = result["decode"]["best"]
+    base = DecodeConfig(**best["config"]) if best else DecodeConfig()
+    long_configs = [base] + ([DecodeConfig(**{**asdict(base), "num_splits": s}) for s in (1, 4, 8, 16, 32)] if args.sweep else [])
+    result["decode_long"] = bench_decode(DECODE_LONG, long_configs, limits, gen, with_sdpa=True)
+    save()
+    prefill_configs = prefill_sweep() if args.sweep else [PrefillConfig()]
+    if args.smoke:
+        prefill_configs = [PrefillConfig(block_m=16, block_n=16)]
+    result["prefill"] = bench_prefill(PREFILL, prefill_configs, limits, gen)
+    result["elapsed_s"] = time.time() - started
+    save()
+    print_summary(result)
+
+
+def print_summary(result: dict) -> None:
+    lim = result["limits"]
+    print(f"\n== {result['device']}  torch {result['torch']}  triton {result['triton']}")
+    print(f"limits: copy {lim['copy_GBps']:.0f} GB/s, bf16 matmul {lim['matmul_bf16_TFLOPs']:.0f} TFLOP/s")
+    print(f"{'kernel':44s} {'triton us':>10s} {'torch us':>10s} {'GB/s':>7s} {'of copy':>8s} {'err':>8s}")
+    for row in result["elementwise"]:
+        print(f"{row['kernel']:44s} {row['triton_us']:10.1f} {row['torch_us']:10.1f} {row['GBps']:7.0f} {row['frac_copy_bw']:8.0%} {row['rel_err']:8.1e}")
+    for key in ("decode", "decode_long"):
+        dec = result[key]
+        best = dec["best"]
+        sd = dec.get("sdpa_contiguous_us", {})
+        fastest = min((v for v in sd.values() if isinstance(v, float)), default=float("nan"))
+        if best:
+            print(f"{key} {dec['shape']}: {best['us']:.1f} us, {best['GBps']:.0f} GB/s = {best['frac_copy_bw']:.0%} of copy, "
+                  f"{best['us'] / fastest:.2f}x fastest SDPA ({fastest:.1f} us); config {best['config']}; err {best['rel_err']:.1e}")
+        print(f"   SDPA on contiguous KV (us): {sd}")
+    pre = result["prefill"]
+    best = pre["best"]
+    flash = pre["sdpa_TFLOPs"].get("flash", float("nan"))
+    if best:
+        print(f"prefill {pre['shape']}: {best['us']:.1f} us, {best['TFLOPs']:.0f} TFLOP/s = {best['TFLOPs'] / flash:.0%} of SDPA flash "
+              f"({flash:.0f} TFLOP/s); config {best['config']}; err {best['rel_err']:.1e}")
+    print(f"   SDPA TFLOP/s: { {k: round(v) for k, v in pre['sdpa_TFLOPs'].items()} }")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,307 @@
+"""How much load one client process can drive, and how exactly it times what it sees.
+
+Against the scripted SSE server (tests/support/scripted_server.py) running in
+its own process, this measures for each transport of `harness.client`:
+
+  (a) throughput: content chunks per CPU-second of this (the client) process and
+      sustained chunks/s, paced (64 streams, one chunk every 2 ms each: one read
+      per chunk, so the figure is the true per-chunk cost) and flooded (no delay);
+  (b) timing error: client timestamp minus the server's logged write time of
+      the same chunk (joined on response id + chunk index, same monotonic
+      clock), p50/p99/max over all chunks and over first chunks (TTFT), at 64,
+      256 and 1024 concurrent streams, plus the first wave's start spread (last
+      minus first send time of the requests launched together after pre-warm);
+  (c) the highest open-loop request rate whose p99 schedule lag (sent_at minus
+      scheduled_at) stays under 5 ms, for short requests from one process.
+
+    python benchmarks/loadgen_capacity.py                 # all transports, ~2-3 min
+    python benchmarks/loadgen_capacity.py --transports fast --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+
+from harness.client import ClientConfig, StreamingClient  # noqa: E402
+from harness.records import RequestRecord  # noqa: E402
+from support.scripted_server import ScriptedServer  # noqa: E402
+from workloads.types import RequestSpec  # noqa: E402
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+def spec(i: int, script: dict[str, Any], max_tokens: int) -> RequestSpec:
+    return RequestSpec(request_id=f"r{i}", api="completions", prompt="benchmark", max_tokens=max_tokens,
+                       extra_body={"script": script})
+
+
+def new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def run_in_loop(kind: str, coro_fn: Callable[[], Awaitable[Any]]) -> Any:
+    loop = new_loop(kind)
+    try:
+        return loop.run_until_complete(coro_fn())
+    finally:
+        loop.close()
+
+
+def client_for(srv: ScriptedServer, transport: str, pool: int) -> StreamingClient:
+    # clock_origin 0: record times are absolute perf_counter() values, like the server's log.
+    return StreamingClient(ClientConfig(srv.base_url, "bench", 0.0, transport=transport, pool_size=pool, timeout_s=30))
+
+
+# ---------------------------------------------------------------------------- (a) throughput
+@dataclass
+class Throughput:
+    transport: str
+    mode: str
+    chunks: int
+    wall_s: float
+    cpu_s: float
+    errors: int
+
+    @property
+    def chunks_per_s(self) -> float:
+        return self.chunks / self.wall_s
+
+    @property
+    def chunks_per_cpu_s(self) -> float:
+        return self.chunks / self.cpu_s if self.cpu_s else float("nan")
+
+
+async def closed_loop(client: StreamingClient, streams: int, duration_s: float, make: Callable[[int], RequestSpec]) -> list[RequestRecord]:
+    """`streams` slots, each sending its next request as soon as the last ended, until the deadline."""
+    records: list[RequestRecord] = []
+    deadline = time.perf_counter() + duration_s
+    counter = iter(range(10**9))
+
+    async def slot() -> None:
+        while time.perf_counter() < deadline:
+            i = next(counter)
+            rec = RequestRecord(f"r{i}")
+            await client.execute(make(i), rec)
+            records.append(rec)
+
+    await asyncio.gather(*(slot() for _ in range(streams)))
+    return records
+
+
+def bench_throughput(srv: ScriptedServer, transport: str, mode: str, loop: str, duration_s: float) -> Throughput:
+    itl = 0.002 if mode == "paced" else 0.0
+    script = {"tokens": 100, "itl_s": itl}
+
+    async def go() -> Throughput:
+        client = client_for(srv, transport, 64)
+        await client.prewarm(64)
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        records = await closed_loop(client, 64, duration_s, lambda i: spec(i, script, 100))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        await client.aclose()
+        chunks = sum(len(r.chunk_tokens) for r in records)
+        return Throughput(transport, mode, chunks, wall, cpu, sum(r.status != "ok" for r in records))
+
+    return run_in_loop(loop, go)
+
+
+# ---------------------------------------------------------------------------- (b) timing error
+@dataclass
+class TimingError:
+    transport: str
+    streams: int
+    n_chunks: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    ttft_p99_ms: float
+    wave_spread_ms: float
+    wave_new_connections: int
+    errors: int
+
+
+def content_times(rec: RequestRecord) -> list[float]:
+    if rec.first_token_at is None:
+        return []
+    out = [rec.first_token_at]
+    for gap in rec.itl_s:
+        out.append(out[-1] + gap)
+    return out
+
+
+def bench_timing(srv: ScriptedServer, transport: str, streams: int, loop: str) -> TimingError:
+    # A realistic decode pace: first token after 50 ms, then one token every 50 ms (20 tok/s per stream).
+    script = {"tokens": 16, "first_token_delay_s": 0.05, "itl_s": 0.05}
+
+    async def go() -> list[RequestRecord]:
+        client = client_for(srv, transport, streams)
+        await client.prewarm(streams)
+        records = [RequestRecord(f"r{i}") for i in range(streams)]
+        await asyncio.gather(*(client.execute(spec(i, script, 16), records[i]) for i in range(streams)))
+        await client.aclose()
+        return records
+
+    srv.reset()
+    records = run_in_loop(loop, go)
+    log = srv.write_log()
+    errors, firsts = [], []
+    for rec in records:
+        writes = log.get(rec.response_id or "", [])
+        for k, (seen, wrote) in enumerate(zip(content_times(rec), writes)):
+            errors.append(seen - wrote)
+            if k == 0:
+                firsts.append(seen - wrote)
+    sent = [r.sent_at for r in records if r.sent_at is not None]
+    return TimingError(
+        transport, streams, len(errors), pct(errors, 50) * 1e3, pct(errors, 99) * 1e3,
+        max(errors) * 1e3 if errors else float("nan"), pct(firsts, 99) * 1e3,
+        (max(sent) - min(sent)) * 1e3 if sent else float("nan"),
+        sum(r.connect_s is not None for r in records), sum(r.status != "ok" for r in records),
+    )
+
+
+# ---------------------------------------------------------------------------- (c) open-loop rate
+@dataclass
+class RateStep:
+    transport: str
+    rate: float
+    sent: int
+    achieved_rps: float
+    lag_p50_ms: float
+    lag_p99_ms: float
+    errors: int
+
+    @property
+    def ok(self) -> bool:
+        return self.lag_p99_ms < 5.0 and self.errors == 0 and self.achieved_rps >= 0.95 * self.rate
+
+
+async def open_loop(client: StreamingClient, rate: float, duration_s: float) -> list[RequestRecord]:
+    """Constant-rate arrivals: request i is due at t0 + i/rate, sent by its own task."""
+    script = {"tokens": 2}
+    n = int(rate * duration_s)
+    records: list[RequestRecord] = []
+    tasks: set[asyncio.Task[None]] = set()
+    t0 = time.perf_counter() + 0.05
+
+    async def one(i: int, due: float) -> None:
+        rec = RequestRecord(f"r{i}", scheduled_at=due)
+        await client.execute(spec(i, script, 2), rec)
+        records.append(rec)
+
+    for i in range(n):
+        due = t0 + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.get_running_loop().create_task(one(i, due))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.gather(*tasks)
+    return records
+
+
+def bench_rate(srv: ScriptedServer, transport: str, loop: str, rates: list[float], duration_s: float) -> list[RateStep]:
+    steps: list[RateStep] = []
+    for rate in rates:
+        async def go() -> list[RequestRecord]:
+            client = client_for(srv, transport, 64)
+            await client.prewarm(64)
+            recs = await open_loop(client, rate, duration_s)
+            await client.aclose()
+            return recs
+
+        records = run_in_loop(loop, go)
+        lags = [r.schedule_lag_s for r in records if r.schedule_lag_s is not None]
+        span = max(r.end_at for r in records if r.end_at) - min(r.scheduled_at for r in records)
+        step = RateStep(transport, rate, len(records), len(records) / span, pct(lags, 50) * 1e3,
+                        pct(lags, 99) * 1e3, sum(r.status != "ok" for r in records))
+        steps.append(step)
+        if not step.ok:
+            break
+    return steps
+
+
+# ---------------------------------------------------------------------------- main
+def table(title: str, header: list[str], rows: list[list[Any]]) -> str:
+    cells = [[f"{c:,.1f}" if isinstance(c, float) else f"{c:,}" if isinstance(c, int) else str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
+    lines = [title, "  ".join(h.rjust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--transports", default="fast,httpx,aiohttp")
+    ap.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop", help="client event loop")
+    ap.add_argument("--streams", default="64,256,1024", help="concurrency levels of the timing-error runs")
+    ap.add_argument("--duration", type=float, default=3.0, help="seconds per throughput run")
+    ap.add_argument("--rates", default="500,1000,1500,2000,2500,3000,4000,5000")
+    ap.add_argument("--rate-duration", type=float, default=2.0)
+    ap.add_argument("--json", dest="json_out", help="also write every figure to this JSON file")
+    args = ap.parse_args()
+    transports = [t for t in args.transports.split(",") if t]
+    out: dict[str, Any] = {"host": {"python": platform.python_version(), "cpus": os.cpu_count(), "loop": args.loop},
+                           "throughput": [], "timing": [], "rate": []}
+    started = time.perf_counter()
+    with ScriptedServer() as srv:
+        rows = []
+        for t in transports:
+            for mode in ("paced", "flood"):
+                r = bench_throughput(srv, t, mode, args.loop, args.duration)
+                out["throughput"].append({**r.__dict__, "chunks_per_s": r.chunks_per_s, "chunks_per_cpu_s": r.chunks_per_cpu_s})
+                rows.append([t, mode, r.chunks, r.chunks_per_s, r.chunks_per_cpu_s, 100 * r.cpu_s / r.wall_s, r.errors])
+        print(table("(a) throughput, 64 streams x 100 tokens (paced: 2 ms/chunk/stream; flood: no delay)",
+                    ["transport", "mode", "chunks", "chunks/s", "chunks/CPU-s", "client CPU %", "errors"], rows))
+        rows = []
+        for t in transports:
+            for n in (int(x) for x in args.streams.split(",")):
+                r = bench_timing(srv, t, n, args.loop)
+                out["timing"].append(r.__dict__)
+                rows.append([t, n, r.n_chunks, r.p50_ms, r.p99_ms, r.max_ms, r.ttft_p99_ms, r.wave_spread_ms,
+                             r.wave_new_connections, r.errors])
+        print(table("(b) timing error = client timestamp - server write time, ms (16 tokens, 50 ms apart)",
+                    ["transport", "streams", "chunks", "p50", "p99", "max", "TTFT p99", "wave spread",
+                     "new conns", "errors"], [[c if not isinstance(c, float) else round(c, 2) for c in r] for r in rows]))
+        rows = []
+        for t in transports:
+            steps = bench_rate(srv, t, args.loop, [float(x) for x in args.rates.split(",")], args.rate_duration)
+            out["rate"].extend(s.__dict__ | {"ok": s.ok} for s in steps)
+            best = max((s.rate for s in steps if s.ok), default=0.0)
+            for s in steps:
+                rows.append([t, s.rate, s.achieved_rps, s.lag_p50_ms, s.lag_p99_ms, s.errors,
+                             "ok" if s.ok else "FAIL", "<- best" if s.rate == best else ""])
+        print(table("(c) open-loop short requests (2 tokens), one client process: pass = p99 schedule lag < 5 ms",
+                    ["transport", "rate", "achieved/s", "lag p50 ms", "lag p99 ms", "errors", "verdict", ""],
+                    [[c if not isinstance(c, float) else round(c, 2) for c in r] for r in rows]))
+    out["elapsed_s"] = time.perf_counter() - started
+    print(f"total {out['elapsed_s']:.0f} s; client loop {args.loop}; python {platform.python_version()}; {os.cpu_count()} CPUs")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,407 @@
+"""`execute_run(config) -> RunOutcome`: one measured run, start to finish, without the CLI.
+
+`servescope run`, `servescope lab`, `servescope capacity` and `--repeat` all
+come through here. The order matters and is the contract with users:
+
+1. everything that can be checked is checked before anything starts (exit 2);
+2. run.json is written (status `running`) before the engine starts, so even a
+   target that never comes up leaves a run directory saying why;
+3. workers prewarm their connections, then the phases run, while records and
+   server metrics stream to disk;
+4. Ctrl-C stops sending, lets in-flight requests finish for `grace_s`, cancels
+   the rest; everything measured is written (status `interrupted`, exit 130);
+5. the analyzers build summary.json / report.html; if they fail, the measured
+   data stays and the exit status is still the run's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import platform
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from harness import __version__
+from harness.config import ConfigError, RunConfig, redact_command_line
+from harness.console import RunConsole
+from harness.loadgen.dispatcher import Dispatcher, DispatchResult, Progress
+from harness.loadgen.models import Phase, default_workers, plan_phases
+from harness.records import SUMMARY_JSON
+from harness.rundir import RunDirError, RunDirWriter, write_json_atomic
+from harness.scrape import MetricsScraper, probe_metrics
+from harness.targets import EngineError, EngineProcess, auth_headers, resolve_model
+from harness.worker import WorkerSettings
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# Client self-check thresholds: beyond these the load generator's own delays are
+# large enough to distort latencies of tens of milliseconds (a fast server's
+# TTFT/ITL), so the console, run.json and the report say the run was client-bound.
+SCHEDULE_LAG_P99_LIMIT_S = 0.010
+LOOP_LAG_MAX_LIMIT_S = 0.050
+# With neither --workload nor --prompt-tokens/--max-tokens: a small fixed-length workload.
+DEFAULT_PROMPT_TOKENS = 128
+DEFAULT_MAX_TOKENS = 64
+ENGINE_DEFAULT_PRESET = "tiny"  # what `python -m reference_engine` serves without --preset
+
+
+@dataclass
+class RunOutcome:
+    """What a run left behind. `runs` holds each repetition's outcome for `--repeat N`."""
+
+    run_dir: Path
+    status: str  # "complete" | "interrupted" | "failed"
+    exit_code: int
+    summary: dict[str, Any] | None = None
+    runs: list["RunOutcome"] = field(default_factory=list)
+
+
+def execute_run(config: RunConfig, console: RunConsole | None = None) -> RunOutcome:
+    """Run `config` (repeated `config.repeat` times into OUT/run-1..N) and return the outcome."""
+    console = console or RunConsole(config.show_progress)
+    out = Path(config.out) if config.out else default_out_dir()
+    if config.repeat == 1:
+        return _execute_once(config, out, console)
+    outcomes: list[RunOutcome] = []
+    for i in range(1, config.repeat + 1):
+        console.info(f"repeat {i}/{config.repeat}")
+        outcome = _execute_once(replace(config, repeat=1, out=str(out / f"run-{i}")), out / f"run-{i}", console)
+        outcomes.append(outcome)
+        if outcome.status != "complete":
+            break  # interrupted or failed: the remaining repetitions would not be comparable
+    worst = max(outcomes, key=lambda o: _severity(o.exit_code))
+    return RunOutcome(out, worst.status, worst.exit_code, None, outcomes)
+
+
+def default_out_dir() -> Path:
+    return Path("runs") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
+
+
+def _severity(code: int) -> int:
+    return {EXIT_OK: 0, EXIT_FAILED: 1, EXIT_INTERRUPTED: 2, EXIT_USAGE: 3}.get(code, 1)
+
+
+# -- one run ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Prepared:
+    """Everything resolved before the directory is written: nothing here can fail later."""
+
+    phases: list[Phase]
+    workers: int
+    workload_meta: dict[str, Any]
+    tokenizer: Any
+    sessions: Iterator[Any]
+    api_key: str | None
+    force_output_length: bool
+
+
+def _execute_once(config: RunConfig, out: Path, console: RunConsole) -> RunOutcome:
+    prepared = _prepare(config)  # ConfigError propagates: exit 2 before anything is written
+    try:
+        writer = RunDirWriter(out)
+    except RunDirError as exc:
+        raise ConfigError(str(exc)) from exc
+    started_wall = datetime.now(timezone.utc)
+    writer.start(_initial_meta(config, prepared, started_wall))
+    engine: EngineProcess | None = None
+    try:
+        if config.target is None:
+            console.info(f"starting the reference engine ({config.engine}) …")
+            engine = EngineProcess(config.engine_preset, config.engine_args)
+            try:
+                engine.start()
+            except EngineError as exc:
+                console.error(str(exc))
+                writer.finish("failed", problems=[str(exc)], ended_at=_now_iso(), target=_target_meta(config, engine))
+                return _finish(config, out, "failed", console, writer_meta=writer.meta)
+        base_url = config.target or engine.base_url
+        fallback = None if config.target else (config.engine_preset or ENGINE_DEFAULT_PRESET)
+        model, model_source = resolve_model(base_url, config.model, prepared.api_key, fallback)
+        status, extra = _drive(config, prepared, writer, base_url, model, engine, console)
+        writer.finish(status, ended_at=_now_iso(), **extra)
+    except ConfigError as exc:
+        writer.finish("failed", problems=[str(exc)], ended_at=_now_iso())
+        raise
+    except KeyboardInterrupt:  # Ctrl-C before the load started (e.g. while the engine loads)
+        writer.finish("interrupted", problems=["interrupted before the load started"], ended_at=_now_iso())
+        status = "interrupted"
+    except Exception:
+        writer.finish("failed", problems=[traceback.format_exc(limit=20)], ended_at=_now_iso())
+        raise
+    finally:
+        if engine is not None:
+            engine.close()
+    return _finish(config, out, status, console, writer_meta=writer.meta)
+
+
+def _prepare(config: RunConfig) -> _Prepared:
+    from workloads import WorkloadError, fixed_workload, load_tokenizer, load_workload, session_stream, trace_sessions
+
+    api_key = config.read_api_key()
+    phases = plan_phases(config)
+    if config.trace is not None and config.warmup_s > 0:
+        raise ConfigError("--warmup does not combine with --trace (the trace's own start is the warm-up); drop --warmup")
+    workers = config.workers or default_workers(phases, os.cpu_count() or 1)
+    try:
+        tokenizer = load_tokenizer(config.tokenizer, target_is_reference=config.target is None)
+        # --prompt-tokens/--max-tokens means fixed lengths: force the output length (DESIGN.md).
+        force = config.force_output_length or (config.workload is None and config.trace is None)
+        if config.trace is not None:
+            sessions = trace_sessions(config.trace, tokenizer, config.seed, speed=config.trace_speed)
+            workload_meta = {"trace": config.trace, "trace_speed": config.trace_speed}
+        else:
+            if config.workload:
+                spec = load_workload(config.workload)
+            else:
+                spec = fixed_workload(config.prompt_tokens or DEFAULT_PROMPT_TOKENS, config.max_tokens or DEFAULT_MAX_TOKENS,
+                                      config.api or "completions")
+            sessions = session_stream(spec, tokenizer, config.seed, api=config.api, force_output_length=force)
+            workload_meta = spec.to_dict()
+        sessions = _primed(sessions)
+    except WorkloadError as exc:
+        raise ConfigError(str(exc)) from exc
+    return _Prepared(phases, workers, workload_meta, tokenizer, sessions, api_key, force)
+
+
+def _primed(sessions: Iterator[Any]) -> Iterator[Any]:
+    """Build the first session now: a generator's first one pays for loading its corpus
+    (about a second), which must not land inside the first phase's schedule."""
+    first = next(sessions, None)
+    return sessions if first is None else itertools.chain([first], sessions)
+
+
+def _drive(
+    config: RunConfig, prepared: _Prepared, writer: RunDirWriter, base_url: str, model: str,
+    engine: EngineProcess | None, console: RunConsole,
+) -> tuple[str, dict[str, Any]]:
+    """Prewarm, run the phases, stop everything; returns the final status and run.json fields."""
+    from harness.loadgen.pool import LocalWorkerPool
+
+    headers = auth_headers(prepared.api_key)
+    metrics_url = config.metrics_url or f"{base_url}/metrics"
+    metrics_problem = probe_metrics(metrics_url, headers)
+    if metrics_problem and config.metrics_url:
+        console.warn(f"--metrics-url {metrics_url} gave no Prometheus metrics ({metrics_problem}); running without them")
+    writer.update(model=model, target=_target_meta(config, engine, base_url),
+                  server_metrics={"url": metrics_url, "available": metrics_problem is None, "reason": metrics_problem})
+
+    origin = time.perf_counter()
+    clock = lambda: time.perf_counter() - origin  # noqa: E731 - the run clock, shared with the workers
+    writer.update(clock_origin_wall=_now_iso())
+    pool = LocalWorkerPool(prepared.workers, _worker_settings(config, prepared, base_url, model, origin))
+    scraper = None
+    if metrics_problem is None:
+        scraper = MetricsScraper(metrics_url, writer.add_metric_samples, clock, headers=headers or None).start()
+    hooks = _Hooks(writer, console, clock, engine)
+    console.info(f"servescope run → {base_url} model={model} phases={', '.join(p.name for p in prepared.phases)} "
+                 f"workers={prepared.workers} out={writer.path}")
+    console.start()
+    try:
+        with _sigint_counter() as interrupts:
+            hooks.interrupts = interrupts
+            result = Dispatcher(pool, prepared.phases, prepared.sessions, clock, hooks, seed=config.seed,
+                                grace_s=config.grace_s, request_timeout_s=config.timeout_s).run()
+    finally:
+        console.stop()
+        if scraper is not None:
+            scraper.stop()
+        pool.close()
+    status = _final_status(result, writer)
+    for problem in result.problems:
+        console.error(problem)
+    check = client_check(result)
+    if check["client_bound"]:
+        console.warn("client-bound: " + "; ".join(check["reasons"]))
+    extra = {
+        "client_check": check, "phases": result.phases, "problems": result.problems,
+        "prewarm": result.prewarm, "cancelled_in_flight": result.cancelled,
+        "server_metrics": {"url": metrics_url, "available": metrics_problem is None, "reason": metrics_problem,
+                           **(scraper.describe() if scraper else {})},
+    }
+    return status, extra
+
+
+def _final_status(result: DispatchResult, writer: RunDirWriter) -> str:
+    """`failed` also when requests went out and not one succeeded (nothing was measured)."""
+    if result.status != "complete":
+        return result.status
+    return "failed" if writer.requests.rows > 0 and writer.ok_requests == 0 else "complete"
+
+
+def client_check(result: DispatchResult) -> dict[str, Any]:
+    """The load generator's self-check for run.json (thresholds: see the constants above)."""
+    import numpy as np
+
+    lags = np.asarray(result.schedule_lags, dtype=np.float64)
+    lags = lags[np.isfinite(lags)]
+    pct = (lambda q: float(np.percentile(lags, q))) if len(lags) else (lambda q: None)
+    loop_max = max((w.max_s for w in result.loop_lag), default=None)
+    loop_p99 = max((w.p99_s for w in result.loop_lag), default=None)
+    reasons = []
+    if len(lags) and pct(99) > SCHEDULE_LAG_P99_LIMIT_S:
+        reasons.append(f"schedule lag p99 {pct(99) * 1e3:.1f} ms > {SCHEDULE_LAG_P99_LIMIT_S * 1e3:.0f} ms")
+    if loop_max is not None and loop_max > LOOP_LAG_MAX_LIMIT_S:
+        reasons.append(f"event-loop lag max {loop_max * 1e3:.1f} ms > {LOOP_LAG_MAX_LIMIT_S * 1e3:.0f} ms")
+    return {
+        "schedule_lag_p50_s": pct(50), "schedule_lag_p99_s": pct(99),
+        "schedule_lag_max_s": float(lags.max()) if len(lags) else None, "schedule_lag_n": int(len(lags)),
+        "loop_lag_max_s": loop_max, "loop_lag_p99_s": loop_p99,
+        "per_worker": [{"worker": w.worker, "loop_lag_max_s": w.max_s, "loop_lag_p99_s": w.p99_s,
+                        "loop_lag_mean_s": w.mean_s, "samples": w.samples} for w in result.loop_lag],
+        "thresholds": {"schedule_lag_p99_s": SCHEDULE_LAG_P99_LIMIT_S, "loop_lag_max_s": LOOP_LAG_MAX_LIMIT_S},
+        "client_bound": bool(reasons), "reasons": reasons,
+    }
+
+
+def _worker_settings(config: RunConfig, prepared: _Prepared, base_url: str, model: str, origin: float) -> list[WorkerSettings]:
+    n = prepared.workers
+    peak_conc = max((p.load.peak_concurrency for p in prepared.phases), default=0)
+    peak_rate = max((p.load.peak_rate for p in prepared.phases), default=0.0)
+    # Prewarm each worker's share of the first wave: its closed-loop slots, or about one
+    # second of open-loop arrivals (at least 4: a trace's rate is unknown up front).
+    share = max(math.ceil(peak_conc / n), math.ceil(peak_rate / n), 4 if peak_conc == 0 else 1)
+    settings = []
+    for _ in range(n):
+        client = {"base_url": base_url, "model": model, "clock_origin": origin, "api_key": prepared.api_key,
+                  "timeout_s": config.timeout_s, "stream": config.stream, "pool_size": max(64, share),
+                  "force_output_length": prepared.force_output_length}
+        settings.append(WorkerSettings(client=client, prewarm=share, count_tokens=True,
+                                       tokenizer=config.tokenizer))
+    return settings
+
+
+class _Hooks:
+    """The dispatcher's view of the run directory, console, Ctrl-C and the engine."""
+
+    def __init__(self, writer: RunDirWriter, console: RunConsole, clock: Any, engine: EngineProcess | None) -> None:
+        self.writer, self.console, self.clock, self.engine = writer, console, clock, engine
+        self.interrupts: list[int] = [0]
+
+    def records(self, rows: list[dict[str, Any]]) -> None:
+        self.writer.add_records(rows)
+
+    def tick(self, progress: Progress) -> None:
+        self.writer.tick()
+        self.console.update(progress, self.clock())
+
+    def stop_requested(self) -> int:
+        return self.interrupts[0]
+
+    def failure(self) -> str | None:
+        return self.engine.died() if self.engine is not None else None
+
+
+class _sigint_counter:
+    """Counts Ctrl-C presses while active (1: stop gracefully, 2: stop now); restores the old handler."""
+
+    def __enter__(self) -> list[int]:
+        self.count = [0]
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self.count
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.count[0] += 1
+        if self.count[0] == 1:
+            print("\nstopping: letting in-flight requests finish (Ctrl-C again to cancel them now)", file=sys.stderr)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+# -- after the run --------------------------------------------------------------------------
+
+
+def _finish(config: RunConfig, out: Path, status: str, console: RunConsole, writer_meta: dict[str, Any]) -> RunOutcome:
+    summary = _summarize(out, config.report, console)
+    if summary is not None:
+        console.summary_table(summary)
+    console.info(f"run directory: {out}" + (f"  (report: {out / 'report.html'})" if (out / "report.html").exists() else ""))
+    if status == "interrupted":
+        return RunOutcome(out, status, EXIT_INTERRUPTED, summary)
+    if status == "failed":
+        return RunOutcome(out, status, EXIT_FAILED, summary)
+    slo_ok = ((summary or {}).get("slo") or {}).get("ok", True)
+    return RunOutcome(out, status, EXIT_OK if slo_ok else EXIT_FAILED, summary)
+
+
+def _summarize(run_dir: Path, report: bool, console: RunConsole) -> dict[str, Any] | None:
+    """summary.json (and report.html unless report is False) via the analyzers; None if they fail."""
+    try:
+        if report:
+            from analyzers.report import build_report
+
+            build_report(run_dir)
+            return json.loads((run_dir / SUMMARY_JSON).read_text())
+        from analyzers import load_run, summarize
+
+        summary = summarize(load_run(run_dir))
+        write_json_atomic(run_dir / SUMMARY_JSON, summary)
+        return summary
+    except Exception as exc:  # noqa: BLE001 - the measured data must survive an analyzer bug
+        console.error(f"the analyzers failed ({type(exc).__name__}: {exc}); the measured data in {run_dir} is intact, "
+                      f"retry with `servescope report {run_dir}`")
+        return None
+
+
+# -- run.json pieces ---------------------------------------------------------------------------
+
+
+def _initial_meta(config: RunConfig, prepared: _Prepared, started: datetime) -> dict[str, Any]:
+    tok = prepared.tokenizer
+    return {
+        "servescope_version": __version__,
+        "command_line": redact_command_line(config.command_line or sys.argv),
+        "config": config.to_json(),
+        "target": _target_meta(config, None),
+        "model": config.model,
+        "api": config.api,
+        "workload": prepared.workload_meta,
+        "load": {"kind": config.load_kind, "phases": [p.describe() for p in prepared.phases]},
+        "seed": config.seed,
+        "slo": config.slo,
+        "workers": prepared.workers,
+        "started_at": started.isoformat(),
+        "ended_at": None,
+        "host": host_info(),
+        "tokenizer": {"name": tok.name, "path": str(tok.path), "fingerprint": tok.fingerprint,
+                      "exact_for_target": bool(tok.exact_for_target)},
+        "prompt_lengths_exact": bool(tok.exact_for_target),
+        "clock": "time.perf_counter, seconds since run start",
+    }
+
+
+def _target_meta(config: RunConfig, engine: EngineProcess | None, base_url: str | None = None) -> dict[str, Any]:
+    if config.target:
+        return {"kind": "url", "base_url": config.target}
+    meta = {"kind": "reference", "engine": config.engine, "engine_args": list(config.engine_args)}
+    if engine is not None:
+        meta.update(engine.describe())
+    if base_url:
+        meta["base_url"] = base_url
+    return meta
+
+
+def host_info() -> dict[str, Any]:
+    return {"hostname": socket.gethostname(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat()

@@ -1,0 +1,148 @@
+"""`StreamingClient`: one per worker process; sends requests and fills their records.
+
+`execute` never raises for a failed request: every failure becomes `status` /
+`error_kind` on the record. On cancellation (the worker cancels in-flight tasks
+after its grace period on Ctrl-C) it fills the record as `cancelled` and then
+re-raises `asyncio.CancelledError`, so task groups and `gather` unwind normally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from time import perf_counter
+from typing import TYPE_CHECKING
+
+from harness.client.body import api_path, request_body
+from harness.client.config import ClientConfig
+from harness.client.endpoint import Endpoint
+from harness.client.exchange import Exchange
+from harness.client.outcome import (
+    ProtocolError,
+    StreamError,
+    apply_json,
+    apply_stream,
+    error_kind_for_status,
+    server_error_message,
+    truncate,
+)
+from harness.client.transports import make_transport
+from harness.records import RequestRecord
+
+if TYPE_CHECKING:  # the client only reads a spec's fields; no import-time tie to workloads
+    from workloads.types import RequestSpec
+
+# Labels copied from the spec when the worker has not set them.
+_SPEC_LABELS = ("tenant", "prefix_group", "prompt_bucket", "output_bucket", "session_id", "turn", "prompt_tokens", "max_tokens")
+
+
+class StreamingClient:
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self.endpoint = Endpoint.from_url(config.base_url)
+        self._transport = make_transport(config, self.endpoint)
+
+    @property
+    def transport_name(self) -> str:
+        return type(self._transport).__name__
+
+    async def prewarm(self, n: int) -> int:
+        """Open `n` keep-alive connections concurrently with a cheap GET (/health, /v1/models, /).
+
+        Any HTTP answer counts (even 404 or 500); no generation request is sent.
+        Returns how many connections are open and idle (0: the target is unreachable,
+        and requests will record `connect` errors).
+        """
+        return await self._transport.prewarm(n)
+
+    async def execute(self, spec: RequestSpec, record: RequestRecord) -> None:
+        _copy_labels(spec, record)
+        try:
+            path = self.endpoint.path(api_path(spec))
+            body = request_body(spec, self.config)
+        except (ValueError, TypeError) as exc:
+            record.status, record.error_kind, record.error_message = "error", "client", truncate(str(exc))
+            return
+        ex = Exchange()
+        try:
+            await self._transport.exchange(path, body, ex)
+        except asyncio.CancelledError:
+            ex.fail("cancelled", "cancelled by the load generator", perf_counter())
+            self._fill(record, ex)
+            raise
+        except Exception as exc:  # a transport bug must cost one record, not the worker
+            ex.fail("client", f"{type(exc).__name__}: {exc}", perf_counter())
+        self._fill(record, ex)
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+
+    # ------------------------------------------------------------------------
+    def _fill(self, record: RequestRecord, ex: Exchange) -> None:
+        origin = self.config.clock_origin
+        record.http_status = ex.status
+        record.connect_s = ex.connect_s
+        if ex.sent_at is not None:
+            record.sent_at = ex.sent_at - origin
+            if record.scheduled_at is not None:
+                record.schedule_lag_s = record.sent_at - record.scheduled_at
+        if ex.end_at is not None:
+            record.end_at = ex.end_at - origin
+        if ex.error_kind is not None:
+            self._fill_failure(record, ex)
+        elif ex.status is None or not 200 <= ex.status < 300:
+            self._fill_http_error(record, ex)
+        else:
+            self._fill_success(record, ex)
+        if record.sent_at is not None:
+            if record.first_token_at is not None:
+                record.ttft_s = record.first_token_at - record.sent_at
+            if record.end_at is not None:
+                record.e2e_s = record.end_at - record.sent_at
+        if (record.status == "ok" and record.ttft_s is not None and record.e2e_s is not None
+                and record.output_tokens is not None and record.output_tokens > 1):
+            record.tpot_s = (record.e2e_s - record.ttft_s) / (record.output_tokens - 1)
+
+    def _fill_failure(self, record: RequestRecord, ex: Exchange) -> None:
+        kind = ex.error_kind
+        record.status = {"timeout": "timeout", "cancelled": "cancelled"}.get(kind, "error")  # type: ignore[arg-type]
+        record.error_kind, record.error_message = kind, truncate(ex.error_message or "")
+        if self.config.stream and ex.status == 200 and ex.pieces:
+            try:  # keep what was measured before the failure (TTFT, chunks so far)
+                apply_stream(record, ex, self.config.clock_origin, self.config.count_tokens)
+            except (ProtocolError, StreamError, ValueError):
+                pass
+
+    def _fill_http_error(self, record: RequestRecord, ex: Exchange) -> None:
+        record.status = "error"
+        status = ex.status or 0
+        if status >= 400:
+            record.error_kind = error_kind_for_status(status)
+            record.error_message = server_error_message(b"".join(ex.pieces))
+        else:
+            record.error_kind = "protocol"
+            record.error_message = f"unexpected HTTP status {status} (want 200 or an error status)"
+
+    def _fill_success(self, record: RequestRecord, ex: Exchange) -> None:
+        cfg = self.config
+        try:
+            if not cfg.stream:
+                apply_json(record, ex, cfg.count_tokens)
+            elif ex.content_type and "text/event-stream" not in ex.content_type.lower():
+                raise ProtocolError(
+                    f"asked for a stream but got Content-Type {ex.content_type!r}: "
+                    f"{truncate(b''.join(ex.pieces).decode('utf-8', 'replace'))}"
+                )
+            else:
+                apply_stream(record, ex, cfg.clock_origin, cfg.count_tokens)
+        except ProtocolError as exc:
+            record.status, record.error_kind, record.error_message = "error", "protocol", truncate(str(exc))
+        except StreamError as exc:
+            record.status, record.error_kind, record.error_message = "error", error_kind_for_status(exc.status), str(exc)
+
+
+def _copy_labels(spec: RequestSpec, record: RequestRecord) -> None:
+    for name in _SPEC_LABELS:
+        if getattr(record, name) is None:
+            setattr(record, name, getattr(spec, name))
+    if record.api != spec.api:
+        record.api = spec.api

@@ -1,0 +1,205 @@
+"""Writing a run directory as the run goes (DESIGN.md "The run directory").
+
+`run.json` is written at start (status `running`) and rewritten at the end;
+requests and server-metric samples are appended to JSONL files and flushed
+every `FLUSH_INTERVAL_S` or `FLUSH_ROWS` rows, so a crash loses at most that
+much; `finish()` compacts both to parquet with the contract schemas and removes the
+JSONL once the parquet file holds every row. JSON
+files are replaced atomically (write to a temporary name, then rename) so a
+reader never sees half a run.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from harness.records import (
+    REQUESTS_JSONL,
+    REQUESTS_PARQUET,
+    RUN_JSON,
+    SERVER_METRICS_JSONL,
+    SERVER_METRICS_PARQUET,
+    arrow_schema,
+)
+
+FLUSH_INTERVAL_S = 0.1
+FLUSH_ROWS = 256
+RUN_STATUSES = ("running", "complete", "interrupted", "failed")
+
+
+class RunDirError(ValueError):
+    """The output directory cannot be used (the message says why and what to do)."""
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_json_safe(data), indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf are not JSON: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class _JsonlAppender:
+    """Buffered, thread-safe JSONL appends with time- and size-based flushing."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._buffer: list[str] = []
+        self._last_flush = time.monotonic()
+        self._lock = threading.Lock()
+        self.rows = 0
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        lines = [json.dumps(_json_safe(row), separators=(",", ":")) for row in rows]
+        with self._lock:
+            self._buffer.extend(lines)
+            self.rows += len(lines)
+            if len(self._buffer) >= FLUSH_ROWS:
+                self._flush_locked()
+
+    def maybe_flush(self) -> None:
+        with self._lock:
+            if self._buffer and time.monotonic() - self._last_flush >= FLUSH_INTERVAL_S:
+                self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if self._buffer:
+            self._file.write("\n".join(self._buffer) + "\n")
+            self._buffer.clear()
+        self._file.flush()
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        with self._lock:
+            self._flush_locked()
+            self._file.close()
+
+
+class RunDirWriter:
+    """Owns one run directory from `start()` to `finish()`."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if (self.path / RUN_JSON).exists():
+            raise RunDirError(
+                f"{self.path} already holds a run (run.json exists); "
+                "choose another --out directory or delete that one"
+            )
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunDirError(f"--out {self.path}: cannot create the directory ({exc})") from exc
+        self.meta: dict[str, Any] = {}
+        self.ok_requests = 0
+        self.requests = _JsonlAppender(self.path / REQUESTS_JSONL)
+        self.metrics = _JsonlAppender(self.path / SERVER_METRICS_JSONL)
+
+    def start(self, meta: dict[str, Any]) -> None:
+        self.meta = {**meta, "status": "running"}
+        write_json_atomic(self.path / RUN_JSON, self.meta)
+
+    def update(self, **fields: Any) -> None:
+        """Merge fields into run.json (e.g. the resolved model once known) and rewrite it."""
+        self.meta.update(fields)
+        write_json_atomic(self.path / RUN_JSON, self.meta)
+
+    def add_records(self, rows: list[dict[str, Any]]) -> None:
+        self.ok_requests += sum(1 for row in rows if row.get("status") == "ok")
+        self.requests.add(rows)
+
+    def add_metric_samples(self, rows: list[dict[str, Any]]) -> None:
+        """Rows of `{t, name, labels (JSON text), value}`; callable from the scraper thread."""
+        self.metrics.add(rows)
+
+    def tick(self) -> None:
+        """Call often from the main loop: flushes whatever has waited long enough."""
+        self.requests.maybe_flush()
+        self.metrics.maybe_flush()
+
+    def finish(self, status: str, **fields: Any) -> None:
+        """Flush, compact JSONL to parquet, and write the final run.json."""
+        if status not in RUN_STATUSES[1:]:
+            raise ValueError(f"final status must be one of {RUN_STATUSES[1:]}, got {status!r}")
+        self.requests.close()
+        self.metrics.close()
+        compacted = {}
+        try:
+            compact_requests(self.path)
+            compact_server_metrics(self.path)
+            compacted = {"compacted": True}
+        except Exception as exc:  # noqa: BLE001 - the JSONL files stay; the analyzers read them
+            compacted = {"compacted": False, "compaction_error": f"{type(exc).__name__}: {exc}"}
+        self.meta.update(fields)
+        self.meta.update(compacted)
+        self.meta["status"] = status
+        self.meta["requests_written"] = self.requests.rows
+        self.meta["server_metric_samples"] = self.metrics.rows
+        write_json_atomic(self.path / RUN_JSON, self.meta)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a torn last line from a crash: skip it, keep the rest
+    return rows
+
+
+def compact_requests(run_dir: Path) -> Path:
+    """requests.jsonl -> requests.parquet with `arrow_schema()`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = arrow_schema()
+    rows = _read_jsonl(run_dir / REQUESTS_JSONL)
+    for row in rows:
+        for key in ("itl_s", "chunk_tokens"):
+            if row.get(key) is None:
+                row[key] = []
+    table = pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table()
+    out = run_dir / REQUESTS_PARQUET
+    pq.write_table(table, out)
+    (run_dir / REQUESTS_JSONL).unlink(missing_ok=True)
+    return out
+
+
+def server_metrics_schema():
+    import pyarrow as pa
+
+    return pa.schema([("t", pa.float64()), ("name", pa.string()), ("labels", pa.string()), ("value", pa.float64())])
+
+
+def compact_server_metrics(run_dir: Path) -> Path | None:
+    """server_metrics.jsonl -> server_metrics.parquet (columns t, name, labels, value)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = run_dir / SERVER_METRICS_JSONL
+    rows = _read_jsonl(source) if source.exists() else []
+    schema = server_metrics_schema()
+    table = pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table()
+    out = run_dir / SERVER_METRICS_PARQUET
+    pq.write_table(table, out)
+    source.unlink(missing_ok=True)
+    return out

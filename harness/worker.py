@@ -1,0 +1,321 @@
+"""A load-generator worker process: its own event loop, its own StreamingClient.
+
+The worker is fed `harness.loadgen.messages` through a queue-like inbox and
+answers through an outbox; it knows nothing about how sessions are chosen or
+when a phase ends beyond what those messages say. Per phase it runs either
+closed-loop slots (each takes the next job when its session ends) or an
+open-loop spawner (each job waits for its own send time, so a slow reply never
+delays the next send).
+
+Self-check: a sampler measures how late a 10 ms sleep wakes up (event-loop
+lag); a busy loop shows up there and in every record's `schedule_lag_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+import traceback
+from array import array
+from dataclasses import dataclass
+from typing import Any
+
+from harness.loadgen.messages import (
+    EndPhase,
+    Exited,
+    Job,
+    LoopLag,
+    PhaseIdle,
+    Ready,
+    Records,
+    SessionDone,
+    Shutdown,
+    StartPhase,
+    Stop,
+    WorkerFailed,
+)
+from harness.records import RequestRecord
+from workloads.types import RequestSpec, Session
+
+LAG_PROBE_S = 0.01  # the sampler's sleep; lag = how much later than this it woke
+FLUSH_INTERVAL_S = 0.05  # records leave the worker at least this often...
+FLUSH_BATCH = 64  # ...or as soon as this many are waiting
+_END = object()  # end-of-phase marker inside a phase's job queue
+
+
+@dataclass
+class WorkerSettings:
+    """What a worker needs to start: its ClientConfig arguments and its share of the pool to prewarm."""
+
+    client: dict[str, Any]
+    prewarm: int = 1
+    # Count output tokens with this tokenizer when the server sends no usage
+    # (None with count_tokens=True: the bundled one, exact for the reference engine).
+    count_tokens: bool = False
+    tokenizer: str | None = None
+
+
+def worker_main(index: int, inbox: Any, outbox: Any, settings: WorkerSettings) -> None:
+    """Process entry point (multiprocessing target)."""
+    # Ctrl-C reaches the whole process group; only the main process decides what it means.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import uvloop  # optional: a faster loop means less self-inflicted lag
+    except ImportError:
+        uvloop = None
+    worker = Worker(index, inbox, outbox, settings)
+    try:
+        if uvloop is not None:
+            uvloop.run(worker.run())
+        else:
+            asyncio.run(worker.run())
+    except BaseException:  # noqa: BLE001 - report anything, the main process decides
+        outbox.put(WorkerFailed(index, traceback.format_exc(limit=20)))
+        outbox.put(Exited(index))
+
+
+def _make_client(settings: WorkerSettings) -> Any:
+    from harness.client import ClientConfig, StreamingClient
+
+    kwargs = dict(settings.client)
+    if settings.count_tokens:
+        from workloads import load_tokenizer
+
+        kwargs["count_tokens"] = load_tokenizer(settings.tokenizer, target_is_reference=settings.tokenizer is None).count
+    return StreamingClient(ClientConfig(**kwargs))
+
+
+class Worker:
+    """One worker's state: the client, the phase in progress and what is in flight."""
+
+    def __init__(self, index: int, inbox: Any, outbox: Any, settings: WorkerSettings) -> None:
+        self.index = index
+        self.inbox = inbox
+        self.outbox = outbox
+        self.settings = settings
+        self.origin = float(settings.client["clock_origin"])
+        self.client: Any = None
+        self.rows: list[dict[str, Any]] = []
+        self.lags = array("d")
+        self.stopping = False
+        self.waiting: set[asyncio.Task] = set()  # sessions sleeping until their next send
+        self.executing: dict[asyncio.Task, RequestRecord] = {}
+        self.phase_queues: dict[str, asyncio.Queue] = {}
+        self.phase_tasks: set[asyncio.Task] = set()
+        self.cancelled = 0
+        self.finished = asyncio.Event()
+
+    def now(self) -> float:
+        return time.perf_counter() - self.origin
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.client = _make_client(self.settings)
+        t0 = time.perf_counter()
+        error = None
+        try:
+            await self.client.prewarm(max(1, self.settings.prewarm))
+        except Exception as exc:  # noqa: BLE001 - an unreachable target still gets a run (with connect errors)
+            error = f"{type(exc).__name__}: {exc}"
+        self.outbox.put(Ready(self.index, time.perf_counter() - t0, error))
+        background = [asyncio.create_task(self._sample_lag()), asyncio.create_task(self._flush_periodically())]
+        reader = threading.Thread(target=self._read_inbox, args=(loop,), name=f"worker-{self.index}-inbox", daemon=True)
+        reader.start()
+        await self.finished.wait()
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        self._flush()
+        self.outbox.put(self._lag_summary())
+        try:
+            await self.client.aclose()
+        finally:
+            self.outbox.put(Exited(self.index, self.cancelled))
+
+    def _read_inbox(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Blocking reads on the inbox, handed to the event loop in arrival order.
+
+        A daemon thread: it ends with the process (a second Stop may still arrive
+        after the first one, so it keeps reading until then).
+        """
+        while True:
+            message = self.inbox.get()
+            try:
+                loop.call_soon_threadsafe(self._on_message, message)
+            except RuntimeError:  # the loop has closed: the worker is exiting
+                return
+
+    def _on_message(self, message: Any) -> None:
+        if isinstance(message, Job):
+            queue = self.phase_queues.get(message.phase)
+            if queue is None or self.stopping:
+                self.outbox.put(SessionDone(self.index, message.phase, skipped=True))
+            else:
+                queue.put_nowait(message)
+        elif isinstance(message, StartPhase):
+            queue: asyncio.Queue = asyncio.Queue()
+            self.phase_queues[message.phase] = queue
+            self._spawn(self._run_phase(message, queue), self.phase_tasks)
+        elif isinstance(message, EndPhase):
+            queue = self.phase_queues.get(message.phase)
+            if queue is not None:
+                queue.put_nowait(_END)
+        elif isinstance(message, Stop):
+            asyncio.get_running_loop().create_task(self._stop(message.grace_s))
+        elif isinstance(message, Shutdown) and not self.stopping:
+            self.finished.set()
+
+    @staticmethod
+    def _spawn(coro: Any, into: set[asyncio.Task]) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        into.add(task)
+        task.add_done_callback(into.discard)
+        return task
+
+    # -- phases -------------------------------------------------------------------------
+
+    async def _run_phase(self, start: StartPhase, queue: asyncio.Queue) -> None:
+        if start.slot_starts:
+            slots = [asyncio.create_task(self._slot(queue, at, start.deadline)) for at in start.slot_starts]
+            await asyncio.gather(*slots)
+        else:
+            sessions: set[asyncio.Task] = set()
+            while (job := await queue.get()) is not _END:
+                self._spawn(self._run_session(job.session, job.phase, job.at), sessions)
+            if sessions:
+                await asyncio.wait(list(sessions))
+        self.phase_queues.pop(start.phase, None)
+        self.outbox.put(PhaseIdle(self.index, start.phase))
+
+    async def _slot(self, queue: asyncio.Queue, start_at: float, deadline: float | None) -> None:
+        """Closed loop: one virtual user. Its next send is due the moment its previous session ended."""
+        if not await self._sleep_until(start_at):
+            return
+        while (job := await queue.get()) is not _END:
+            if self.stopping or (deadline is not None and self.now() >= deadline):
+                self.outbox.put(SessionDone(self.index, job.phase, skipped=True))
+                continue
+            await self._run_session(job.session, job.phase, None)
+        queue.put_nowait(_END)  # pass the marker on to the next slot
+
+    async def _run_session(self, session: Session, phase: str, at: float | None) -> None:
+        scheduled = self.now() if at is None else at
+        started = False
+        for number, spec in enumerate(session.turns):
+            if number > 0:
+                scheduled = previous_end + spec.think_time_s
+            if not await self._sleep_until(scheduled):
+                break
+            started = True
+            record = self._new_record(spec, phase, scheduled)
+            await self._execute(spec, record)
+            previous_end = record.end_at if record.end_at is not None else self.now()
+        self.outbox.put(SessionDone(self.index, phase, skipped=not started))
+
+    async def _sleep_until(self, at: float) -> bool:
+        """Sleep until run-clock time `at`; False when the run was stopped meanwhile."""
+        if self.stopping:
+            return False
+        delay = at - self.now()
+        if delay > 0:
+            task = asyncio.current_task()
+            self.waiting.add(task)
+            try:
+                # The loop's timers have millisecond resolution and may fire a little
+                # early: sleep again for what is left so no request goes out before its time.
+                while delay > 0 and not self.stopping:
+                    await asyncio.sleep(delay)
+                    delay = at - self.now()
+            except asyncio.CancelledError:
+                if not self.stopping:
+                    raise
+                return False
+            finally:
+                self.waiting.discard(task)
+        return not self.stopping
+
+    # -- one request ----------------------------------------------------------------------
+
+    def _new_record(self, spec: RequestSpec, phase: str, scheduled: float) -> RequestRecord:
+        return RequestRecord(
+            request_id=spec.request_id, worker=self.index, phase=phase,
+            session_id=spec.session_id, turn=spec.turn, tenant=spec.tenant,
+            prefix_group=spec.prefix_group, prompt_bucket=spec.prompt_bucket,
+            output_bucket=spec.output_bucket, api=spec.api,
+            prompt_tokens=spec.prompt_tokens, max_tokens=spec.max_tokens,
+            scheduled_at=scheduled,
+        )
+
+    async def _execute(self, spec: RequestSpec, record: RequestRecord) -> None:
+        task = asyncio.get_running_loop().create_task(self.client.execute(spec, record))
+        self.executing[task] = record
+        try:
+            await asyncio.wait([task])
+        finally:
+            self.executing.pop(task, None)
+        if task.cancelled():
+            self.cancelled += 1
+            record.status, record.error_kind = "cancelled", "cancelled"
+            record.error_message = record.error_message or "cancelled by Ctrl-C after the grace period"
+            if record.end_at is None:
+                record.end_at = self.now()
+            if record.sent_at is not None and record.e2e_s is None:
+                record.e2e_s = record.end_at - record.sent_at
+        elif task.exception() is not None:  # the client promises not to raise; keep the request anyway
+            exc = task.exception()
+            record.status, record.error_kind = "error", "client"
+            record.error_message = f"{type(exc).__name__}: {exc}"[:500]
+        if record.schedule_lag_s is None and record.sent_at is not None and record.scheduled_at is not None:
+            record.schedule_lag_s = record.sent_at - record.scheduled_at
+        self.rows.append(record.to_dict())
+        if len(self.rows) >= FLUSH_BATCH:
+            self._flush()
+
+    # -- stop, flush, self-check ------------------------------------------------------------
+
+    async def _stop(self, grace_s: float) -> None:
+        if self.stopping:  # second Ctrl-C: no more grace
+            grace_s = 0.0
+        self.stopping = True
+        for task in list(self.waiting):
+            task.cancel()
+        for phase, queue in list(self.phase_queues.items()):
+            while not queue.empty():
+                if queue.get_nowait() is not _END:
+                    self.outbox.put(SessionDone(self.index, phase, skipped=True))
+            queue.put_nowait(_END)
+        if self.executing and grace_s > 0:
+            await asyncio.wait(list(self.executing), timeout=grace_s)
+        for task in list(self.executing):
+            task.cancel()
+        if self.phase_tasks:
+            await asyncio.wait(list(self.phase_tasks), timeout=max(1.0, grace_s))
+        self._flush()
+        self.finished.set()
+
+    def _flush(self) -> None:
+        if self.rows:
+            rows, self.rows = self.rows, []
+            self.outbox.put(Records(self.index, rows))
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            self._flush()
+
+    async def _sample_lag(self) -> None:
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(LAG_PROBE_S)
+            self.lags.append(max(0.0, time.perf_counter() - t0 - LAG_PROBE_S))
+
+    def _lag_summary(self) -> LoopLag:
+        if not self.lags:
+            return LoopLag(self.index, 0, 0.0, 0.0, 0.0)
+        ordered = sorted(self.lags)
+        p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]  # nearest rank; no numpy in the worker
+        return LoopLag(self.index, len(ordered), ordered[-1], p99, sum(ordered) / len(ordered))

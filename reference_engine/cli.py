@@ -1,0 +1,88 @@
+"""`servescope serve` (and `python -m reference_engine`): parse engine flags, build the engine, serve.
+
+Thin on purpose: options become an `EngineConfig`, `LLMEngine.build` makes the
+engine and `server.serve` runs it; all three are tested without the CLI.
+"""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from reference_engine.config import PRESETS, SpecConfig, parse_size
+from reference_engine.errors import ConfigError
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available on this machine; use --device cpu", param_hint="--device")
+    return device
+
+
+@click.command("serve")
+@click.option("--preset", type=click.Choice(PRESETS), default=None,
+              help="Model shape with seeded random weights (default: tiny, unless --model is given).")
+@click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Local Hugging Face checkpoint dir (config.json, *.safetensors, tokenizer files).")
+@click.option("--served-model-name", default=None, help="Name in /v1/models and responses (default: preset or dir name).")
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Tokenizer dir (default: the bundled one for presets, the checkpoint's for --model).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda (auto: cuda if available).")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@click.option("--attention-backend", default="auto", show_default=True, type=click.Choice(["auto", "torch", "triton"]),
+              help="auto: triton on CUDA when kernels.backend imports, else torch.")
+@click.option("--kv-cache-memory", default=None, help="KV pool size, e.g. 256MB (default: 256MB on CPU, 80% of free GPU memory).")
+@click.option("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (overrides --kv-cache-memory).")
+@click.option("--block-size", type=int, default=16, show_default=True)
+@click.option("--max-num-batched-tokens", type=int, default=2048, show_default=True, help="Token budget per step.")
+@click.option("--max-num-seqs", type=int, default=64, show_default=True, help="Most requests in the running batch.")
+@click.option("--max-model-len", type=int, default=None, help="Context limit (default: the model's).")
+@click.option("--chunked-prefill/--no-chunked-prefill", default=True, show_default=True,
+              help="--no-chunked-prefill prefills each prompt whole in its own step, stalling decodes (convoy).")
+@click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True, show_default=True)
+@click.option("--max-waiting", type=int, default=None, help="Bound on queued requests; beyond it: HTTP 429.")
+@click.option("--spec", default=None, help="Speculative decoding, e.g. ngram:k=4,n=3 (default: off).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights and of sampling.")
+@click.option("--api-key", default=None, envvar="SERVESCOPE_API_KEY", help="Require 'Authorization: Bearer KEY'.")
+@click.option("--threads", type=int, default=None,
+              help="torch CPU threads (default: 1 for the tiny preset, else all cores up to 4).")
+def serve(preset: str | None, model_path: str | None, served_model_name: str | None, tokenizer_dir: str | None,
+          host: str, port: int, device: str, dtype: str, attention_backend: str, kv_cache_memory: str | None,
+          num_kv_blocks: int | None, block_size: int, max_num_batched_tokens: int, max_num_seqs: int,
+          max_model_len: int | None, chunked_prefill: bool, enable_prefix_caching: bool, max_waiting: int | None,
+          spec: str | None, seed: int, api_key: str | None, threads: int | None) -> None:
+    """Start the bundled reference engine (OpenAI-compatible server)."""
+    import torch
+
+    from reference_engine.config import EngineConfig
+    from reference_engine.engine import LLMEngine
+    from reference_engine.server import serve as run_server
+
+    if preset and model_path:
+        raise click.UsageError("give --preset or --model, not both")
+    # The tiny model's ops are too small to split; one thread also stays fast when the load
+    # generator shares the cores (a spinning thread pool under contention is many times slower).
+    tiny = model_path is None and (preset or "tiny") == "tiny"
+    torch.set_num_threads(threads or (1 if tiny else max(1, min(4, os.cpu_count() or 1))))
+    name = served_model_name or (os.path.basename(os.path.normpath(model_path)) if model_path else preset or "tiny")
+    try:
+        config = EngineConfig(
+            block_size=block_size, num_kv_blocks=num_kv_blocks,
+            kv_cache_memory=parse_size(kv_cache_memory) if kv_cache_memory else None,
+            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+            chunked_prefill=chunked_prefill, max_waiting=max_waiting, max_model_len=max_model_len,
+            spec=SpecConfig.parse(spec), enable_prefix_caching=enable_prefix_caching,
+            device=_resolve_device(device), dtype=dtype, attention_backend=attention_backend, seed=seed,
+            served_model_name=name)
+        engine = LLMEngine.build(config, preset_name=preset or "tiny", model_path=model_path,
+                                 tokenizer_dir=tokenizer_dir)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    run_server(engine, host, port, name, api_key)

@@ -1,0 +1,146 @@
+"""The Llama-family decoder over a flat batch of tokens and a paged KV cache.
+
+A step's tokens arrive concatenated: decode rows first (one token per running
+sequence), then prefill chunks and speculative verifications (several tokens per
+sequence). Every non-matmul operation goes through `Ops`, so the same model runs
+on the torch CPU path and on the Triton kernels. q/k/v and gate/up projections
+are stored fused (one matmul each): fewer kernel launches per layer is what
+makes a tiny model fast on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reference_engine.config import ModelConfig
+from reference_engine.ops import Ops
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each token of a step reads and writes the paged cache.
+
+    Rows [0, num_decode_tokens) are single-token decodes; the remaining rows are
+    ragged prefill segments described by cu_seqlens_q / context_lens.
+    """
+
+    slot_mapping: Tensor  # [T] int64
+    num_decode_tokens: int
+    decode_block_tables: Tensor | None  # [B_dec, max_blocks] int32
+    decode_context_lens: Tensor | None  # [B_dec] int32
+    prefill_block_tables: Tensor | None  # [B_pre, max_blocks] int32
+    prefill_cu_seqlens_q: Tensor | None  # [B_pre + 1] int32
+    prefill_context_lens: Tensor | None  # [B_pre] int32
+
+
+def rope_cos_sin_cache(config: ModelConfig, max_positions: int, device: torch.device | str) -> Tensor:
+    """[max_positions, head_dim]: cos half | sin half, with Llama-3 frequency scaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = config.rope_scaling
+    if scaling is not None:
+        low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+        high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    inv_freq = inv_freq.float()
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # [P, D/2]
+    # HF rotates halves (rotate_half), so each frequency serves both halves.
+    emb = torch.cat([freqs, freqs], dim=-1)
+    half = dim // 2
+    cache = torch.cat([emb.cos()[:, :half], emb.sin()[:, :half]], dim=-1)
+    return cache.to(device)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        hidden, head_dim = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, head_dim
+        self.q_size, self.kv_size = config.num_heads * head_dim, config.num_kv_heads * head_dim
+        self.scale = head_dim ** -0.5
+        self.eps = config.rms_norm_eps
+        self.input_norm = nn.Parameter(torch.ones(hidden))
+        self.post_attention_norm = nn.Parameter(torch.ones(hidden))
+        self.qkv_proj = nn.Parameter(torch.empty(self.q_size + 2 * self.kv_size, hidden))
+        self.qkv_bias = nn.Parameter(torch.zeros(self.q_size + 2 * self.kv_size)) if config.attention_bias else None
+        self.o_proj = nn.Parameter(torch.empty(hidden, self.q_size))
+        self.gate_up_proj = nn.Parameter(torch.empty(2 * config.intermediate_size, hidden))
+        self.down_proj = nn.Parameter(torch.empty(hidden, config.intermediate_size))
+
+    def forward(self, ops: Ops, hidden: Tensor, residual: Tensor | None, positions: Tensor,
+                cos_sin: Tensor, kv_cache: tuple[Tensor, Tensor], meta: AttentionMetadata) -> tuple[Tensor, Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden, _ = ops.rms_norm(hidden, self.input_norm, self.eps)
+        else:
+            hidden, residual = ops.rms_norm(hidden, self.input_norm, self.eps, residual)
+        hidden = self.attention(ops, hidden, positions, cos_sin, kv_cache, meta)
+        hidden, residual = ops.rms_norm(hidden, self.post_attention_norm, self.eps, residual)
+        hidden = F.linear(ops.silu_and_mul(F.linear(hidden, self.gate_up_proj)), self.down_proj)
+        return hidden, residual
+
+    def attention(self, ops: Ops, hidden: Tensor, positions: Tensor, cos_sin: Tensor,
+                  kv_cache: tuple[Tensor, Tensor], meta: AttentionMetadata) -> Tensor:
+        tokens = hidden.shape[0]
+        qkv = F.linear(hidden, self.qkv_proj, self.qkv_bias)
+        q = qkv[:, :self.q_size].view(tokens, self.num_heads, self.head_dim)
+        k = qkv[:, self.q_size:self.q_size + self.kv_size].view(tokens, self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size:].view(tokens, self.num_kv_heads, self.head_dim)
+        ops.rope(q, k, positions, cos_sin)
+        k_cache, v_cache = kv_cache
+        ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        nd = meta.num_decode_tokens
+        if nd == tokens:
+            out = ops.decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
+                                       meta.decode_context_lens, self.scale)
+        elif nd == 0:
+            out = ops.prefill_attention(q, k_cache, v_cache, meta.prefill_block_tables,
+                                        meta.prefill_cu_seqlens_q, meta.prefill_context_lens, self.scale)
+        else:
+            out = torch.cat([
+                ops.decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables,
+                                     meta.decode_context_lens, self.scale),
+                ops.prefill_attention(q[nd:], k_cache, v_cache, meta.prefill_block_tables,
+                                      meta.prefill_cu_seqlens_q, meta.prefill_context_lens, self.scale),
+            ])
+        return F.linear(out.reshape(tokens, self.q_size), self.o_proj)
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers, final norm and LM head (tied to the embedding or not)."""
+
+    def __init__(self, config: ModelConfig, max_positions: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = nn.Parameter(torch.ones(config.hidden_size))
+        self.lm_head = None if config.tie_word_embeddings else nn.Parameter(
+            torch.empty(config.vocab_size, config.hidden_size))
+        positions = max_positions or config.max_position_embeddings
+        self.register_buffer("cos_sin_cache", rope_cos_sin_cache(config, positions, "cpu"), persistent=False)
+
+    def forward(self, ops: Ops, input_ids: Tensor, positions: Tensor,
+                kv_caches: list[tuple[Tensor, Tensor]], meta: AttentionMetadata) -> Tensor:
+        """Hidden states [T, hidden] after the final norm."""
+        hidden = F.embedding(input_ids, self.embed_tokens)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden, residual = layer(ops, hidden, residual, positions, self.cos_sin_cache, kv_cache, meta)
+        hidden, _ = ops.rms_norm(hidden, self.norm, self.config.rms_norm_eps, residual)
+        return hidden
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return F.linear(hidden, head).float()

@@ -1,0 +1,109 @@
+"""Turn logits into tokens: greedy, temperature, top-k, top-p, per-request seeds, and draft verification.
+
+Each sequence owns a run of logit rows: one for a plain decode or prefill end,
+1 + k when it carries k speculative draft tokens. Drafts are verified against
+those rows in one pass: greedy keeps drafts while they equal the argmax (so the
+output is identical to decoding without speculation); sampled requests use
+rejection sampling against the one-hot n-gram proposal (accept draft d with
+probability p(d), else sample from p with d removed), which keeps the output
+distribution exactly the target's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from reference_engine.sequence import Sequence
+
+
+@dataclass(slots=True)
+class SampleRequest:
+    seq: Sequence
+    first_row: int
+    drafts: list[int]
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: tuple[int, ...], seed: int = 0) -> None:
+        self.eos_token_ids = list(eos_token_ids)
+        self.generator = torch.Generator().manual_seed(seed)  # for requests without their own seed
+
+    def _generator(self, seq: Sequence) -> torch.Generator:
+        if seq.params.seed is None:
+            return self.generator
+        if seq.generator is None:
+            seq.generator = torch.Generator().manual_seed(seq.params.seed)
+        return seq.generator
+
+    def _mask_eos(self, logits: Tensor, requests: list[SampleRequest]) -> None:
+        """min_tokens: EOS cannot be chosen before the request has produced that many tokens."""
+        if not self.eos_token_ids:
+            return
+        for req in requests:
+            short = req.seq.params.min_tokens - req.seq.num_output_tokens
+            if short > 0:
+                rows = min(short, len(req.drafts) + 1)
+                logits[req.first_row:req.first_row + rows, self.eos_token_ids] = float("-inf")
+
+    def _probs(self, logits: Tensor, seq: Sequence) -> Tensor:
+        """Sampling distribution of rows [R, V] after temperature, top-k and top-p."""
+        params = seq.params
+        logits = logits / params.temperature
+        if params.top_k > 0:
+            kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if params.top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            cum = sorted_probs.cumsum(-1)
+            drop_sorted = cum - sorted_probs > params.top_p  # keep the smallest set reaching top_p
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            probs = probs.masked_fill(drop, 0.0)
+            probs = probs / probs.sum(-1, keepdim=True)
+        return probs
+
+    @torch.inference_mode()
+    def sample(self, logits: Tensor, requests: list[SampleRequest]) -> list[list[int]]:
+        """For each request: its accepted draft tokens followed by one newly sampled token."""
+        self._mask_eos(logits, requests)
+        argmax = logits.argmax(dim=-1).tolist()
+        results: list[list[int]] = []
+        for req in requests:
+            if req.seq.params.greedy:
+                results.append(self._verify_greedy(argmax, req))
+            else:
+                results.append(self._verify_sampled(logits, req))
+        return results
+
+    @staticmethod
+    def _verify_greedy(argmax: list[int], req: SampleRequest) -> list[int]:
+        out: list[int] = []
+        for i, draft in enumerate(req.drafts):
+            target = argmax[req.first_row + i]
+            out.append(target)
+            if target != draft:
+                return out
+        out.append(argmax[req.first_row + len(req.drafts)])
+        return out
+
+    def _verify_sampled(self, logits: Tensor, req: SampleRequest) -> list[int]:
+        gen = self._generator(req.seq)
+        rows = len(req.drafts) + 1
+        probs = self._probs(logits[req.first_row:req.first_row + rows], req.seq)
+        out: list[int] = []
+        for i, draft in enumerate(req.drafts):
+            p = probs[i]
+            if torch.rand((), generator=gen).item() < p[draft].item():
+                out.append(draft)
+                continue
+            residual = p.clone()
+            residual[draft] = 0.0
+            if residual.sum() <= 0:  # p was one-hot on the draft: cannot happen after a rejection
+                residual = p
+            out.append(int(torch.multinomial(residual, 1, generator=gen)))
+            return out
+        out.append(int(torch.multinomial(probs[rows - 1], 1, generator=gen)))
+        return out

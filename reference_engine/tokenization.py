@@ -1,0 +1,119 @@
+"""Text in and out of the engine: encode prompts, render chat templates, detokenize incrementally.
+
+Reads the Hugging Face tokenizer layout (`tokenizer.json` + `tokenizer_config.json`)
+with the `tokenizers` library and renders `chat_template` with jinja2 directly,
+so serving never needs `transformers`. Completions prompts are encoded with
+special tokens (BOS), chat prompts without (the template writes BOS), as vLLM does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from reference_engine.errors import ConfigError, InvalidRequest
+
+
+def _token_text(value: Any) -> str | None:
+    """tokenizer_config stores special tokens as strings or as {"content": ...} dicts."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class EngineTokenizer:
+    def __init__(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise ConfigError(f"{directory} has no tokenizer.json (a Hugging Face fast tokenizer file is needed)")
+        self.tokenizer = Tokenizer.from_file(str(path))
+        config_path = directory / "tokenizer_config.json"
+        self.config: dict[str, Any] = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self.bos_token = _token_text(self.config.get("bos_token"))
+        self.eos_token = _token_text(self.config.get("eos_token"))
+        stop_tokens = {self.eos_token, _token_text(self.config.get("eot_token"))}
+        self.eos_token_ids: tuple[int, ...] = tuple(sorted(
+            tid for tid in (self.tokenizer.token_to_id(t) for t in stop_tokens if t) if tid is not None))
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        template = self.config.get("chat_template")
+        self._chat_template = None
+        if isinstance(template, str):
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = self._raise_template_error
+            self._chat_template = env.from_string(template)
+
+    @staticmethod
+    def _raise_template_error(message: str) -> None:
+        raise InvalidRequest(f"chat template rejected the messages: {message}", "messages")
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Render messages with the generation prompt and encode them (no extra special tokens)."""
+        if self._chat_template is None:
+            raise InvalidRequest("this model's tokenizer has no chat_template; use /v1/completions", "messages")
+        try:
+            text = self._chat_template.render(messages=messages, add_generation_prompt=True,
+                                              bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except jinja2.TemplateError as exc:
+            raise InvalidRequest(f"cannot render messages with the chat template: {exc}", "messages") from exc
+        return self.encode(text, add_special_tokens=False)
+
+
+class IncrementalDetokenizer:
+    """Streams text as tokens arrive, never splitting a multi-byte character, and applies stop strings.
+
+    Decodes a short window of recent tokens (prefix/read offsets) rather than the
+    whole output each step. Text that could be the start of a stop string is held
+    back until it is known not to be one, so a client never sees part of a stop.
+    """
+
+    def __init__(self, tokenizer: EngineTokenizer, prompt_ids: list[int], stop: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = list(prompt_ids[-6:])
+        self.prefix_offset = max(len(self.ids) - 5, 0)
+        self.read_offset = len(self.ids)
+        self.stop = stop
+        self.holdback = max((len(s) for s in stop), default=1) - 1
+        self.text = ""  # output text so far (stop string removed)
+        self.emitted = 0
+
+    def push(self, token_ids: list[int]) -> tuple[str, bool]:
+        """Add tokens; returns (text now safe to send, whether a stop string ended the output)."""
+        for token in token_ids:
+            self.ids.append(token)
+            prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+            full = self.tokenizer.decode(self.ids[self.prefix_offset:])
+            if len(full) > len(prefix) and not full.endswith("\ufffd"):
+                self.text += full[len(prefix):]
+                self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        if self.stop:
+            search_from = max(0, self.emitted - self.holdback)
+            hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                return self.flush(), True
+            safe = len(self.text) - self.holdback
+        else:
+            safe = len(self.text)
+        if safe <= self.emitted:
+            return "", False
+        delta = self.text[self.emitted:safe]
+        self.emitted = safe
+        return delta, False
+
+    def flush(self) -> str:
+        """Everything not yet sent (at the end of the output)."""
+        delta = self.text[self.emitted:]
+        self.emitted = len(self.text)
+        return delta

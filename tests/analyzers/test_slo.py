@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+
+from analyzers import SLOError, parse_slos, summarize
+from analyzers.slo import evaluate, slos_from_run
+
+
+def test_parse_the_documented_example():
+    slos = parse_slos("ttft_p99=500ms,tpot_p99=50ms,e2e_p99=2s,error_rate=0.1%")
+    assert [(s.metric, s.stat, s.threshold) for s in slos] == [
+        ("ttft_s", "p99", 0.5), ("tpot_s", "p99", 0.05), ("e2e_s", "p99", 2.0), ("error_rate", "rate", pytest.approx(0.001)),
+    ]
+    assert parse_slos("itl_p99.9=1m, ttft_mean=250us")[0].threshold == 60.0
+    assert parse_slos("ttft_p999=0.5")[0].stat == "p99.9"  # bare number: seconds, like every CLI duration
+    assert parse_slos("") == [] and parse_slos(None) == []
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("ttft=500ms", "unknown objective"),
+    ("ttft_p98=500ms", "unknown objective"),
+    ("ttft_p99", "expected KEY=VALUE"),
+    ("ttft_p99=fast", "not a duration"),
+    ("error_rate=lots", "fraction"),
+    ("error_rate=150%", r"fraction in \[0, 1\]"),
+    ("ttft_p99=1s,ttft_p99=2s", "more than once"),
+    ("ttft_p99=0ms", "positive"),
+])
+def test_bad_slos_say_what_is_wrong(text, fragment):
+    with pytest.raises(SLOError, match=fragment):
+        parse_slos(text)
+
+
+def test_no_data_fails_an_objective():
+    verdict = evaluate(parse_slos("ttft_p99=1s"), {"ttft_s": {"n": 0, "p99": None}}, 0.0)
+    assert verdict["ok"] is False and verdict["objectives"][0]["value"] is None
+
+
+def test_slos_recorded_in_run_json_are_used(sim):
+    sim.steady(n=100, ttft=0.02)
+    run = sim.run(slo="ttft_p99=10ms")
+    assert [s.name for s in slos_from_run(run.run)] == ["ttft_p99"]
+    summary = summarize(run)
+    assert summary["slo"]["ok"] is False
+    assert summary["overall"]["goodput_req_per_s"] == 0.0
+    assert summarize(run, parse_slos("ttft_p99=1s"))["slo"]["ok"] is True
+
+
+def test_goodput_counts_only_requests_meeting_every_slo(sim):
+    t = 0.0
+    for i in range(200):
+        t += 0.1
+        sim.add(t, ttft=0.5 if i % 4 == 0 else 0.05)  # a quarter are too slow
+    s = summarize(sim.run(), parse_slos("ttft_p99=100ms"))["overall"]
+    assert s["goodput_req_per_s"] == pytest.approx(0.75 * s["req_per_s"], rel=0.05)
+    assert s["slo"]["ok"] is False and s["slo"]["objectives"][0]["n"] == 200
+
+
+def test_itl_slo_judges_each_requests_largest_gap(sim):
+    for i in range(50):
+        gaps = [0.01] * 9 if i % 2 else [0.01] * 8 + [0.3]
+        sim.add(i * 0.2, ttft=0.02, out=10, gaps=gaps)
+    s = summarize(sim.run(), parse_slos("itl_p99=100ms"))["overall"]
+    ok_inside = s["goodput_req_per_s"] / s["req_per_s"]
+    assert 0.4 < ok_inside < 0.6
+    assert np.isclose(s["metrics"]["itl_s"]["n"], 50 * 9)

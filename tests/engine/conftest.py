@@ -1,0 +1,56 @@
+"""Fixtures for the reference engine tests: a tiny real HF checkpoint and small engines built on it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from reference_engine.tokenizer import TOKENIZER_DIR
+
+# One intra-op thread: the tiny shapes gain nothing from two, and the suite shares 2 cores with
+# other test processes, where a spinning thread pool slows every op many times over.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random LlamaForCausalLM (llama3 RoPE scaling, GQA, untied head) saved as safetensors + the bundled tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("hf_llama")
+    config = LlamaConfig(
+        vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 128, "rope_theta": 10000.0},
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # HF's 0.02 init gives near-constant logits; widen it so the comparison has teeth
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            else:
+                param.copy_(torch.randn_like(param) * 0.15)
+    model.save_pretrained(out, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER_DIR / name, out / name)
+    return out
+
+
+def make_engine(**overrides):
+    """The tiny preset (random weights, bundled tokenizer) with engine overrides; fast on 2 CPU cores."""
+    from reference_engine.config import EngineConfig
+    from reference_engine.engine import LLMEngine
+
+    fields = {"num_kv_blocks": 256, "max_num_batched_tokens": 256, **overrides}
+    return LLMEngine.build(EngineConfig(**fields), preset_name="tiny")
+
+
+@pytest.fixture
+def engine_factory():
+    return make_engine

@@ -1,0 +1,1 @@
+"""Real servers shared by the test folders (see scripted_server.py)."""

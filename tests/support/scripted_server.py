@@ -1,0 +1,485 @@
+"""A real, scriptable OpenAI-compatible SSE server for tests and benchmarks.
+
+It runs in its own process (so its timing never shares a GIL with the client
+under test), listens on 127.0.0.1 on a free port, and logs the real time
+(`time.perf_counter()`, the same CLOCK_MONOTONIC clock as the client) just after
+it wrote each content chunk, keyed by the response `id`: a client's timing
+error is its timestamp minus that write time.
+
+    from support.scripted_server import ScriptedServer
+    with ScriptedServer() as srv:
+        srv.base_url                    # http://127.0.0.1:PORT
+        ... send requests to srv.base_url + "/v1/completions" ...
+        srv.write_log("cmpl-7")         # [t_chunk0, t_chunk1, ...]
+        srv.stats()                     # {"connections_opened", "connections_open", "requests", "gets"}
+        srv.reset()                     # clear stats and logs
+
+Each generation request is scripted by a JSON object under the body key
+`script` (with the harness: `RequestSpec.extra_body={"script": {...}}`).
+Every key is optional:
+
+    tokens               int    tokens to generate (default: the body's max_tokens)
+    tokens_per_chunk     int    tokens carried by each content chunk (default 1)
+    first_token_delay_s  float  delay from the request to the first content chunk (default 0)
+    itl_s                float | list[float]  delay between content chunks (default 0)
+    role_chunk           bool   chat: open with a role-only chunk (default true for chat)
+    usage                "finish" | "separate" | "none"   where usage goes
+                         (default: "separate" if stream_options.include_usage else "none")
+    cached_tokens, spec_accepted_tokens, spec_draft_tokens   int  extra usage fields
+    done                 bool   end with `data: [DONE]` (default true)
+    framing              "chunked" | "length" | "eof"  HTTP body framing (default chunked)
+    crlf                 bool   CRLF line endings (default false)
+    comments             bool   add `: keep-alive` comments and `event:` lines (default false)
+    split_events         bool   write every event in two halves, 1 ms apart (default false)
+    coalesce             bool   write all events in one write (default false)
+    id                   str    response id (default cmpl-N)
+    fault                str    one of
+        http_error    answer fault_status (default 500) with an OpenAI error body carrying fault_message
+        reset         abort the connection (RST) after fault_after content chunks
+        malformed_json / malformed_sse   send a broken event after fault_after chunks
+        stream_error  send `data: {"error": {...}}` after fault_after chunks
+        hang          never answer;  stall: stop after fault_after chunks, keep the connection open
+        close         close the connection without answering
+        non_sse       answer a streaming request with a plain JSON body
+    fault_status int, fault_message str, fault_after int (default 1)
+
+GET /health (404 when started with health=False), /v1/models and /metrics
+answer as a real server would; GET /_stats, GET /_log?id=ID (all ids without
+it) and POST /_reset are the test-side controls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httptools
+
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests",
+            500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+# ============================================================================ server side
+class _State:
+    def __init__(self, health: bool) -> None:
+        self.health = health
+        self.next_id = 0
+        self.log: dict[str, list[float]] = {}
+        self.last_headers: dict[str, str] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.connections_opened = 0
+        self.requests = 0
+        self.gets = 0
+        self.log.clear()
+
+    def stats(self, open_now: int) -> dict[str, Any]:
+        return {"connections_opened": self.connections_opened, "connections_open": open_now,
+                "requests": self.requests, "gets": self.gets, "last_headers": self.last_headers}
+
+
+class _Conn(asyncio.Protocol):
+    open_count = 0
+
+    def __init__(self, state: _State) -> None:
+        self.state = state
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.counted = False  # set by the first request that is not a /_ control request
+
+    def count(self) -> None:
+        if not self.counted:
+            self.counted = True
+            self.state.connections_opened += 1
+            _Conn.open_count += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.counted:
+            _Conn.open_count -= 1
+        if self.task is not None:
+            self.task.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.transport.close()  # type: ignore[union-attr]
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.body: list[bytes] = []
+        self.headers: dict[str, str] = {}
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        method = self.parser.get_method().decode()
+        self.task = asyncio.get_running_loop().create_task(
+            _handle(self, method, self.url.decode(), self.headers, b"".join(self.body)))
+
+    # --- writing -------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def respond(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        self.write(head + body)
+
+    def abort_with_rst(self) -> None:
+        sock = self.transport.get_extra_info("socket")  # type: ignore[union-attr]
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()  # type: ignore[union-attr]
+
+
+async def _handle(conn: _Conn, method: str, url: str, headers: dict[str, str], body: bytes) -> None:
+    state = conn.state
+    parts = urlsplit(url)
+    path = parts.path
+    if not path.startswith("/_"):
+        conn.count()
+    if method == "GET":
+        state.gets += 1
+        if path == "/health":
+            if state.health:
+                conn.respond(200, b"ok", "text/plain")
+            else:
+                conn.respond(404, b'{"error": {"message": "not found"}}')
+        elif path == "/v1/models":
+            conn.respond(200, json.dumps({"object": "list", "data": [{"id": "scripted", "object": "model"}]}).encode())
+        elif path == "/metrics":
+            conn.respond(200, _metrics(state).encode(), "text/plain; version=0.0.4")
+        elif path == "/_stats":
+            conn.respond(200, json.dumps(state.stats(_Conn.open_count)).encode())
+        elif path == "/_log":
+            rid = parse_qs(parts.query).get("id", [None])[0]
+            payload = state.log.get(rid, []) if rid else state.log
+            conn.respond(200, json.dumps(payload).encode())
+        else:
+            conn.respond(404, b'{"error": {"message": "no such path"}}')
+        return
+    if method == "POST" and path == "/_reset":
+        state.reset()
+        conn.respond(200, b"{}")
+        return
+    if method != "POST" or path not in ("/v1/completions", "/v1/chat/completions"):
+        conn.respond(404, b'{"error": {"message": "no such path"}}')
+        return
+    state.requests += 1
+    state.last_headers = headers
+    try:
+        req = json.loads(body)
+    except ValueError:
+        conn.respond(400, b'{"error": {"message": "body is not JSON", "code": 400}}')
+        return
+    await _generate(conn, req, chat=path.endswith("/chat/completions"))
+
+
+def _metrics(state: _State) -> str:
+    return ("# TYPE vllm:num_requests_running gauge\n"
+            f'vllm:num_requests_running{{model_name="scripted"}} {_Conn.open_count}\n'
+            "# TYPE vllm:generation_tokens_total counter\n"
+            f'vllm:generation_tokens_total{{model_name="scripted"}} {state.requests}\n')
+
+
+class _Stream:
+    """Writes SSE events with the script's framing and line endings, logging content-chunk write times."""
+
+    def __init__(self, conn: _Conn, script: dict[str, Any], rid: str) -> None:
+        self.conn = conn
+        self.framing = script.get("framing", "chunked")
+        self.crlf = bool(script.get("crlf"))
+        self.comments = bool(script.get("comments"))
+        self.split = bool(script.get("split_events"))
+        self.log = conn.state.log.setdefault(rid, [])
+
+    def encode(self, data: bytes | None, raw: bytes | None = None) -> bytes:
+        if raw is not None:
+            event = raw
+        else:
+            event = (b"event: completion\n" if self.comments else b"") + b"data: " + data + b"\n\n"  # type: ignore[operator]
+            if self.comments:
+                event = b": keep-alive\n\n" + event
+        return event.replace(b"\n", b"\r\n") if self.crlf else event
+
+    def frame(self, payload: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(payload), payload) if self.framing == "chunked" else payload
+
+    def head(self, content_length: int | None = None) -> None:
+        lines = ["HTTP/1.1 200 OK", "Content-Type: text/event-stream", "Cache-Control: no-cache"]
+        if self.framing == "chunked":
+            lines.append("Transfer-Encoding: chunked")
+        elif self.framing == "length":
+            lines.append(f"Content-Length: {content_length}")
+        else:
+            lines.append("Connection: close")
+        self.conn.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+
+    async def send(self, event: bytes, content: bool) -> None:
+        if self.split and len(event) > 2:
+            half = len(event) // 2
+            self.conn.write(self.frame(event[:half]))
+            await asyncio.sleep(0.001)
+            event = event[half:]
+        self.conn.write(self.frame(event))
+        if content:
+            self.log.append(time.perf_counter())
+
+    def end(self) -> None:
+        if self.framing == "chunked":
+            self.conn.write(b"0\r\n\r\n")
+        elif self.framing == "eof":
+            self.conn.transport.close()  # type: ignore[union-attr]
+
+
+async def _sleep_until(t: float) -> None:
+    delay = t - time.perf_counter()
+    await asyncio.sleep(delay if delay > 0 else 0)
+
+
+async def _generate(conn: _Conn, req: dict[str, Any], chat: bool) -> None:
+    state = conn.state
+    script: dict[str, Any] = req.get("script") or {}
+    state.next_id += 1
+    rid = str(script.get("id") or f"{'chatcmpl' if chat else 'cmpl'}-{state.next_id}")
+    fault = script.get("fault")
+    t0 = time.perf_counter()
+    if fault == "close":
+        conn.transport.close()  # type: ignore[union-attr]
+        return
+    if fault == "hang":
+        await asyncio.Event().wait()  # until the client gives up (connection_lost cancels us)
+    if fault == "http_error":
+        status = int(script.get("fault_status", 500))
+        message = script.get("fault_message", "scripted failure")
+        conn.respond(status, json.dumps({"error": {"message": message, "type": "ScriptedError", "code": status}}).encode())
+        return
+
+    tokens = int(script.get("tokens", req.get("max_tokens", 16)))
+    per_chunk = max(1, int(script.get("tokens_per_chunk", 1)))
+    itl = script.get("itl_s", 0.0)
+    first_delay = float(script.get("first_token_delay_s", 0.0))
+    n_chunks = -(-tokens // per_chunk)
+    gaps = itl if isinstance(itl, list) else [float(itl)] * max(0, n_chunks - 1)
+    include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
+    usage_mode = script.get("usage", "separate" if include_usage else "none")
+    usage = {"prompt_tokens": 7, "completion_tokens": tokens, "total_tokens": 7 + tokens}
+    if "cached_tokens" in script:
+        usage["prompt_tokens_details"] = {"cached_tokens": script["cached_tokens"]}
+    for key in ("spec_accepted_tokens", "spec_draft_tokens"):
+        if key in script:
+            usage[key] = script[key]
+    base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+            "model": req.get("model", "scripted")}
+
+    if not req.get("stream"):
+        await _sleep_until(t0 + first_delay + sum(gaps))
+        text = " tok" * tokens
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"} if chat
+                  else {"index": 0, "text": text, "finish_reason": "length"})
+        conn.respond(200, json.dumps({**base, "choices": [choice], "usage": usage}).encode())
+        return
+    if fault == "non_sse":
+        conn.respond(200, json.dumps({**base, "choices": [{"index": 0, "text": "x"}]}).encode())
+        return
+
+    def chunk(text: str | None, finish: str | None = None, role: bool = False, with_usage: bool = False) -> bytes:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {"content": text} if text else {}
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish}
+        obj = {**base, "choices": [choice]}
+        if with_usage:
+            obj["usage"] = usage
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+    stream = _Stream(conn, script, rid)
+    # Content events are encoded up front so that "length" framing knows its size.
+    events: list[tuple[bytes, bool]] = []
+    if chat and script.get("role_chunk", True):
+        events.append((stream.encode(chunk(None, role=True)), False))
+    remaining = tokens
+    for i in range(n_chunks):
+        k = min(per_chunk, remaining)
+        remaining -= k
+        last = i == n_chunks - 1
+        events.append((stream.encode(chunk(" tok" * k, "length" if last and usage_mode != "finish" else None)), True))
+    if usage_mode == "finish":
+        events.append((stream.encode(chunk(None, "length", with_usage=True)), False))
+    elif usage_mode == "separate":
+        events.append((stream.encode(json.dumps({**base, "choices": [], "usage": usage}).encode()), False))
+    if script.get("done", True):
+        events.append((stream.encode(b"[DONE]"), False))
+
+    fault_after = int(script.get("fault_after", 1))
+    stream.head(sum(len(e) for e, _ in events) if stream.framing == "length" else None)
+    if script.get("coalesce") and fault is None:
+        await _sleep_until(t0 + first_delay)
+        conn.write(stream.frame(b"".join(e for e, _ in events)))
+        stream.log.extend([time.perf_counter()] * sum(1 for _, c in events if c))
+        stream.end()
+        return
+    due = t0 + first_delay
+    sent_content = 0
+    for event, content in events:
+        if fault is not None and sent_content == fault_after:
+            await _fault(conn, stream, fault, script)
+            return
+        if content:
+            if sent_content:
+                due += gaps[min(sent_content - 1, len(gaps) - 1)] if gaps else 0.0
+            await _sleep_until(due)
+            sent_content += 1
+        await stream.send(event, content)
+    if fault is not None:  # fault_after beyond the last chunk: fault at the end
+        await _fault(conn, stream, fault, script)
+        return
+    stream.end()
+
+
+async def _fault(conn: _Conn, stream: _Stream, fault: str, script: dict[str, Any]) -> None:
+    message = script.get("fault_message", "scripted failure")
+    if fault == "reset":
+        conn.abort_with_rst()
+    elif fault == "malformed_json":
+        await stream.send(stream.encode(b'{"id": "broken", "choices": [{"text": '), False)
+        stream.end()
+    elif fault == "malformed_sse":
+        await stream.send(stream.encode(None, raw=b"this is not an event stream\n\n"), False)
+        stream.end()
+    elif fault == "stream_error":
+        err = {"error": {"message": message, "type": "ScriptedError", "code": int(script.get("fault_status", 500))}}
+        await stream.send(stream.encode(json.dumps(err).encode()), False)
+        stream.end()
+    elif fault == "stall":
+        await asyncio.Event().wait()
+    else:
+        raise ValueError(f"unknown fault {fault!r}")
+
+
+async def _serve(port: int, health: bool) -> None:
+    loop = asyncio.get_running_loop()
+    state = _State(health)
+    server = await loop.create_server(lambda: _Conn(state), "127.0.0.1", port, backlog=4096)
+    print(f"LISTENING {server.sockets[0].getsockname()[1]}", flush=True)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    await stop.wait()
+    server.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Scripted OpenAI-compatible SSE server (tests and benchmarks).")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--no-health", action="store_true", help="answer GET /health with 404")
+    parser.add_argument("--no-uvloop", action="store_true")
+    args = parser.parse_args()
+    if not args.no_uvloop:
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:
+            pass
+    asyncio.run(_serve(args.port, not args.no_health))
+
+
+# ============================================================================ test side
+class ScriptedServer:
+    """Starts the server in a subprocess on a free 127.0.0.1 port; use as a context manager."""
+
+    def __init__(self, *, health: bool = True, uvloop: bool = True) -> None:
+        self.health = health
+        self.uvloop = uvloop
+        self.port: int | None = None
+        self._proc: subprocess.Popen[str] | None = None
+
+    @property
+    def base_url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("ScriptedServer is not started; use it as `with ScriptedServer() as srv:`")
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "ScriptedServer":
+        cmd = [sys.executable, os.path.abspath(__file__), "--port", "0"]
+        if not self.health:
+            cmd.append("--no-health")
+        if not self.uvloop:
+            cmd.append("--no-uvloop")
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        line = self._proc.stdout.readline()  # type: ignore[union-attr]  # "" if it died
+        if not line.startswith("LISTENING "):
+            self.stop()
+            raise RuntimeError(f"scripted server did not start (said {line!r})")
+        self.port = int(line.split()[1])
+        return self
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        if self._proc is not None and self._proc.stdout is not None:
+            self._proc.stdout.close()
+        self._proc = None
+
+    def __enter__(self) -> "ScriptedServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def _get(self, path: str, method: str = "GET") -> Any:
+        req = urllib.request.Request(self.base_url + path, method=method, data=b"" if method == "POST" else None)
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def write_log(self, response_id: str | None = None) -> Any:
+        """Write times of the content chunks of one response (or {id: times} for all)."""
+        return self._get(f"/_log?id={response_id}" if response_id else "/_log")
+
+    def stats(self) -> dict[str, Any]:
+        return self._get("/_stats")
+
+    def reset(self) -> None:
+        self._get("/_reset", method="POST")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Turn a WorkloadSpec into an endless, deterministic stream of Sessions.
+
+Every random choice (class, lengths, turns, think times, where in the corpus a
+prompt starts) comes from one `random.Random(seed)` in a fixed order, so the
+same spec, tokenizer and seed give a byte-identical stream (`stream_fingerprint`).
+
+Sessions: the first turn's prompt has `prompt_tokens` tokens; with
+`history: true` turn t's prompt is turn t-1's prompt + a synthesized reply of
+turn t-1's `max_tokens` tokens + a fresh `prompt_tokens` sample of new tokens
+(the chat framing of the reply and of the new user message included), so
+`prompt_tokens[t] = prompt_tokens[t-1] + max_tokens[t-1] + new[t]` exactly.
+Lengths below a shape's fixed cost (BOS, chat framing, the shared prefix) are
+raised to the smallest possible prompt; `RequestSpec.prompt_tokens` is always
+the exact count.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+import json
+import random
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict
+from functools import lru_cache
+from typing import Any
+
+from workloads.prompt_builder import PromptBuilder
+from workloads.spec import RequestClass, WorkloadSpec
+from workloads.tokenizer import PromptTokenizer
+from workloads.types import RequestSpec, Session
+
+
+@lru_cache(maxsize=4)
+def _builder_for(fingerprint: str, tokenizer: PromptTokenizer) -> PromptBuilder:
+    return PromptBuilder(tokenizer)
+
+
+def prompt_builder(tokenizer: PromptTokenizer) -> PromptBuilder:
+    """The shared (cached) builder of a tokenizer: its corpus index and calibration are paid once."""
+    return _builder_for(tokenizer.fingerprint, tokenizer)
+
+
+def apply_output_length(spec: RequestSpec, max_tokens: int, force: bool) -> None:
+    """Ask for `max_tokens`; with `force`, also min_tokens = max_tokens and ignore_eos (vLLM's knobs)."""
+    spec.max_tokens = max_tokens
+    if force:
+        spec.min_tokens = max_tokens
+        spec.ignore_eos = True
+
+
+class _SessionFactory:
+    def __init__(self, spec: WorkloadSpec, tokenizer: PromptTokenizer, seed: int,
+                 api: str | None, force_output_length: bool) -> None:
+        self.spec = spec
+        self.builder = prompt_builder(tokenizer)
+        self.seed = seed
+        self.api = api
+        self.force = force_output_length
+        self.rng = random.Random(seed)
+        self.cum_weights = list(itertools.accumulate(c.weight for c in spec.classes))
+        self.members: dict[str, int] = defaultdict(int)
+
+    def pick_class(self) -> RequestClass:
+        x = self.rng.random() * self.cum_weights[-1]
+        return self.spec.classes[min(bisect.bisect_right(self.cum_weights, x), len(self.cum_weights) - 1)]
+
+    def session(self, index: int) -> Session:
+        cls = self.pick_class()
+        api = self.api or cls.api
+        rng = self.rng
+        multi = cls.session.turns.upper_bound > 1
+        n_turns = cls.session.turns.sample_int(rng, 1)
+        session_id = f"{self.seed}-{index}"
+        turns: list[RequestSpec] = []
+        state: dict[str, Any] | None = None  # what the next turn's history builds on
+        for t in range(n_turns):
+            new_tokens = cls.prompt_tokens.sample_int(rng, 1)
+            out_tokens = cls.output_tokens.sample_int(rng, 1)
+            think = cls.session.think_time_s.sample(rng) if t else 0.0
+            start = rng.randrange(len(self.builder.index))
+            if state is None or not cls.session.history:
+                body, total, state = self._first_prompt(cls, api, new_tokens, start)
+            else:
+                body, total, state = self._next_prompt(api, state, new_tokens, start, rng)
+            state["out"] = out_tokens
+            req = RequestSpec(
+                request_id=f"{session_id}-{t}", api=api, prompt_tokens=total,
+                tenant=cls.tenant,
+                prefix_group=cls.prefix.group if cls.prefix else None,
+                prefix_tokens=cls.prefix.tokens if cls.prefix else 0,
+                prompt_bucket=self.spec.buckets.prompt_label(total),
+                output_bucket=self.spec.buckets.output_label(out_tokens),
+                session_id=session_id if multi else None, turn=t if multi else None,
+                think_time_s=think, labels={"class": cls.name, **cls.labels},
+                **body,
+            )
+            apply_output_length(req, out_tokens, self.force)
+            turns.append(req)
+        return Session(session_id=session_id, turns=turns)
+
+    def _first_prompt(self, cls: RequestClass, api: str, tokens: int, start: int):
+        b = self.builder
+        prefix = cls.prefix
+        if api == "completions":
+            if prefix is None:
+                total = max(tokens, b.min_completion_tokens())
+                text = b.completion(total, start)
+            else:
+                member = b.member_start(prefix.group, self.members[prefix.group])
+                self.members[prefix.group] += 1
+                head = b.prefix(prefix.group, prefix.tokens, api)
+                total = max(tokens, prefix.tokens + 1)
+                text = b.completion(total, member, head=head, head_tokens=prefix.tokens)
+            return {"prompt": text}, total, {"text": text, "total": total}
+        history: list[dict[str, Any]] = []
+        history_tokens = 0
+        if prefix is not None:
+            start = b.member_start(prefix.group, self.members[prefix.group])
+            self.members[prefix.group] += 1
+            history = [{"role": "system", "content": b.prefix(prefix.group, prefix.tokens, api)}]
+            history_tokens = prefix.tokens - b.pre_user(("system", "user"))
+        roles = tuple(m["role"] for m in history) + ("user",)
+        total = max(tokens, b.min_chat_tokens(roles, history_tokens))
+        chat = b.chat(total, start, history=history, history_tokens=history_tokens)
+        return {"messages": chat.messages}, total, {
+            "messages": chat.messages, "total": total, "content": history_tokens + chat.content_tokens,
+        }
+
+    def _next_prompt(self, api: str, state: dict[str, Any], new_tokens: int, start: int, rng: random.Random):
+        b = self.builder
+        out = state["out"]
+        reply_start = rng.randrange(len(b.index))
+        if api == "completions":
+            head = state["text"] + b.piece(out, reply_start, lead=False)
+            head_tokens = state["total"] + out
+            total = head_tokens + new_tokens
+            text = b.completion(total, start, head=head, head_tokens=head_tokens)
+            return {"prompt": text}, total, {"text": text, "total": total}
+        history = state["messages"] + [{"role": "assistant", "content": b.piece(out, reply_start, lead=True)}]
+        history_tokens = state["content"] + out
+        roles = tuple(m["role"] for m in history) + ("user",)
+        total = max(state["total"] + out + new_tokens, b.min_chat_tokens(roles, history_tokens))
+        chat = b.chat(total, start, history=history, history_tokens=history_tokens)
+        return {"messages": chat.messages}, total, {
+            "messages": chat.messages, "total": total, "content": history_tokens + chat.content_tokens,
+        }
+
+
+def session_stream(spec: WorkloadSpec, tokenizer: PromptTokenizer, seed: int, *,
+                   api: str | None = None, force_output_length: bool = False) -> Iterator[Session]:
+    """Endless sessions drawn from `spec` (api, if given, overrides every class's api)."""
+    if api is not None and api not in ("completions", "chat"):
+        from workloads.errors import WorkloadError
+
+        raise WorkloadError(f"unknown api {api!r}", field="api", allowed=("completions", "chat"))
+    factory = _SessionFactory(spec, tokenizer, seed, api, force_output_length)
+    for index in itertools.count():
+        yield factory.session(index)
+
+
+def stream_fingerprint(sessions: Iterable[Session], n: int) -> str:
+    """sha256 of the first `n` sessions (every field): equal streams give equal fingerprints."""
+    digest = hashlib.sha256()
+    for session in itertools.islice(sessions, n):
+        digest.update(json.dumps(asdict(session), sort_keys=True, separators=(",", ":")).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
