@@ -4,7 +4,8 @@ The search grows the rate geometrically (start, x2, x4, ...) until a step
 fails, then bisects between the best passing and the lowest failing rate
 until they are within `tolerance` of each other. Each step is a real run at a
 fixed rate, judged by `analyzers.summarize` against the SLOs: a step passes
-when every objective holds and errors stay under `max_error_rate`.
+when every objective holds, errors stay under `max_error_rate`, and it served
+at least `min_served_fraction` of the offered rate.
 
 Early stop: while growing, a rate that was never tried is first run as a short
 probe (`probe_fraction` of a step). A probe that fails clearly (an objective
@@ -47,6 +48,9 @@ class CapacitySettings:
     max_error_rate: float = 0.01
     probe_fraction: float = 0.25
     clear_fail_factor: float = 2.0
+    # A step serving less than this share of its offered rate fails. Lenient on purpose: a short
+    # Poisson step's served rate is noisy and biased low (requests in flight at the end are not counted).
+    min_served_fraction: float = 0.6
 
     def __post_init__(self) -> None:
         from analyzers.slo import parse_slos
@@ -111,10 +115,15 @@ def judge_step(summary: dict[str, Any], rate: float, duration_s: float, settings
         reasons.append(f"error rate {error_rate:.1%} > {settings.max_error_rate:.1%}")
     if overall.get("ok", 0) == 0:
         reasons.append("no request succeeded")
+    served = overall.get("req_per_s") or 0.0
+    # Latency alone can pass while the server (or the client) silently falls behind
+    # the offered rate in a short step: the backlog never shows up as TTFT.
+    if served < settings.min_served_fraction * rate:
+        reasons.append(f"served {served:.2f} req/s of {rate:.3g} offered (< {settings.min_served_fraction:.0%})")
     latencies = {f"{m}.{s}": overall["metrics"].get(m, {}).get(s) for m, s in LATENCY_KEYS}
     return StepResult(
         rate=rate, duration_s=duration_s, passed=not reasons, early_stop=early_stop,
-        clearly_failed=bool(far) or error_rate > 0.5 or overall.get("ok", 0) == 0,
+        clearly_failed=bool(far) or error_rate > 0.5 or overall.get("ok", 0) == 0 or served < 0.3 * rate,
         req_per_s=overall.get("req_per_s"), goodput_req_per_s=overall.get("goodput_req_per_s"),
         error_rate=error_rate, requests=int(overall.get("requests", 0)), latencies=latencies,
         objectives=objectives, reason="; ".join(reasons) or "meets every objective", run_dir=run_dir,

@@ -38,7 +38,7 @@ def layout(title: str, x_title: str, y_title: str, **extra: Any) -> dict[str, An
     base = {
         "title": {"text": title, "font": {"size": 14}},
         "xaxis": {"title": {"text": x_title}},
-        "yaxis": {"title": {"text": y_title}},
+        "yaxis": {"title": {"text": y_title}, "rangemode": "tozero"},
         "margin": {"l": 60, "r": 20, "t": 40, "b": 45},
         "height": 320,
         "legend": {"orientation": "h", "y": -0.25},
@@ -76,7 +76,18 @@ def bar(x: list[Any], y: list[Any], name: str, **extra: Any) -> dict[str, Any]:
 
 
 def figure(traces: list[dict[str, Any]], title: str, x_title: str, y_title: str, **extra: Any) -> dict[str, Any]:
-    return {"data": traces, "layout": layout(title, x_title, y_title, **extra)}
+    fig = {"data": traces, "layout": layout(title, x_title, y_title, **extra)}
+    if "yaxis2" in extra:  # room for the right-hand axis title; rates and counts start at zero
+        fig["layout"]["margin"] = {**fig["layout"]["margin"], "r": 70}
+        fig["layout"]["yaxis2"] = {"rangemode": "tozero", "showgrid": False, **extra["yaxis2"]}
+    return fig
+
+
+def bin_count(n_events: int, span_s: float, *, per_bin: int = 10, min_width_s: float = 0.5, most: int = 60) -> int:
+    """Time bins for a series: enough events per bin to be a rate or a percentile, not noise."""
+    by_events = n_events // per_bin
+    by_time = int(span_s / min_width_s) if span_s > 0 else 1
+    return max(3, min(most, by_events, by_time))
 
 
 def binned_quantiles(t: np.ndarray, y: np.ndarray, bins: int, qs: tuple[float, ...]) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -55,7 +55,7 @@ class CompareSettings:
     `alpha`: the significance level of each test (two-sided).
     `error_margin`: the smallest absolute error-rate change that counts (0.01 = 1 point).
     `gates`: metric names whose regression fails the comparison (exit 1).
-    `min_samples`: slices with fewer requests on either side get no verdict.
+    `min_samples`: metrics with fewer samples on either side (all runs together) get no verdict.
     """
 
     threshold: float = 0.05
@@ -285,7 +285,7 @@ def _latency_results(
         b = [_latency_values(run, frame, key) for run, frame in zip(base.runs, base_frames)]
         c = [_latency_values(run, frame, key) for run, frame in zip(cand.runs, cand_frames)]
         n_b, n_c = sum(len(v) for v in b), sum(len(v) for v in c)
-        too_few = min((len(v) for v in b + c), default=0) < min_samples
+        too_few = min(n_b, n_c) < min_samples or min(len(v) for v in b + c) == 0
         for stat in LATENCY_STATS:
             spec = ALL_METRICS[f"{key}_{stat}"]
             if too_few:
@@ -441,7 +441,7 @@ def _few(spec: MetricSpec, n_b: int, n_c: int, min_samples: int) -> MetricResult
     return MetricResult(
         name=spec.name, label=spec.label, unit=spec.unit, base=None, cand=None, change=None,
         relative=spec.relative, ci_low=None, ci_high=None, p_value=None, n_base=n_b, n_cand=n_c,
-        verdict=VERDICT_FEW, note=f"fewer than {min_samples} samples in a run",
+        verdict=VERDICT_FEW, note=f"fewer than {min_samples} samples on a side (or a run without any)",
     )
 
 

@@ -8,6 +8,7 @@ to its own logic and keeps a 100k-request diagnosis from repeating the work.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -16,25 +17,28 @@ import pandas as pd
 from analyzers.client_health import client_health
 from analyzers.rundata import RunData
 from analyzers.server_metrics import ServerMetrics
-from analyzers.summary import itl_max_per_request, measured_mask
+from analyzers.summary import measured_mask
 
 
 @dataclass
 class DiagnosisContext:
+    """One run prepared for the rules; build it with `build_context(run)`."""
+
     run: RunData
     frame: pd.DataFrame  # measured (non-warmup) requests with derived columns
     metrics: ServerMetrics
     client: dict[str, Any] = field(default_factory=dict)
     frame_mask: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # measured rows of run.requests
 
-    @property
+    @cached_property
     def ok(self) -> pd.DataFrame:
+        """The successful measured requests (every latency rule's population)."""
         return self.frame[self.frame["status"] == "ok"]
 
 
 def build_context(run: RunData) -> DiagnosisContext:
     mask = measured_mask(run.requests) if len(run.requests) else np.zeros(0, bool)
-    frame = add_derived_columns(run.requests, itl_max_per_request(run)).loc[mask]
+    frame = add_derived_columns(run.requests, run.itl_max).loc[mask]
     return DiagnosisContext(
         run=run,
         frame=frame,

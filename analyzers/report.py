@@ -77,6 +77,7 @@ def report_context(run: RunData, summary: dict[str, Any], findings: list[Finding
         "client": ctx.client,
         "metadata": run_metadata(run.run),
         "prompt_lengths_exact": prompt_lengths_exact(run.run),
+        "target_label": target_label(run.run.get("target")),
         "server_metrics_present": not run.server_metrics.empty,
     }
 
@@ -89,6 +90,15 @@ def worst_requests(frame: pd.DataFrame, column: str, rows: int = WORST_ROWS) -> 
     top = finite[np.argsort(-values[finite], kind="stable")[:rows]]
     picked = frame.iloc[top][[c for c in WORST_COLUMNS if c in frame]]
     return [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()} for row in picked.to_dict("records")]
+
+
+def target_label(target: Any) -> str:
+    """One line naming what was driven: the URL, or the bundled engine with its flags."""
+    if isinstance(target, dict):
+        if target.get("kind") == "url" or "engine" not in target:
+            return str(target.get("base_url", ""))
+        return " ".join([str(target.get("engine"))] + [str(a) for a in target.get("engine_args", [])])
+    return "" if target is None else str(target)
 
 
 def prompt_lengths_exact(run: dict[str, Any]) -> bool | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,16 @@ class RunData:
             self.itl_values, self.itl_lengths = _flatten_lists(self.requests["itl_s"])
         if len(self.itl_lengths) != len(self.requests):
             raise ValueError("itl_lengths must have one entry per request row")
+
+    @cached_property
+    def itl_max(self) -> np.ndarray:
+        """Largest inter-token gap of each request (NaN when it had none): its worst stall."""
+        out = np.full(len(self.itl_lengths), np.nan)
+        has = self.itl_lengths > 0
+        if has.any():
+            starts = np.concatenate(([0], np.cumsum(self.itl_lengths)[:-1]))
+            out[has] = np.maximum.reduceat(self.itl_values, starts[has])
+        return out
 
     def pooled_itl(self, mask: np.ndarray | pd.Series | None = None) -> np.ndarray:
         """Every inter-token gap of the selected rows (all rows when mask is None)."""

@@ -114,18 +114,21 @@ class ServerMetrics:
         return float(window.iloc[-1] - window.iloc[0]) if len(window) > 1 else 0.0
 
     def histogram_quantile(self, key: str, q: float, t0: float | None = None, t1: float | None = None) -> float | None:
-        """q-quantile of observations made between t0 and t1, from bucket count deltas (linear within a bucket)."""
+        """q-quantile of observations made between t0 and t1, from bucket count deltas (linear within a bucket).
+
+        With no t0, everything observed up to t1 counts (the counters start with the server).
+        """
         sub = self.samples[(self.samples["key"] == key) & (self.samples["part"] == "_bucket")]
         if sub.empty:
             return None
-        sub = sub[(sub["t"] >= (t0 if t0 is not None else -np.inf)) & (sub["t"] <= (t1 if t1 is not None else np.inf))]
-        if sub.empty:
-            return None
+        # Bracket the window with the scrapes just outside it, so no observation inside is lost.
+        times = np.sort(sub["t"].unique())
+        last = times[np.searchsorted(times, t1, side="left")] if t1 is not None and t1 <= times[-1] else times[-1]
+        first = times[np.searchsorted(times, t0, side="right") - 1] if t0 is not None and t0 >= times[0] else None
         les = sub["labels"].map(lambda text: json.loads(text).get("le"))
         sub = sub.assign(le=pd.to_numeric(les.replace({"+Inf": "inf"}), errors="coerce")).dropna(subset=["le"])
-        first, last = sub["t"].min(), sub["t"].max()
         counts = sub[sub["t"] == last].groupby("le")["value"].sum()
-        if t0 is not None and first < last:
+        if first is not None and first < last:
             counts = counts - sub[sub["t"] == first].groupby("le")["value"].sum().reindex(counts.index, fill_value=0)
         counts = counts.sort_index()
         total = counts.iloc[-1] if len(counts) else 0
@@ -142,3 +145,38 @@ class ServerMetrics:
         below = cum[i - 1] if i > 0 else 0.0
         in_bucket = cum[i] - below
         return float(lower + (upper - lower) * ((target - below) / in_bucket if in_bucket > 0 else 1.0))
+
+
+def server_view(frame: pd.DataFrame, t0: float | None, t1: float | None) -> dict | None:
+    """What the server itself reports over [t0, t1]: counter rates and histogram percentiles.
+
+    None when nothing was scraped. Comparing it with the client's numbers shows
+    time spent outside the engine (network, proxies, the client itself).
+    """
+    metrics = ServerMetrics.from_frame(frame)
+    if metrics.samples.empty:
+        return None
+    duration = (t1 - t0) if t0 is not None and t1 is not None and t1 > t0 else None
+    rates = {}
+    for key in ("prompt_tokens", "generation_tokens", "preemptions"):
+        if metrics.has(key) and duration:
+            rates[f"{key}_per_s"] = metrics.counter_increase(key, t0, t1) / duration
+    view: dict = {"rates": rates, "histograms": {}, "gauges": {}}
+    queries = metrics.counter_increase("prefix_queries", t0, t1)
+    if queries > 0:
+        view["prefix_cache_hit_rate"] = metrics.counter_increase("prefix_hits", t0, t1) / queries
+    drafted = metrics.counter_increase("spec_draft", t0, t1)
+    if drafted > 0:
+        view["spec_acceptance_rate"] = metrics.counter_increase("spec_accepted", t0, t1) / drafted
+    for key in ("ttft_hist", "itl_hist", "e2e_hist", "queue_hist"):
+        p50 = metrics.histogram_quantile(key, 0.5, t0, t1)
+        if p50 is not None:
+            view["histograms"][key.removesuffix("_hist")] = {"p50": p50, "p90": metrics.histogram_quantile(key, 0.9, t0, t1),
+                                                             "p99": metrics.histogram_quantile(key, 0.99, t0, t1)}
+    for key in ("running", "waiting", "kv_usage"):
+        series = metrics.gauge(key)
+        if t0 is not None and t1 is not None:
+            series = series[(series.index >= t0) & (series.index <= t1)]
+        if len(series):
+            view["gauges"][key] = {"mean": float(series.mean()), "max": float(series.max())}
+    return view

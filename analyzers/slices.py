@@ -32,14 +32,15 @@ def _bands(column: str, edges: tuple[float, ...], names: tuple[str, ...]) -> Cal
 
 
 def _time_window(frame: pd.DataFrame) -> pd.Series:
+    """TIME_WINDOWS equal windows of send time, labelled by their span in seconds."""
     sent = frame["sent_at"].to_numpy(dtype=np.float64)
     if not np.isfinite(sent).any():
         return pd.Series([None] * len(frame), index=frame.index, dtype=object)
     lo, hi = np.nanmin(sent), np.nanmax(sent)
     width = (hi - lo) / TIME_WINDOWS or 1.0
-    idx = np.clip(((sent - lo) // width), 0, TIME_WINDOWS - 1)
-    labels = [None if np.isnan(i) else f"{lo + i * width:7.1f}-{lo + (i + 1) * width:.1f}s" for i in idx]
-    return pd.Series(labels, index=frame.index, dtype=object)
+    names = np.array([f"{lo + i * width:7.1f}-{lo + (i + 1) * width:.1f}s" for i in range(TIME_WINDOWS)] + [None], dtype=object)
+    idx = np.where(np.isfinite(sent), np.clip((sent - lo) // width, 0, TIME_WINDOWS - 1), TIME_WINDOWS).astype(np.int64)
+    return pd.Series(names[idx], index=frame.index, dtype=object)
 
 
 DIMENSIONS: dict[str, tuple[str, Callable[[pd.DataFrame], pd.Series]]] = {

@@ -27,6 +27,7 @@ import pandas as pd
 from analyzers.client_health import client_health
 from analyzers.metrics import describe
 from analyzers.rundata import RunData
+from analyzers.server_metrics import server_view
 from analyzers.slo import SLO, evaluate, requests_meeting, slos_from_run
 
 WARMUP_PHASE = "warmup"
@@ -95,17 +96,6 @@ def _throughput(frame: pd.DataFrame, window: dict[str, Any], meets: np.ndarray) 
     }
 
 
-def itl_max_per_request(run: RunData) -> np.ndarray:
-    """Largest inter-token gap of each request (NaN when it had none)."""
-    lengths = run.itl_lengths
-    out = np.full(len(lengths), np.nan)
-    has = lengths > 0
-    if has.any():
-        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-        out[has] = np.maximum.reduceat(run.itl_values, starts[has]) if run.itl_values.size else np.nan
-    return out
-
-
 def summarize_group(run: RunData, mask: np.ndarray, name: str, slos: list[SLO], meets: np.ndarray) -> dict[str, Any]:
     """One phase (or the overall measured set): counts, rates, latency distributions, SLO verdict."""
     frame = run.requests.loc[mask]
@@ -142,7 +132,7 @@ def summarize(run: RunData, slos: list[SLO] | None = None) -> dict[str, Any]:
     if slos is None:
         slos = slos_from_run(run.run)
     frame = run.requests
-    meets = requests_meeting(slos, frame, itl_max_per_request(run)) if len(frame) else np.zeros(0, bool)
+    meets = requests_meeting(slos, frame, run.itl_max) if len(frame) else np.zeros(0, bool)
     phases_key = frame["phase"].fillna("").to_numpy() if len(frame) else np.empty(0, dtype=object)
     phases = [
         summarize_group(run, phases_key == name, name or "all", slos, meets) for name in phase_names(frame)
@@ -156,5 +146,6 @@ def summarize(run: RunData, slos: list[SLO] | None = None) -> dict[str, Any]:
         "overall": overall,
         "slo": overall.get("slo") if slos else {"ok": True, "objectives": []},
         "client": {k: v for k, v in client_health(run.run, frame.loc[measured]).items() if k != "self_check"},
+        "server": server_view(run.server_metrics, overall["window"]["start_s"], overall["window"]["end_s"]),
     }
     return summary

@@ -15,7 +15,16 @@ import pandas as pd
 from analyzers import charts
 from analyzers.server_metrics import ServerMetrics
 
-BINS = 60
+
+
+def _bins(t: np.ndarray, per_bin: int, min_width_s: float = 0.5) -> int:
+    t = t[np.isfinite(t)]
+    span = float(t.max() - t.min()) if t.size else 0.0
+    return charts.bin_count(t.size, span, per_bin=per_bin, min_width_s=min_width_s)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
 
 
 def latency_over_time(frame: pd.DataFrame) -> dict[str, Any] | None:
@@ -24,8 +33,9 @@ def latency_over_time(frame: pd.DataFrame) -> dict[str, Any] | None:
         return None
     sent = ok["sent_at"].to_numpy(dtype=np.float64)
     ttft = ok["ttft_s"].to_numpy(dtype=np.float64)
-    centres, (p50, p99) = charts.binned_quantiles(sent, ttft, BINS, (0.5, 0.99))
-    _, (e2e99,) = charts.binned_quantiles(sent, ok["e2e_s"].to_numpy(dtype=np.float64), BINS, (0.99,))
+    bins = _bins(sent, per_bin=20)
+    centres, (p50, p99) = charts.binned_quantiles(sent, ttft, bins, (0.5, 0.99))
+    _, (e2e99,) = charts.binned_quantiles(sent, ok["e2e_s"].to_numpy(dtype=np.float64), bins, (0.99,))
     return charts.figure(
         [
             charts.scatter(sent, ttft, "TTFT per request (sampled)", scale=1e3),
@@ -42,8 +52,9 @@ def throughput_over_time(frame: pd.DataFrame) -> dict[str, Any] | None:
     if ok.empty:
         return None
     end = ok["end_at"].to_numpy(dtype=np.float64)
-    x, req_rate = charts.rate_per_bin(end, None, BINS)
-    _, tok_rate = charts.rate_per_bin(end, ok["output_tokens"].to_numpy(dtype=np.float64), BINS)
+    bins = _bins(end, per_bin=10, min_width_s=1.0)
+    x, req_rate = charts.rate_per_bin(end, None, bins)
+    _, tok_rate = charts.rate_per_bin(end, ok["output_tokens"].to_numpy(dtype=np.float64), bins)
     return charts.figure(
         [charts.line(x, req_rate, "completed req/s"), charts.line(x, tok_rate, "output tok/s", yaxis="y2")],
         "Throughput over time (by completion time)", "time in run (s)", "req/s",
@@ -85,19 +96,21 @@ def cache_and_acceptance(frame: pd.DataFrame, metrics: ServerMetrics) -> dict[st
     traces = []
     ok = frame[frame["status"] == "ok"]
     sent = ok["sent_at"].to_numpy(dtype=np.float64)
+    bins = _bins(sent, per_bin=20)
     cached = ok["cached_tokens"].to_numpy(dtype=np.float64)
-    if np.isfinite(cached).any():
-        x, hits = charts.rate_per_bin(sent[np.isfinite(cached)], (cached[np.isfinite(cached)] > 0).astype(float), BINS)
-        _, total = charts.rate_per_bin(sent[np.isfinite(cached)], None, BINS)
-        traces.append(charts.line(x, np.where(total > 0, hits / np.where(total > 0, total, 1), np.nan) * 100, "prefix-cache hit rate (%)"))
-    elif metrics.has("prefix_queries"):
+    known = np.isfinite(cached)
+    if known.any() and (cached[known] > 0).any():  # a cache that never hit is said by the prefix_cache rule, not a flat line
+        x, hits = charts.rate_per_bin(sent[known], (cached[known] > 0).astype(float), bins)
+        _, total = charts.rate_per_bin(sent[known], None, bins)
+        traces.append(charts.line(x, _ratio(hits, total) * 100, "prefix-cache hit rate (%)"))
+    elif metrics.counter_increase("prefix_hits") > 0:
         q, h = metrics.counter_rate("prefix_queries"), metrics.counter_rate("prefix_hits")
         traces.append(charts.line(q.index.to_numpy(), (h.reindex(q.index) / q.replace(0, np.nan)).to_numpy() * 100, "prefix-cache hit rate (%, server)"))
     draft = ok["spec_draft_tokens"].to_numpy(dtype=np.float64)
     if np.nansum(draft) > 0:
-        x, acc = charts.rate_per_bin(sent, ok["spec_accepted_tokens"].to_numpy(dtype=np.float64), BINS)
-        _, dr = charts.rate_per_bin(sent, draft, BINS)
-        traces.append(charts.line(x, np.where(dr > 0, acc / np.where(dr > 0, dr, 1), np.nan) * 100, "spec acceptance (%)"))
+        x, acc = charts.rate_per_bin(sent, ok["spec_accepted_tokens"].to_numpy(dtype=np.float64), bins)
+        _, dr = charts.rate_per_bin(sent, draft, bins)
+        traces.append(charts.line(x, _ratio(acc, dr) * 100, "spec acceptance (%)"))
     if not traces:
         return None
     return charts.figure(traces, "Prefix-cache hit rate and speculative acceptance", "time in run (s)", "%")

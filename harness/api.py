@@ -127,10 +127,11 @@ def _execute_once(config: RunConfig, out: Path, console: RunConsole) -> RunOutco
             except EngineError as exc:
                 console.error(str(exc))
                 writer.finish("failed", problems=[str(exc)], ended_at=_now_iso(), target=_target_meta(config, engine))
-                return _finish(config, out, "failed", console, writer_meta=writer.meta)
+                return _finish(config, out, "failed", console)
         base_url = config.target or engine.base_url
         fallback = None if config.target else (config.engine_preset or ENGINE_DEFAULT_PRESET)
         model, model_source = resolve_model(base_url, config.model, prepared.api_key, fallback)
+        writer.update(model_source=model_source)
         status, extra = _drive(config, prepared, writer, base_url, model, engine, console)
         writer.finish(status, ended_at=_now_iso(), **extra)
     except ConfigError as exc:
@@ -145,7 +146,7 @@ def _execute_once(config: RunConfig, out: Path, console: RunConsole) -> RunOutco
     finally:
         if engine is not None:
             engine.close()
-    return _finish(config, out, status, console, writer_meta=writer.meta)
+    return _finish(config, out, status, console)
 
 
 def _prepare(config: RunConfig) -> _Prepared:
@@ -214,7 +215,7 @@ def _drive(
         with _sigint_counter() as interrupts:
             hooks.interrupts = interrupts
             result = Dispatcher(pool, prepared.phases, prepared.sessions, clock, hooks, seed=config.seed,
-                                grace_s=config.grace_s, request_timeout_s=config.timeout_s).run()
+                                grace_s=config.grace_s).run()
     finally:
         console.stop()
         if scraper is not None:
@@ -296,7 +297,12 @@ class _Hooks:
 
     def tick(self, progress: Progress) -> None:
         self.writer.tick()
-        self.console.update(progress, self.clock())
+        try:
+            self.console.update(progress, self.clock())
+        except Exception as exc:  # noqa: BLE001 - a display bug must never cost the measurement
+            self.console.stop()
+            self.console.live = False
+            self.console.error(f"progress display disabled ({type(exc).__name__}: {exc})")
 
     def stop_requested(self) -> int:
         return self.interrupts[0]
@@ -306,13 +312,19 @@ class _Hooks:
 
 
 class _sigint_counter:
-    """Counts Ctrl-C presses while active (1: stop gracefully, 2: stop now); restores the old handler."""
+    """Counts Ctrl-C presses while active (1: stop gracefully, 2: stop now); restores the old handlers.
+
+    SIGTERM (a CI job's timeout, `kill`) counts as a Ctrl-C too: the run stops the
+    same orderly way and keeps what it measured, instead of dying mid-write.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self) -> list[int]:
         self.count = [0]
-        self.previous = None
+        self.previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self.count
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -321,14 +333,14 @@ class _sigint_counter:
             print("\nstopping: letting in-flight requests finish (Ctrl-C again to cancel them now)", file=sys.stderr)
 
     def __exit__(self, *exc: object) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 # -- after the run --------------------------------------------------------------------------
 
 
-def _finish(config: RunConfig, out: Path, status: str, console: RunConsole, writer_meta: dict[str, Any]) -> RunOutcome:
+def _finish(config: RunConfig, out: Path, status: str, console: RunConsole) -> RunOutcome:
     summary = _summarize(out, config.report, console)
     if summary is not None:
         console.summary_table(summary)

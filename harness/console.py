@@ -63,13 +63,14 @@ class RunConsole:
             return
         self._last = time.monotonic()
         self._update_rate(p.records)
-        if p.phase != self._phase:
+        if self._task is None or p.phase != self._phase:
             self._phase = p.phase
             if self._task is not None:
                 self._progress.remove_task(self._task)
             self._task = self._progress.add_task("", phase="", counts="", total=None)
         total, completed = self._bar(p, now)
-        label = f"{p.phase} ({p.phase_index + 1}/{p.phase_count})" + (" stopping…" if p.stopping else "")
+        name = p.phase or "prewarming"
+        label = f"{name} ({p.phase_index + 1}/{p.phase_count})" + (" stopping…" if p.stopping else "")
         counts = f"{p.phase_done}/{p.phase_expected or '?'} sessions  {self._rate:.1f} req/s  errors {p.errors}"
         self._progress.update(self._task, total=total, completed=completed, phase=label, counts=counts)
 

@@ -195,15 +195,19 @@ class Worker:
         """Closed loop: one virtual user. Its next send is due the moment its previous session ended."""
         if not await self._sleep_until(start_at):
             return
+        free_since = start_at  # the slot's next send is due now: waiting for a job counts as lag
         while (job := await queue.get()) is not _END:
             if self.stopping or (deadline is not None and self.now() >= deadline):
                 self.outbox.put(SessionDone(self.index, job.phase, skipped=True))
                 continue
-            await self._run_session(job.session, job.phase, None)
+            await self._run_session(job.session, job.phase, free_since)
+            free_since = self.now()
         queue.put_nowait(_END)  # pass the marker on to the next slot
 
-    async def _run_session(self, session: Session, phase: str, at: float | None) -> None:
-        scheduled = self.now() if at is None else at
+    async def _run_session(self, session: Session, phase: str, at: float) -> None:
+        """Send the session's turns in order: the first at `at`, each next one its think time after the previous ended."""
+        scheduled = at
+        previous_end = scheduled
         started = False
         for number, spec in enumerate(session.turns):
             if number > 0:

@@ -94,9 +94,11 @@ class DecoderLayer(nn.Module):
                   kv_cache: tuple[Tensor, Tensor], meta: AttentionMetadata) -> Tensor:
         tokens = hidden.shape[0]
         qkv = F.linear(hidden, self.qkv_proj, self.qkv_bias)
-        q = qkv[:, :self.q_size].view(tokens, self.num_heads, self.head_dim)
-        k = qkv[:, self.q_size:self.q_size + self.kv_size].view(tokens, self.num_kv_heads, self.head_dim)
-        v = qkv[:, self.q_size + self.kv_size:].view(tokens, self.num_kv_heads, self.head_dim)
+        # Contiguous q/k/v: kernels may assume dense [T, H, D] rows (the copies are tiny next to the matmuls).
+        q, k, v = (x.contiguous() for x in qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1))
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
         ops.rope(q, k, positions, cos_sin)
         k_cache, v_cache = kv_cache
         ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)

@@ -11,6 +11,7 @@ Usage extension: besides `prompt_tokens_details.cached_tokens`, usage carries
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -151,6 +152,8 @@ class ResponseBuilder:
         self.id = new_response_id(api)
         self.created = int(time.time())
         self.object = "chat.completion.chunk" if api == "chat" else "text_completion"
+        self._sse_head: bytes | None = None
+        self._sse_tail = b""
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
@@ -159,6 +162,16 @@ class ResponseBuilder:
     def role_chunk(self) -> dict[str, Any]:
         return self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                              "finish_reason": None}])
+
+    def sse_text_chunk(self, text: str) -> bytes:
+        """`data: {...}` of a mid-stream text chunk, as bytes. Only the text varies within a stream, so the
+        JSON around it is serialized once per request instead of once per token (the server's hot path)."""
+        if self._sse_head is None:
+            template = json.dumps(self.text_chunk("\x00", None), separators=(",", ":")).encode()
+            self._sse_head, self._sse_tail = template.split(b'"\\u0000"')
+            self._sse_head = b"data: " + self._sse_head
+            self._sse_tail += b"\n\n"
+        return self._sse_head + json.dumps(text).encode() + self._sse_tail
 
     def text_chunk(self, text: str, finish_reason: str | None) -> dict[str, Any]:
         if self.api == "chat":

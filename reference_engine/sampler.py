@@ -70,13 +70,25 @@ class Sampler:
         """For each request: its accepted draft tokens followed by one newly sampled token."""
         self._mask_eos(logits, requests)
         argmax = logits.argmax(dim=-1).tolist()
-        results: list[list[int]] = []
-        for req in requests:
-            if req.seq.params.greedy:
-                results.append(self._verify_greedy(argmax, req))
+        results: list[list[int] | None] = [None] * len(requests)
+        # Unseeded, draft-free rows with the same knobs share one softmax and one multinomial call:
+        # per-row calls cost more than the tiny model's whole decode step at batch 32.
+        groups: dict[tuple[float, int, float], list[int]] = {}
+        for i, req in enumerate(requests):
+            params = req.seq.params
+            if params.greedy:
+                results[i] = self._verify_greedy(argmax, req)
+            elif params.seed is None and not req.drafts:
+                groups.setdefault((params.temperature, params.top_k, params.top_p), []).append(i)
             else:
-                results.append(self._verify_sampled(logits, req))
-        return results
+                results[i] = self._verify_sampled(logits, req)
+        for members in groups.values():
+            rows = torch.tensor([requests[i].first_row for i in members])
+            probs = self._probs(logits.index_select(0, rows), requests[members[0]].seq)
+            tokens = torch.multinomial(probs, 1, generator=self.generator).view(-1).tolist()
+            for i, token in zip(members, tokens):
+                results[i] = [token]
+        return results  # type: ignore[return-value]
 
     @staticmethod
     def _verify_greedy(argmax: list[int], req: SampleRequest) -> list[int]:

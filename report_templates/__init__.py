@@ -55,13 +55,13 @@ def chart_json(value: Any) -> Markup:
 
 
 def fmt_ms(seconds: Any, digits: int = 1) -> str:
-    """Seconds shown as ms below 10 s, else s; `–` when unknown."""
+    """Milliseconds below one second, seconds above; `–` when unknown."""
     if seconds is None or (isinstance(seconds, float) and not math.isfinite(seconds)):
         return "–"
     seconds = float(seconds)
-    if abs(seconds) < 10:
-        return f"{seconds * 1e3:,.{digits}f} ms"
-    return f"{seconds:,.2f} s"
+    if abs(seconds) < 1:
+        return f"{seconds * 1e3:.{digits}f} ms"
+    return f"{seconds:.2f} s" if abs(seconds) < 100 else f"{seconds:,.0f} s"
 
 
 def fmt_num(value: Any, digits: int = 2) -> str:

@@ -9,7 +9,7 @@ def ms(seconds: float | None) -> str:
     """`123.4 ms` (or `n/a`): findings speak in the unit people read latencies in."""
     if seconds is None or not np.isfinite(seconds):
         return "n/a"
-    return f"{seconds * 1e3:.1f} ms" if seconds < 10 else f"{seconds:.2f} s"
+    return f"{seconds * 1e3:.1f} ms" if abs(seconds) < 1 else f"{seconds:.2f} s"
 
 
 def median(values) -> float | None:

@@ -11,6 +11,14 @@ skips a beat. Evidence from the client's own timestamps:
   from being "exposed" merely because they were slow;
 * inter-token gaps of running streams that span a long request's first token
   (the moment its prefill finished) are compared with all other gaps.
+
+Both must show: short requests also wait behind long prompts when the server
+is merely saturated or prefills in FIFO chunks (that is queueing), but only a
+prefill that monopolizes whole engine steps also stalls the running decodes,
+for about as long as the short requests waited. So the decode stall (its
+excess over a normal gap) must reach half the short requests' extra wait; a
+chunked prefill stalls decodes by one chunk step, far less.
+When the run has no inter-token gaps (non-streaming), the TTFT test alone decides.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ MIN_LONG = 3
 MIN_GROUP = 5
 MIN_TTFT_RATIO = 2.0
 MIN_EXCESS_S = 0.005
+MIN_GAP_RATIO = 2.0  # decode gaps spanning a long prefill's end vs all others
+MIN_STALL_SHARE = 0.5  # decode stall excess / short requests' TTFT excess
 MAX_GAPS = 2_000_000  # gap timing is sampled beyond this many gaps (speed on huge runs)
 
 
@@ -53,6 +63,10 @@ def convoy(ctx: DiagnosisContext) -> Finding | None:
     if ttft_ratio < MIN_TTFT_RATIO or exposed_p50 - clear_p50 < MIN_EXCESS_S:
         return None
     stall = _gap_stalls(ctx, np.sort(long_end[np.isfinite(long_end)]))
+    if stall:
+        stall["stall_share_of_wait"] = (stall["itl_p50_during_long_prefill_s"] - stall["itl_p50_otherwise_s"]) / (exposed_p50 - clear_p50)
+        if (stall["itl_gap_ratio"] or 0) < MIN_GAP_RATIO or stall["stall_share_of_wait"] < MIN_STALL_SHARE:
+            return None  # decodes kept flowing: the wait was queueing, not a step-monopolizing prefill
     severity = "high" if ttft_ratio >= 4 else "medium"
     evidence = {
         "long_prompt_threshold_tokens": LONG_FACTOR * typical,
@@ -140,7 +154,7 @@ def _gap_stalls(ctx: DiagnosisContext, prefill_ends: np.ndarray) -> dict:
     if during is None or other is None:
         return {}
     return {
-        "itl_p50_during_long_prefill_s": during,
+        "itl_p50_during_long_prefill_s": during,  # "during": the gap spans a long prefill's end
         "itl_p50_otherwise_s": other,
         "itl_gaps_during_long_prefill": int(spans.sum()),
         "itl_gap_ratio": during / other if other > 0 else None,

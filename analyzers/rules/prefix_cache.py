@@ -21,6 +21,7 @@ from analyzers.metrics import describe
 from analyzers.rules.common import ms, pct
 
 MIN_EXPECTED = 5
+MIN_HIT_RATE = 0.10  # below this (and with no prefix groups) hits are incidental block matches
 MISSED_MEDIUM, MISSED_HIGH = 0.2, 0.5
 
 
@@ -52,7 +53,7 @@ def prefix_cache(ctx: DiagnosisContext) -> Finding | None:
     hit = known & (cached > 0)
     expected = expected_hits(frame) & known & ok
     missed = expected & ~hit
-    if hit.sum() == 0 and expected.sum() == 0:
+    if expected.sum() < MIN_EXPECTED and hit[known].mean() < MIN_HIT_RATE:
         return None
     ttft = frame["ttft_s"].to_numpy(dtype=np.float64)
     ttft_hit, ttft_miss = describe(ttft[hit & ok], with_ci=False), describe(ttft[known & ~hit & ok], with_ci=False)
@@ -98,7 +99,7 @@ def prefix_cache(ctx: DiagnosisContext) -> Finding | None:
         )
     else:
         severity = "info"
-        title = f"Prefix cache hit rate {pct(hit_rate)}" + (f"; hits start {speedup:.1f}x faster" if speedup else "")
+        title = f"Prefix cache hit rate {pct(hit_rate)}" + (f"; hits start {speedup:.1f}x faster than misses" if speedup and speedup > 1 else "")
         summary = hit_text + f" {pct(hit_rate)} of requests reused cached prefix tokens."
         suggestion = "Nothing to fix; keep shared prefixes at the start of the prompt and identical byte for byte."
     return Finding(

@@ -5,6 +5,12 @@ client side alone so it works against any endpoint: the send rate exceeds the
 completion rate, the number of requests in flight keeps growing, and TTFT rises
 from the first third of the phase to the last. The server's waiting-queue gauge
 and queue-time histogram, when scraped, are added as evidence.
+
+A closed loop cannot outrun the server (each slot waits for its answer), but
+with more slots than the server runs at once it keeps a standing queue: when
+the server's waiting gauge stays at 1 or more and its queue-time histogram
+says requests spent at least half of their TTFT waiting, that is reported too
+(medium: latency is set by the offered concurrency, not by the engine's speed).
 """
 
 from __future__ import annotations
@@ -18,20 +24,32 @@ from analyzers.context import DiagnosisContext
 from analyzers.findings import Finding
 from analyzers.rules.common import median, ms
 
-MIN_REQUESTS = 30
+MIN_REQUESTS = 20
 RATE_EXCESS = 1.10  # arrivals at least 10% above completions
 TTFT_GROWTH = 1.5  # last-third median TTFT over first-third
 MIN_RHO = 0.3
+STANDING_WAITING = 1.0  # mean requests in the server's waiting queue
+QUEUE_SHARE_OF_TTFT = 0.5
 
 
 def queueing(ctx: DiagnosisContext) -> Finding | None:
-    best = None
+    growing, standing = None, None
     for phase, group in ctx.frame.groupby(ctx.frame["phase"].fillna(""), sort=False):
         result = _judge_phase(ctx, str(phase), group)
-        if result and (best is None or result["ttft_growth"] > best["ttft_growth"]):
-            best = result
-    if best is None:
-        return None
+        if result and (growing is None or result["ttft_growth"] > growing["ttft_growth"]):
+            growing = result
+        if result is None:
+            queue = _standing_queue(ctx, str(phase), group)
+            if queue and (standing is None or queue["queue_share_of_ttft"] > standing["queue_share_of_ttft"]):
+                standing = queue
+    if growing is not None:
+        return _growing_finding(growing)
+    if standing is not None:
+        return _standing_finding(standing)
+    return None
+
+
+def _growing_finding(best: dict) -> Finding:
     severity = "high" if best["ttft_growth"] >= 3 else "medium"
     chart = best.pop("_chart")
     return Finding(
@@ -53,6 +71,57 @@ def queueing(ctx: DiagnosisContext) -> Finding | None:
         ),
         chart=chart,
     )
+
+
+def _standing_finding(best: dict) -> Finding:
+    chart = best.pop("_chart")
+    return Finding(
+        rule="queueing",
+        severity="medium",
+        title=f"A standing queue: requests spend {best['queue_share_of_ttft'] * 100:.0f}% of their TTFT waiting in the server",
+        summary=(
+            f"In phase {best['phase'] or 'run'}, the server kept {best['server_waiting_mean']:.1f} requests waiting on average "
+            f"(at most {best['server_waiting_max']:.0f}); its median queue time was {ms(best['server_queue_time_p50_s'])} "
+            f"of a median TTFT of {ms(best['ttft_p50_s'])}. More requests are offered at once than the server runs together."
+        ),
+        evidence=best,
+        slices=[{"dimension": "phase", "value": best["phase"]}],
+        suggestion=(
+            "Lower the concurrency to what the server runs at once, or raise its batch limits (max-num-seqs, KV cache "
+            "size) if memory allows; otherwise the extra concurrency only adds queue time."
+        ),
+        chart=chart,
+    )
+
+
+def _standing_queue(ctx: DiagnosisContext, phase: str, group: pd.DataFrame) -> dict | None:
+    ok = group[(group["status"] == "ok") & group["ttft_s"].notna()]
+    if len(ok) < MIN_REQUESTS:
+        return None
+    start, stop = float(np.nanmin(group["sent_at"])), float(np.nanmax(group["sent_at"]))
+    waiting = ctx.metrics.gauge("waiting")
+    waiting = waiting[(waiting.index >= start) & (waiting.index <= stop)]
+    queue_p50 = ctx.metrics.histogram_quantile("queue_hist", 0.5, start, stop)
+    ttft_p50 = median(ok["ttft_s"])
+    if len(waiting) < 2 or queue_p50 is None or not ttft_p50:
+        return None
+    share = queue_p50 / ttft_p50
+    if waiting.mean() < STANDING_WAITING or share < QUEUE_SHARE_OF_TTFT:
+        return None
+    running = ctx.metrics.gauge("running")
+    traces = [charts.line(waiting.index.to_numpy(), waiting.to_numpy(), "server waiting queue")]
+    if len(running):
+        traces.append(charts.line(running.index.to_numpy(), running.to_numpy(), "server running"))
+    return {
+        "phase": phase,
+        "server_waiting_mean": float(waiting.mean()),
+        "server_waiting_max": float(waiting.max()),
+        "server_queue_time_p50_s": queue_p50,
+        "ttft_p50_s": ttft_p50,
+        "queue_share_of_ttft": min(share, 1.0),
+        "n": int(len(ok)),
+        "_chart": charts.figure(traces, f"Server queue, phase {phase or 'run'}", "time in run (s)", "requests"),
+    }
 
 
 def _in_flight(sent: np.ndarray, end: np.ndarray, at: np.ndarray) -> np.ndarray:
@@ -81,6 +150,8 @@ def _judge_phase(ctx: DiagnosisContext, phase: str, group: pd.DataFrame) -> dict
     if first is None or last is None or first <= 0:
         return None
     growth = last / first
+    if growth < TTFT_GROWTH:  # cheap test first; also spares spearmanr a constant input
+        return None
     rho = float(spearmanr(ok_sent, ttft).statistic)
     outrun = arrival_rate > RATE_EXCESS * completion_rate and in_flight_end > in_flight_early
     if not (outrun and growth >= TTFT_GROWTH and rho >= MIN_RHO):

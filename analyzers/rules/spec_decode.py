@@ -29,12 +29,15 @@ def spec_decode(ctx: DiagnosisContext) -> Finding | None:
     accepted = ok["spec_accepted_tokens"].to_numpy(dtype=np.float64)
     on = np.nan_to_num(draft) > 0
     server_draft = ctx.metrics.counter_increase("spec_draft")
-    if on.sum() == 0 and server_draft <= 0:
-        return None
+    server_rate = ctx.metrics.gauge("spec_accept_rate")  # SGLang reports a gauge, not counters
     if on.sum():
         acceptance = float(np.nansum(accepted[on]) / np.nansum(draft[on]))
-    else:
+    elif server_draft > 0:
         acceptance = ctx.metrics.counter_increase("spec_accepted") / server_draft
+    elif len(server_rate) and server_rate.max() > 0:
+        acceptance = float(server_rate[server_rate > 0].mean())
+    else:
+        return None
     tpot = ok["tpot_s"].to_numpy(dtype=np.float64)
     off = ~on & np.isfinite(draft)
     bands = _bands(ok, tpot, on)
@@ -55,8 +58,11 @@ def spec_decode(ctx: DiagnosisContext) -> Finding | None:
         compare = f" Median TPOT is {ms(evidence['tpot_p50_with_s'])} with speculation against {ms(evidence['tpot_p50_without_s'])} without."
     if losing or acceptance < LOW_ACCEPTANCE:
         severity = "medium"
-        where = ", ".join(f"{s['dimension']}={s['value']} ({pct(s['acceptance'])})" for s in losing[:4]) or "overall"
-        title = f"Speculative decoding loses where acceptance is low: {where}"
+        if losing:
+            where = ", ".join(f"{s['dimension']}={s['value']} ({pct(s['acceptance'])})" for s in losing[:4])
+            title = f"Speculative decoding loses where acceptance is low: {where}"
+        else:
+            title = f"Speculative decoding accepted only {pct(acceptance)} of drafted tokens"
         suggestion = "Turn speculation off (or draft fewer tokens, smaller k) for these slices; low acceptance means drafting costs more than it saves."
     else:
         severity = "info"

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import fisher_exact
 
+from analyzers import charts
 from analyzers.context import DiagnosisContext
 from analyzers.findings import Finding
 from analyzers.rules.common import pct
@@ -61,6 +62,16 @@ def tail(ctx: DiagnosisContext) -> Finding | None:
         evidence={"over_represented": found[:10]},
         slices=[{"dimension": s["dimension"], "value": s["value"], "metric": s["metric"]} for s in found[:10]],
         suggestion="Look at the finding for the cause behind this slice (convoy, cache misses, queueing), or give it its own SLO.",
+        chart=_chart(found[:6]),
+    )
+
+
+def _chart(entries: list[dict]) -> dict:
+    names = [f"{e['metric_name']}: {e['dimension']}={e['value']}" for e in entries]
+    return charts.figure(
+        [charts.bar(names, [100 * e["tail_share"] for e in entries], "share of the p99 requests (%)"),
+         charts.bar(names, [100 * e["mid_share"] for e in entries], "share of the median requests (%)")],
+        "Slices over-represented among the slowest requests", "slice", "% of requests", barmode="group",
     )
 
 

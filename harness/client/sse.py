@@ -9,7 +9,9 @@ event stream"): lines end in CRLF, LF or CR; a blank line ends an event;
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
+from itertools import accumulate
 
 KNOWN_FIELDS = frozenset((b"data", b"event", b"id", b"retry"))
 
@@ -27,28 +29,50 @@ def _normalize(buf: bytes) -> bytes:
 
 def split_events(pieces: list[bytes], times: list[float]) -> SSEEvents:
     """Split the stored body pieces into events, each timed by the piece that ended it."""
+    body = b"".join(pieces)
+    if b"\r" in body:
+        return _split_incremental(pieces, times)
+    # The common case, done by C loops: one split of the whole body, then each event's end
+    # offset is mapped to the piece (and so the read) that carried its final byte.
     out = SSEEvents([], [])
     out_times, out_data = out.times, out.data
+    ends = list(accumulate(map(len, pieces)))
+    blocks = body.split(b"\n\n")
+    pos = 0
+    for block in blocks[:-1]:
+        pos += len(block) + 2
+        if not block:
+            continue
+        t = times[bisect_left(ends, pos)]
+        if block[:6] == b"data: " and b"\n" not in block:  # the usual one-line event
+            out_times.append(t)
+            out_data.append(block[6:])
+        else:
+            _add_block(out, block, t)
+    rest = blocks[-1].strip(b"\n")
+    if rest:  # body ended without the final blank line
+        _add_block(out, rest, times[-1])
+    return out
+
+
+def _split_incremental(pieces: list[bytes], times: list[float]) -> SSEEvents:
+    """CR or CRLF line endings: normalize piece by piece, minding a CRLF split across reads."""
+    out = SSEEvents([], [])
     buf = b""
     for piece, t in zip(pieces, times):
         buf = buf + piece if buf else piece
         held = b""
-        if b"\r" in buf:
-            # A trailing CR may be the first half of a CRLF split across reads: hold it back.
-            if buf.endswith(b"\r"):
-                buf, held = buf[:-1], b"\r"
-            buf = _normalize(buf)
+        if buf.endswith(b"\r"):  # maybe the first half of a CRLF: hold it back
+            buf, held = buf[:-1], b"\r"
+        buf = _normalize(buf)
         if b"\n\n" in buf:
             *blocks, buf = buf.split(b"\n\n")
             for block in blocks:
-                if block[:6] == b"data: " and b"\n" not in block:  # the common one-line event
-                    out_times.append(t)
-                    out_data.append(block[6:])
-                else:
+                if block:
                     _add_block(out, block, t)
         buf += held
     rest = _normalize(buf).strip(b"\n")
-    if rest and times:  # body ended without the final blank line
+    if rest and times:
         _add_block(out, rest, times[-1])
     return out
 

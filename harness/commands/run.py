@@ -12,7 +12,7 @@ import sys
 import click
 
 WORKERS_HELP = (
-    "Load-generator processes. Default: min(CPUs - 1, ceil(max(peak concurrency / 128, peak rate / 64))), at least 1."
+    "Load-generator processes. Default: min(CPUs - 1, ceil(max(peak concurrency / 48, peak rate / 200))), at least 1."
 )
 
 

@@ -90,8 +90,8 @@ class DispatchResult:
     cancelled: int = 0
 
 
-class _Interrupted(Exception):
-    pass
+class _StopRun(Exception):
+    """Unwinds the phase loops: "interrupted" (Ctrl-C) or the reason the run failed."""
 
 
 class Dispatcher:
@@ -106,7 +106,6 @@ class Dispatcher:
         hooks: Hooks,
         seed: int = 0,
         grace_s: float = 5.0,
-        request_timeout_s: float = 60.0,
     ) -> None:
         self.channel = channel
         self.phases = phases
@@ -115,7 +114,6 @@ class Dispatcher:
         self.hooks = hooks
         self.seed = seed
         self.grace_s = grace_s
-        self.request_timeout_s = request_timeout_s
         self.workers = len(channel)
         self.result = DispatchResult("complete")
         self.progress = Progress(phase_count=len(phases))
@@ -132,7 +130,7 @@ class Dispatcher:
             for index, phase in enumerate(self.phases):
                 self._run_phase(index, phase)
             self._shutdown(Shutdown(), EXIT_TIMEOUT_S)
-        except _Interrupted as reason:
+        except _StopRun as reason:
             self.result.status = "interrupted" if str(reason) == "interrupted" else "failed"
             if str(reason) != "interrupted":
                 self.result.problems.append(str(reason))
@@ -150,7 +148,7 @@ class Dispatcher:
                     self.result.prewarm.append({"worker": message.worker, "seconds": message.prewarm_s,
                                                 "error": message.error})
             if time.monotonic() > deadline:
-                raise _Interrupted(f"workers {sorted(set(range(self.workers)) - ready)} did not start within {READY_TIMEOUT_S:.0f}s")
+                raise _StopRun(f"workers {sorted(set(range(self.workers)) - ready)} did not start within {READY_TIMEOUT_S:.0f}s")
 
     def _run_phase(self, index: int, phase: Phase) -> None:
         start = self.clock() + START_LEAD_S
@@ -261,13 +259,13 @@ class Dispatcher:
         if not self.progress.stopping:
             stop = self.hooks.stop_requested()
             if stop:
-                raise _Interrupted("interrupted")
+                raise _StopRun("interrupted")
             failure = self.hooks.failure()
             if failure:
-                raise _Interrupted(failure)
+                raise _StopRun(failure)
             gone = [w for w in self.channel.dead() if w not in self.exited]
             if gone:
-                raise _Interrupted(f"worker process(es) {gone} died unexpectedly")
+                raise _StopRun(f"worker process(es) {gone} died unexpectedly")
         return messages
 
     def _handle(self, message: Any) -> None:

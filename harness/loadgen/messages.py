@@ -27,7 +27,7 @@ class StartPhase:
 
 @dataclass(slots=True)
 class Job:
-    """One session to run. `at`: open-loop send time; None: the next free closed-loop slot takes it."""
+    """One session to run. `at`: open-loop send time; None: the next free closed-loop slot sends it."""
 
     session: Session
     phase: str

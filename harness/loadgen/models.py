@@ -166,13 +166,15 @@ def _loads(config: RunConfig) -> list[LoadModel]:
     return [ConcurrencyLoad(config.concurrency or 1, ramp)]
 
 
-# Worker-count rule (documented in `servescope run --help`): one asyncio process
-# comfortably drives about this many concurrent streams or sends per second
-# while keeping its event-loop lag in the low milliseconds (measured on the
-# scripted server; see benchmarks/). More is split over processes, never more
-# than the cores left once the main process has one.
-STREAMS_PER_WORKER = 128
-RATE_PER_WORKER = 64.0
+# Worker-count rule (documented in `servescope run --help`). Measured with
+# benchmarks/run_schedule.py (scripted server, 8-token outputs, 2 CPUs): one
+# worker kept p99 schedule lag under 7 ms up to 400 req/s open loop, but went
+# client-bound at 64 always-busy closed-loop streams (~12k chunks/s), which two
+# workers handled. Per-worker budgets below leave headroom for longer outputs
+# (more chunks per request). Never more workers than the cores left once the
+# main process has one.
+STREAMS_PER_WORKER = 48
+RATE_PER_WORKER = 200.0
 
 
 def default_workers(phases: list[Phase], cpu_count: int) -> int:

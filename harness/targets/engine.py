@@ -5,7 +5,9 @@ The harness never imports the engine (or torch): it runs
 waits for `GET /health`, and talks to it over HTTP like any other target.
 The engine gets its own session (process group), so the user's Ctrl-C stops
 the load, not the server that in-flight requests are waiting on; the harness
-stops it at the end (SIGINT, then SIGTERM, then SIGKILL).
+stops it at the end (SIGINT, then SIGTERM, then SIGKILL). On Linux the engine
+is also told to die with the harness (PR_SET_PDEATHSIG), so a harness killed
+by a CI timeout or SIGKILL never leaves a model-sized orphan behind.
 """
 
 from __future__ import annotations
@@ -29,6 +31,18 @@ STDERR_TAIL_LINES = 40
 
 class EngineError(RuntimeError):
     """The engine could not be started (the message carries the tail of its stderr)."""
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask the kernel to SIGTERM it when the harness dies.
+
+    (The signal fires when the thread that started the engine exits: execute_run
+    starts and stops the engine on one thread, so that is the end of the run.)
+    """
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -68,6 +82,7 @@ class EngineProcess:
         self.process = subprocess.Popen(
             self.argv, stdout=subprocess.DEVNULL, stderr=self._log, stdin=subprocess.DEVNULL,
             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
         )
         self._wait_healthy()
         return self

@@ -70,3 +70,9 @@ class Sim:
 @pytest.fixture
 def sim() -> Sim:
     return Sim()
+
+
+@pytest.fixture
+def make_sim():
+    """The Sim class, for tests that build several runs (experiment and control)."""
+    return Sim

@@ -21,14 +21,17 @@ def test_ttft_and_itl_match_the_script_and_the_server_write_times(server, transp
     rec = send(server.base_url, transport, make_spec(api, script, max_tokens=5), clock_origin=0.0)
     assert rec.status == "ok", rec.error_message
     assert rec.connect_s is None  # the prewarmed connection was reused
-    assert rec.ttft_s == pytest.approx(0.04, abs=TOL)
-    assert rec.itl_s == pytest.approx(script["itl_s"], abs=TOL)
     # Against the server's own write log (same clock): each chunk seen within 2 ms after its write.
     writes = server.write_log(rec.response_id)
     seen = _content_times(rec)
     assert len(writes) == len(seen) == 5
     lags = [c - w for c, w in zip(seen, writes)]
     assert all(-1e-4 < lag < TOL for lag in lags), lags
+    # Against the script: within 2 ms, plus however late the server's own timer fired.
+    server_itl = [b - a for a, b in zip(writes, writes[1:])]
+    for got, want, served in zip(rec.itl_s, script["itl_s"], server_itl):
+        assert abs(got - want) <= TOL + abs(served - want), (rec.itl_s, server_itl)
+    assert abs(rec.ttft_s - 0.04) <= TOL + abs(writes[0] - (rec.sent_at + 0.04))
     assert rec.output_tokens == 5 and rec.output_tokens_source == "usage"
     assert rec.tpot_s == pytest.approx((rec.e2e_s - rec.ttft_s) / 4)
     assert rec.api == api and rec.max_tokens == 5
@@ -38,7 +41,7 @@ def test_chat_role_only_chunk_does_not_count_as_first_token(server, transport, s
     # The role-only chunk goes out at once; the first text 60 ms later.
     rec = send(server.base_url, transport, make_spec("chat", {"first_token_delay_s": 0.06, "role_chunk": True}, 3))
     assert rec.status == "ok", rec.error_message
-    assert rec.ttft_s == pytest.approx(0.06, abs=TOL)
+    assert rec.ttft_s == pytest.approx(0.06, abs=TOL + 0.002)  # + the server's timer slack
     assert len(rec.itl_s) == 2
 
 

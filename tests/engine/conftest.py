@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random LlamaForCausalLM (llama3 RoPE scaling, GQA, untied head) saved as safetensors + the bundled tokenizer."""
+    """A random LlamaForCausalLM (llama3 RoPE scaling, GQA, untied head) saved as sharded safetensors + the bundled tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = tmp_path_factory.mktemp("hf_llama")
@@ -36,7 +36,9 @@ def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 param.copy_(1.0 + 0.1 * torch.randn_like(param))
             else:
                 param.copy_(torch.randn_like(param) * 0.15)
-    model.save_pretrained(out, safe_serialization=True)
+    # Small shards: the loader must follow model.safetensors.index.json across files.
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="300KB")
+    assert (out / "model.safetensors.index.json").is_file()
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(TOKENIZER_DIR / name, out / name)
     return out
@@ -54,3 +56,23 @@ def make_engine(**overrides):
 @pytest.fixture
 def engine_factory():
     return make_engine
+
+
+@pytest.fixture(scope="session")
+def hf_qwen2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random Qwen2ForCausalLM (q/k/v bias, plain RoPE, tied embeddings) in the HF layout."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out = tmp_path_factory.mktemp("hf_qwen2")
+    config = Qwen2Config(vocab_size=8192, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
+                         tie_word_embeddings=True, rope_theta=1000000.0, eos_token_id=1)
+    torch.manual_seed(1)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(1.0 + 0.1 * torch.randn_like(param) if "norm" in name else torch.randn_like(param) * 0.15)
+    model.save_pretrained(out, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER_DIR / name, out / name)
+    return out

@@ -67,3 +67,16 @@ def test_batched_decode_of_unequal_sequences_matches_transformers(hf_checkpoint)
         reference = _hf_logits(hf_checkpoint, seq.token_ids)
         expected = reference[seq.num_prompt_tokens - 1:-1].argmax(-1).tolist()
         assert seq.output_token_ids == expected
+
+
+def test_qwen2_bias_and_tied_head_match_transformers(hf_qwen2_checkpoint) -> None:
+    from transformers import Qwen2ForCausalLM
+
+    engine = _engine(hf_qwen2_checkpoint)
+    assert engine.model_config.attention_bias and engine.model_config.tie_word_embeddings
+    prompt = engine.tokenizer.encode("bias terms on q, k and v")
+    seq = engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+    model = Qwen2ForCausalLM.from_pretrained(hf_qwen2_checkpoint, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        reference = model(torch.tensor([seq.token_ids])).logits[0]
+    assert seq.output_token_ids == reference[len(prompt) - 1:-1].argmax(-1).tolist()

@@ -101,6 +101,9 @@ def test_sampling_is_seeded_and_honours_stop_min_tokens_and_eos(engine_factory) 
         texts.extend(o.text for o in engine.step() if o.seq is seq)
     assert seq.finish_reason == "stop"
     assert "".join(texts) == greedy_text[:greedy_text.index(stop)]
+    nucleus_of_one = SamplingParams(max_tokens=24, temperature=1.0, top_p=1e-6, ignore_eos=True)
+    assert engine.generate([prompt], nucleus_of_one)[0].output_token_ids == \
+        engine.generate([prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0].output_token_ids
     eos = engine.tokenizer.eos_token_ids[0]
     forced = engine.generate([prompt], SamplingParams(max_tokens=5, min_tokens=5, temperature=0))[0]
     assert eos not in forced.output_token_ids and forced.num_output_tokens == 5

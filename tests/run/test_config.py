@@ -105,7 +105,8 @@ def test_ramp_rises_linearly():
 
 
 def test_default_workers_rule():
-    cfg = RunConfig(target="http://127.0.0.1:9", concurrency=512)
+    cfg = RunConfig(target="http://127.0.0.1:9", concurrency=192)
     assert default_workers(plan_phases(cfg), cpu_count=16) == 4
     assert default_workers(plan_phases(cfg), cpu_count=2) == 1
-    assert default_workers(plan_phases(RunConfig(target="http://127.0.0.1:9", rate=200)), cpu_count=16) == 4
+    assert default_workers(plan_phases(RunConfig(target="http://127.0.0.1:9", rate=500)), cpu_count=16) == 3
+    assert default_workers(plan_phases(RunConfig(target="http://127.0.0.1:9", rate=5)), cpu_count=16) == 1

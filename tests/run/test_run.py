@@ -140,7 +140,8 @@ def test_bad_flags_exit_2_with_a_helpful_message(args, message, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
-def test_ctrl_c_stops_cleanly_and_keeps_every_record(tmp_path, slow_server_factory):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_cleanly_and_keeps_every_record(sig, tmp_path, slow_server_factory):
     server = slow_server_factory("--first-token-delay", "3.0")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "harness", "run", "--target", server.base_url, "--rate", "20", "--arrival", "constant",
@@ -152,7 +153,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_every_record(tmp_path, slow_server_facto
         while server.stats()["requests"] < 15 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert server.stats()["requests"] >= 15, "the run never started sending"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         output, _ = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
@@ -175,3 +176,31 @@ def test_repeat_writes_numbered_runs(tmp_path, slow_server_factory):
     outcome = execute_run(config, _quiet())
     assert outcome.exit_code == 0 and [o.run_dir.name for o in outcome.runs] == ["run-1", "run-2"]
     assert all(len(_requests(o.run_dir)) == 4 for o in outcome.runs)
+
+
+def test_the_bundled_engine_is_started_measured_and_stopped(tmp_path):
+    config = RunConfig(concurrency=2, requests=4, prompt_tokens=24, max_tokens=4, out=str(tmp_path / "run"),
+                       report=False)
+    outcome = execute_run(config, _quiet())
+    assert outcome.status == "complete", _run_json(outcome.run_dir).get("problems")
+    meta = _run_json(outcome.run_dir)
+    assert meta["target"]["kind"] == "reference" and meta["model"] == "tiny"
+    assert meta["prompt_lengths_exact"] is True  # bundled tokenizer = the engine's vocabulary
+    frame = _requests(outcome.run_dir)
+    assert len(frame) == 4 and (frame["status"] == "ok").all()
+    assert (frame["usage_prompt_tokens"] == frame["prompt_tokens"]).all()
+    port = int(meta["target"]["base_url"].rsplit(":", 1)[1])
+    import socket
+
+    with socket.socket() as s:  # the engine is gone: its port no longer accepts connections
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_an_engine_that_cannot_start_leaves_a_failed_run_with_its_stderr(tmp_path):
+    config = RunConfig(engine_args=("--no-such-engine-flag",), requests=2, out=str(tmp_path / "run"), report=False)
+    console = RunConsole(show_progress=False)
+    outcome = execute_run(config, console)
+    assert outcome.status == "failed" and outcome.exit_code == 1
+    meta = _run_json(outcome.run_dir)
+    assert meta["status"] == "failed"
+    assert "no-such-engine-flag" in "\n".join(meta["problems"])  # the engine's own stderr, quoted

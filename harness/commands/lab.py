@@ -1,0 +1,54 @@
+"""`servescope lab NAME [--out DIR]`: run a scripted experiment and its control on the reference engine.
+
+Thin: the work is `analyzers.lab.run_lab`. Exit 0 when the expected finding
+fired for the experiment and not for the control, 1 when it did not, 2 for an
+unknown lab or a run that could not start.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import click
+
+LAB_NAMES = ("convoy", "preemption", "prefix-cache", "spec", "saturation")
+
+
+@click.command("lab")
+@click.argument("name", type=click.Choice(LAB_NAMES))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output directory (default: runs/lab-NAME-TIMESTAMP).")
+@click.option("--scale", type=click.FloatRange(min=0.1, max=20), default=1.0, show_default=True,
+              help="Multiply each run's duration (longer runs give steadier numbers).")
+def lab(name: str, out: Path | None, scale: float) -> None:
+    """Run lab NAME: an experiment with the cause switched on and a control without it.
+
+    \b
+    convoy        chunked prefill off vs on (long prompts stalling short ones)
+    preemption    tiny vs ample KV cache budget
+    prefix-cache  shared prompt prefix vs none
+    spec          speculative decoding (ngram) on vs off
+    saturation    request rate above vs below capacity
+    """
+    from analyzers.lab import LABS, LabError, run_lab
+
+    out = out or Path("runs") / f"lab-{name}-{datetime.now():%Y%m%d-%H%M%S}"
+    lab_def = LABS[name]
+    click.echo(f"lab {name}: {lab_def.question}")
+    click.echo(f"  experiment: {lab_def.experiment_label}; control: {lab_def.control_label}")
+    try:
+        result = run_lab(name, out, duration_scale=scale, show_progress=False,
+                         on_side=lambda side, label: click.echo(f"  running {side} ({label}) …"))
+    except LabError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    for side in (result.experiment, result.control):
+        rules = ", ".join(f"{f.rule} ({f.severity})" for f in side.findings) or "none"
+        click.echo(f"  {side.run_dir.name:<10} findings: {rules}")
+    verdict = "as expected" if result.ok else "NOT as expected"
+    click.echo(f"{lab_def.rule}: fired in experiment={result.fired_in_experiment}, "
+               f"silent in control={result.silent_in_control} -> {verdict}")
+    click.echo(f"report: {result.report}")
+    sys.exit(0 if result.ok else 1)

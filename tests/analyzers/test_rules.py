@@ -1,0 +1,311 @@
+"""Every rule fires on a run with its cause and stays silent on a run without it."""
+
+import numpy as np
+import pytest
+
+from analyzers import diagnose
+from analyzers.context import build_context
+from analyzers.rules import RULES
+
+
+def fired(run, rule=None):
+    findings = diagnose(run)
+    if rule is None:
+        return {f.rule for f in findings}
+    return next((f for f in findings if f.rule == rule), None)
+
+
+def test_a_healthy_run_has_no_findings(make_sim):
+    assert fired(make_sim().steady(n=400).run()) == set()
+
+
+def test_every_rule_is_registered_with_its_stable_id():
+    assert set(RULES) == {"convoy", "queueing", "preemption", "prefix_cache", "spec_decode", "client_bound", "errors", "tail"}
+
+
+# -- convoy ---------------------------------------------------------------------------------
+
+def _decode_gaps(first_token: float, n: int, prefills, stalled: bool) -> list[float]:
+    """10 ms decode steps; when prefills monopolize steps, a step overlapping one waits for its end."""
+    gaps, now = [], first_token
+    for _ in range(n):
+        block = next((end for start, end in prefills if start <= now + 0.01 and now < end), None) if stalled else None
+        gaps.append(block - now + 0.01 if block else 0.01)
+        now += gaps[-1]
+    return gaps
+
+
+def _convoy_run(make_sim, chunked: bool):
+    sim = make_sim(seed=3)
+    longs = [(t, t + 0.8) for t in np.arange(0.5, 30, 2.0)]  # a 4000-token prompt every 2 s, 0.8 s prefill
+    for start, end in longs:
+        sim.add(start, end - start, prompt=4000)
+    t = 0.0
+    while t < 30:
+        t += sim.rng.exponential(0.1)
+        busy = next((end for start, end in longs if start <= t < end), None)
+        if busy is None:
+            ttft = 0.02
+        else:
+            ttft = 0.03 if chunked else busy - t + 0.02  # unchunked: wait for the whole prefill
+        ttft *= sim.rng.uniform(0.95, 1.05)
+        sim.add(t, ttft, gaps=_decode_gaps(t + ttft, 49, longs, stalled=not chunked),
+                prompt=int(sim.rng.integers(50, 150)))
+    return sim.run()
+
+
+def test_convoy_fires_without_chunked_prefill(make_sim):
+    f = fired(_convoy_run(make_sim, chunked=False), "convoy")
+    assert f is not None and f.severity in ("high", "medium")
+    assert f.evidence["ttft_ratio"] > 4
+    assert f.evidence["long_requests"] == 15
+
+
+def test_convoy_silent_with_chunked_prefill(make_sim):
+    assert fired(_convoy_run(make_sim, chunked=True), "convoy") is None
+
+
+def test_convoy_silent_when_decodes_keep_flowing(make_sim):
+    """Short requests waiting behind long ones with no decode stall is queueing, not a convoy."""
+    sim = make_sim(seed=4)
+    for start in np.arange(0.5, 20, 2.0):
+        sim.add(start, 0.8, prompt=4000)
+    t = 0.0
+    while t < 20:
+        t += sim.rng.exponential(0.1)
+        busy = next((s + 0.8 for s in np.arange(0.5, 20, 2.0) if s <= t < s + 0.8), None)
+        sim.add(t, (busy - t + 0.02) if busy else 0.02, out=100, prompt=100)  # steady 10 ms gaps
+    assert fired(sim.run(), "convoy") is None
+
+
+def test_convoy_sees_decode_stalls(make_sim):
+    sim = make_sim(seed=4)
+    for start in np.arange(0.5, 20, 2.0):
+        sim.add(start, 0.8, prompt=4000)
+    t = 0.0
+    while t < 20:
+        t += sim.rng.exponential(0.1)
+        busy = next((s + 0.8 for s in np.arange(0.5, 20, 2.0) if s <= t < s + 0.8), None)
+        ttft = (busy - t + 0.02) if busy else 0.02
+        gaps, now = [], t + ttft
+        for _ in range(99):  # a gap that spans a long prefill's end is stretched by that prefill
+            stall = any(now < s + 0.8 <= now + 0.01 for s in np.arange(0.5, 20, 2.0))
+            gaps.append(0.3 if stall else 0.01)
+            now += gaps[-1]
+        sim.add(t, ttft, gaps=gaps, prompt=100)
+    f = fired(sim.run(), "convoy")
+    assert f is not None and f.evidence["itl_gap_ratio"] > 5
+
+
+# -- queueing -------------------------------------------------------------------------------
+
+def _fifo_run(make_sim, service_s: float, rate: float = 10.0, n: int = 300):
+    sim, t, free_at = make_sim(seed=5), 0.0, 0.0
+    for _ in range(n):
+        t += sim.rng.exponential(1 / rate)
+        start = max(t, free_at)
+        free_at = start + service_s
+        sim.add(t, start - t + 0.6 * service_s, out=5, tpot=0.1 * service_s)
+    return sim.run()
+
+
+def test_queueing_fires_when_arrivals_outrun_service(make_sim):
+    f = fired(_fifo_run(make_sim, service_s=0.15), "queueing")  # capacity 6.7 req/s < 10 offered
+    assert f is not None and f.severity == "high"
+    assert f.evidence["arrival_rate"] > 1.2 * f.evidence["completion_rate"]
+    assert f.evidence["in_flight_end"] > f.evidence["in_flight_early"]
+
+
+def test_queueing_silent_below_capacity(make_sim):
+    assert fired(_fifo_run(make_sim, service_s=0.05), "queueing") is None  # capacity 20 req/s
+
+
+# -- preemption -----------------------------------------------------------------------------
+
+def _preemption_run(make_sim, storm: bool):
+    sim = make_sim(seed=6)
+    t = 0.0
+    for _ in range(300):
+        t += sim.rng.exponential(0.1)
+        stalled = storm and 10 <= t <= 20
+        sim.add(t, 0.02, gaps=[0.01] * 18 + ([0.5] if stalled else [0.01]))
+    count = 0
+    for second in range(32):
+        if storm and 10 <= second <= 20:
+            count += 3
+        sim.metric(second, "vllm:num_preemptions_total", count, engine="0")
+        sim.metric(second, "vllm:kv_cache_usage_perc", 0.98 if storm and 10 <= second <= 20 else 0.4, engine="0")
+    return sim.run()
+
+
+def test_preemption_fires_on_a_storm(make_sim):
+    f = fired(_preemption_run(make_sim, storm=True), "preemption")
+    assert f is not None and f.severity == "high"
+    assert f.evidence["preemptions"] == 33 and f.evidence["kv_usage_max"] == pytest.approx(0.98)
+    assert f.evidence["itl_max_p50_hit_s"] > 10 * f.evidence["itl_max_p50_not_hit_s"]
+
+
+def test_preemption_silent_without_preemptions_or_metrics(make_sim):
+    assert fired(_preemption_run(make_sim, storm=False), "preemption") is None
+    assert fired(make_sim().steady(n=100).run(), "preemption") is None
+
+
+# -- prefix cache ---------------------------------------------------------------------------
+
+def _prefix_run(make_sim, miss_share: float | None):
+    sim = make_sim(seed=7)
+    t = 0.0
+    for i in range(300):
+        t += sim.rng.exponential(0.1)
+        group = f"g{i % 10}"
+        if miss_share is None:  # no shared prefixes at all
+            sim.add(t, 0.05, prompt=600, cached_tokens=0)
+            continue
+        hit = i >= 10 and sim.rng.random() >= miss_share
+        sim.add(t, 0.02 if hit else 0.05, prompt=600, cached_tokens=512 if hit else 0, prefix_group=group)
+    return sim.run()
+
+
+def test_prefix_cache_flags_expected_hits_that_missed(make_sim):
+    f = fired(_prefix_run(make_sim, miss_share=0.6), "prefix_cache")
+    assert f is not None and f.severity == "high"
+    assert 0.5 < f.evidence["missed_share"] < 0.7
+    assert f.evidence["ttft_hit"]["p50"] < f.evidence["ttft_miss"]["p50"]
+    assert f.slices and f.slices[0]["dimension"] == "prefix_group"
+
+
+def test_prefix_cache_working_is_info_and_no_sharing_is_silent(make_sim):
+    working = fired(_prefix_run(make_sim, miss_share=0.0), "prefix_cache")
+    assert working is not None and working.severity == "info" and working.evidence["expected_hits_missed"] == 0
+    assert fired(_prefix_run(make_sim, miss_share=None), "prefix_cache") is None
+
+
+# -- speculative decoding -------------------------------------------------------------------
+
+def _spec_run(make_sim, spec: bool, chat_acceptance: float = 0.1):
+    sim = make_sim(seed=8)
+    t = 0.0
+    for i in range(300):
+        t += sim.rng.exponential(0.1)
+        bucket = "code" if i % 2 else "chat"
+        acceptance = 0.8 if bucket == "code" else chat_acceptance
+        extra = {"spec_draft_tokens": 40, "spec_accepted_tokens": int(40 * acceptance)} if spec else {}
+        sim.add(t, 0.02, tpot=0.006 if acceptance > 0.5 or not spec else 0.014, prompt_bucket=bucket, **extra)
+    return sim.run()
+
+
+def test_spec_decode_finds_the_slice_where_it_loses(make_sim):
+    f = fired(_spec_run(make_sim, spec=True), "spec_decode")
+    assert f is not None and f.severity == "medium"
+    assert f.evidence["acceptance_rate"] == pytest.approx((32 + 4) / 80)
+    assert [(s["dimension"], s["value"]) for s in f.evidence["losing_slices"]] == [("prompt_bucket", "chat")]
+
+
+def test_spec_decode_info_when_it_wins_and_silent_when_off(make_sim):
+    good = fired(_spec_run(make_sim, spec=True, chat_acceptance=0.7), "spec_decode")
+    assert good is not None and good.severity == "info"
+    assert fired(_spec_run(make_sim, spec=False), "spec_decode") is None
+
+
+# -- client-bound, errors, tail -------------------------------------------------------------
+
+def test_client_bound_fires_and_marks_other_findings_uncertain(make_sim):
+    sim = make_sim(seed=9).steady(n=200)
+    for row in sim.rows[::4]:
+        row["status"], row["error_kind"] = "error", "timeout"
+    for row in sim.rows:
+        row["schedule_lag_s"] = 0.05
+    findings = diagnose(sim.run())
+    assert findings[0].rule == "client_bound" and findings[0].severity == "high"
+    assert all(f.uncertain for f in findings[1:]) and len(findings) > 1
+
+
+def test_client_bound_silent_when_lag_is_small_against_latency(make_sim):
+    sim = make_sim().steady(n=200, ttft=2.0)
+    for row in sim.rows:
+        row["schedule_lag_s"] = 0.02  # 20 ms late against 2 s TTFTs: no distortion worth a finding
+    assert fired(sim.run(), "client_bound") is None
+    assert build_context(sim.run()).client["lag_limit_s"] == pytest.approx(0.2, rel=0.1)
+
+
+def test_errors_by_kind(make_sim):
+    sim = make_sim(seed=10).steady(n=200)
+    for row in sim.rows[100:110]:
+        row.update(status="error", error_kind="http_5xx", error_message="<b>boom</b>")
+    f = fired(sim.run(), "errors")
+    assert f.severity == "high" and f.evidence["by_kind"] == {"http_5xx": 10}
+    assert f.evidence["top_messages"] == {"<b>boom</b>": 10}
+
+
+def test_cancelled_requests_are_not_errors(make_sim):
+    sim = make_sim().steady(n=100)
+    sim.rows[-1].update(status="cancelled", error_kind="cancelled")
+    assert fired(sim.run(), "errors") is None
+
+
+def test_tail_names_the_over_represented_slice(make_sim):
+    sim = make_sim(seed=11)
+    t = 0.0
+    for i in range(400):
+        t += sim.rng.exponential(0.1)
+        tenant = "b" if i % 10 == 0 else "a"
+        sim.add(t, (0.2 if tenant == "b" else 0.02) * sim.rng.uniform(0.9, 1.1), tenant=tenant)
+    f = fired(sim.run(), "tail")
+    assert f is not None
+    assert any(s["dimension"] == "tenant" and s["value"] == "b" for s in f.evidence["over_represented"])
+
+
+def test_tail_silent_when_labels_do_not_matter(make_sim):
+    sim = make_sim(seed=12)
+    t = 0.0
+    for i in range(400):
+        t += sim.rng.exponential(0.1)
+        sim.add(t, sim.rng.lognormal(np.log(0.02), 0.5), tenant="ab"[i % 2])
+    assert fired(sim.run(), "tail") is None
+
+
+def test_prefix_cache_silent_on_incidental_block_hits(make_sim):
+    sim = make_sim(seed=13).steady(n=200, cached_tokens=0)
+    for row in sim.rows[::50]:
+        row["cached_tokens"] = 16  # a stray matching block, no shared prefixes
+    assert fired(sim.run(), "prefix_cache") is None
+
+
+def _closed_loop_run(make_sim, waiting: float, queue_s: float):
+    sim = make_sim(seed=14)
+    for i in range(100):
+        sim.add(i * 0.1, queue_s + 0.05, phase="concurrency=16")
+    name = "vllm:request_queue_time_seconds_bucket"
+    for t, count in ((0.0, 0), (10.0, 100)):
+        sim.metric(t, name, 0 if queue_s > 0.01 else count, le="0.01")
+        sim.metric(t, name, count, le="1.0")
+        sim.metric(t, name, count, le="+Inf")
+    for second in range(11):
+        sim.metric(second, "vllm:num_requests_waiting", waiting)
+    return sim.run()
+
+
+def test_queueing_reports_a_standing_queue_in_a_closed_loop(make_sim):
+    f = fired(_closed_loop_run(make_sim, waiting=8, queue_s=0.4), "queueing")
+    assert f is not None and f.severity == "medium" and "standing queue" in f.title
+    assert f.evidence["server_waiting_mean"] == 8
+
+
+def test_queueing_silent_without_a_standing_queue(make_sim):
+    assert fired(_closed_loop_run(make_sim, waiting=0, queue_s=0.0), "queueing") is None
+
+
+def test_sglang_metric_names_drive_the_same_rules(make_sim):
+    """One rule set for every engine: SGLang's retractions and acceptance gauge are read through the name table."""
+    sim = make_sim(seed=15)
+    t = 0.0
+    for _ in range(200):
+        t += sim.rng.exponential(0.1)
+        sim.add(t, 0.02)
+    for second in range(22):
+        sim.metric(second, "sglang:num_retracted_reqs", 2 * second)
+        sim.metric(second, "sglang:token_usage", 0.99)
+        sim.metric(second, "sglang:spec_accept_rate", 0.2)
+    f = {x.rule: x for x in diagnose(sim.run())}
+    assert f["preemption"].evidence["preemptions"] == 42 and f["preemption"].evidence["kv_usage_max"] == 0.99
+    assert f["spec_decode"].evidence["acceptance_rate"] == pytest.approx(0.2)

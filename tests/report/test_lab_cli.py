@@ -1,0 +1,15 @@
+from click.testing import CliRunner
+
+from harness.cli import main
+
+
+def test_lab_rejects_an_unknown_name_with_the_list():
+    result = CliRunner().invoke(main, ["lab", "warp-drive"])
+    assert result.exit_code == 2
+    for name in ("convoy", "preemption", "prefix-cache", "spec", "saturation"):
+        assert name in result.output
+
+
+def test_lab_help_describes_each_experiment():
+    result = CliRunner().invoke(main, ["lab", "--help"])
+    assert result.exit_code == 0 and "chunked prefill off vs on" in result.output
