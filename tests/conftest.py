@@ -14,8 +14,10 @@ import sys
 import pytest
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+# Appended, not prepended: test folders share names with the packages they test
+# (tests/kernels, tests/workloads) and must never shadow them.
 if TESTS_DIR not in sys.path:
-    sys.path.insert(0, TESTS_DIR)
+    sys.path.append(TESTS_DIR)
 
 
 def _cuda_available() -> bool:
