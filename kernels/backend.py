@@ -65,7 +65,9 @@ class TritonOps:
         cu_seqlens_q: torch.Tensor,
         context_lens: torch.Tensor,
         scale: float,
+        max_seqlen_q: int | None = None,
     ) -> torch.Tensor:
         return prefill_attention(
-            q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale, config=self.prefill_config
+            q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
+            max_seqlen_q=max_seqlen_q, config=self.prefill_config,
         )

@@ -53,11 +53,21 @@ def _resolve_device(device: str) -> str:
 @click.option("--api-key", default=None, envvar="SERVESCOPE_API_KEY", help="Require 'Authorization: Bearer KEY'.")
 @click.option("--threads", type=int, default=None,
               help="torch CPU threads (default: 1 for the tiny preset, else all cores up to 4).")
+@click.option("--cuda-graph/--no-cuda-graph", default=True, show_default=True,
+              help="CUDA: replay decode steps through CUDA graphs captured at bucketed batch sizes "
+                   "(Triton backend only).")
+@click.option("--enforce-eager", is_flag=True, default=False, help="Same as --no-cuda-graph.")
+@click.option("--cuda-graph-max-len", type=int, default=8192, show_default=True,
+              help="Longest context a graphed decode step serves; longer ones run eagerly.")
+@click.option("--async-scheduling/--no-async-scheduling", default=None,
+              help="Schedule step N+1 while step N runs, sampling on the device "
+                   "(default: on for CUDA without --spec, off on the CPU).")
 def serve(preset: str | None, model_path: str | None, served_model_name: str | None, tokenizer_dir: str | None,
           host: str, port: int, device: str, dtype: str, attention_backend: str, kv_cache_memory: str | None,
           num_kv_blocks: int | None, block_size: int, max_num_batched_tokens: int, max_num_seqs: int,
           max_model_len: int | None, chunked_prefill: bool, enable_prefix_caching: bool, max_waiting: int | None,
-          spec: str | None, seed: int, api_key: str | None, threads: int | None) -> None:
+          spec: str | None, seed: int, api_key: str | None, threads: int | None, cuda_graph: bool,
+          enforce_eager: bool, cuda_graph_max_len: int, async_scheduling: bool | None) -> None:
     """Start the bundled reference engine (OpenAI-compatible server)."""
     import torch
 
@@ -80,7 +90,8 @@ def serve(preset: str | None, model_path: str | None, served_model_name: str | N
             chunked_prefill=chunked_prefill, max_waiting=max_waiting, max_model_len=max_model_len,
             spec=SpecConfig.parse(spec), enable_prefix_caching=enable_prefix_caching,
             device=_resolve_device(device), dtype=dtype, attention_backend=attention_backend, seed=seed,
-            served_model_name=name)
+            served_model_name=name, cuda_graph=cuda_graph and not enforce_eager,
+            cuda_graph_max_len=cuda_graph_max_len, async_scheduling=async_scheduling)
         engine = LLMEngine.build(config, preset_name=preset or "tiny", model_path=model_path,
                                  tokenizer_dir=tokenizer_dir)
     except ConfigError as exc:

@@ -222,6 +222,13 @@ class EngineConfig:
     attention_backend: str = "auto"
     seed: int = 0
     served_model_name: str = "tiny"
+    # GPU path (ignored on the CPU): decode-only steps replay CUDA graphs captured at bucketed batch
+    # sizes (Triton backend only); contexts longer than cuda_graph_max_len run eagerly.
+    cuda_graph: bool = True
+    cuda_graph_max_len: int = 8192
+    # Schedule step N+1 while step N runs on the GPU (sampling on the GPU, sampled ids synced one step
+    # late). None: on for CUDA without speculation, off on the CPU (where nothing would overlap).
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -238,6 +245,17 @@ class EngineConfig:
             raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ConfigError(f"--attention-backend must be auto, torch or triton, got {self.attention_backend!r}")
+        if self.cuda_graph_max_len < self.block_size:
+            raise ConfigError(f"--cuda-graph-max-len must be >= the block size, got {self.cuda_graph_max_len}")
+        if self.async_scheduling and self.spec is not None:
+            raise ConfigError("--async-scheduling cannot be combined with --spec: draft verification needs "
+                              "the sampled tokens on the host before the next step is scheduled")
+
+    @property
+    def use_async_scheduling(self) -> bool:
+        if self.async_scheduling is None:
+            return self.device.startswith("cuda") and self.spec is None
+        return self.async_scheduling
 
     def blocks_needed(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)

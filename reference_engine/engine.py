@@ -8,24 +8,25 @@ directly with `add_request()` / `step()` or `generate()`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
+from torch import Tensor
 
 from reference_engine.block_manager import BlockManager
 from reference_engine.config import EngineConfig, ModelConfig, preset, model_config_from_hf
 from reference_engine.errors import ConfigError, InvalidRequest
-from reference_engine.model import LlamaModel
+from reference_engine.model import LlamaModel, rope_cos_sin_cache
 from reference_engine.model_runner import ModelRunner
 from reference_engine.ops import build_ops
-from reference_engine.sampler import Sampler
-from reference_engine.scheduler import Scheduler
-from reference_engine.sequence import SamplingParams, Sequence
+from reference_engine.sampler import DeviceSampler, SampleRequest, Sampler
+from reference_engine.scheduler import Scheduler, SchedulerOutput
+from reference_engine.sequence import SamplingParams, Sequence, SequenceStatus
 from reference_engine.spec_decode import NgramProposer
 from reference_engine.tokenization import EngineTokenizer, IncrementalDetokenizer
-from reference_engine.weights import init_random_weights, load_hf_weights
+from reference_engine.weights import DEVICE_INIT_MIN_PARAMS, init_random_weights, load_hf_weights
 
 DEFAULT_CPU_KV_MEMORY = 256 << 20
 
@@ -39,6 +40,23 @@ class StepOutput:
     text: str
     finished: bool
     finish_reason: str | None
+    first: bool = False  # these are the request's first output tokens
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A launched step whose sampled ids the host has not read yet (async scheduling)."""
+
+    out: SchedulerOutput
+    ids: Tensor  # [R] int64 on the device: what the next step's placeholders gather from
+    host_ids: Tensor  # [R] int64, pinned on a GPU: filled by a copy that `event` follows
+    event: object | None
+    entries: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (seq, token position, row)
+
+    def tokens(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()  # type: ignore[attr-defined]
+        return self.host_ids.tolist()
 
 
 class EngineObserver(Protocol):
@@ -71,26 +89,59 @@ class LLMEngine:
         self.ops = build_ops(config.attention_backend, config.device)
 
         torch.manual_seed(config.seed)
-        model = LlamaModel(model_config, max_positions=self.max_model_len)
-        if checkpoint_dir is None:
-            init_random_weights(model, config.seed)
+        if self.device.type == "cuda":
+            self.model = self._build_on_device(model_config, checkpoint_dir)
         else:
-            load_hf_weights(model, checkpoint_dir)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        self.model.cos_sin_cache = self.model.cos_sin_cache.float()  # RoPE angles stay float32
+            model = LlamaModel(model_config, max_positions=self.max_model_len)
+            if checkpoint_dir is None:
+                init_random_weights(model, config.seed)
+            else:
+                load_hf_weights(model, checkpoint_dir)
+            self.model = model.to(device=self.device, dtype=self.dtype).eval()
+            self.model.cos_sin_cache = self.model.cos_sin_cache.float()  # RoPE angles stay float32
 
         self.num_blocks = self._num_kv_blocks()
         self.runner = ModelRunner(self.model, self.ops, model_config, config, self.num_blocks,
                                   self.device, self.dtype)
+        self.eos_token_ids = tuple(sorted(set(tokenizer.eos_token_ids) | set(model_config.eos_token_ids)))
+        self._eos_set = frozenset(self.eos_token_ids)
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
-        eos = tuple(sorted(set(tokenizer.eos_token_ids) | set(model_config.eos_token_ids)))
         proposer = NgramProposer(config.spec) if config.spec else None
-        self.scheduler = Scheduler(config, self.block_manager, eos, proposer)
-        self.sampler = Sampler(eos, seed=config.seed)
+        self.scheduler = Scheduler(config, self.block_manager, self.eos_token_ids, proposer)
+        self.sampler = Sampler(self.eos_token_ids, seed=config.seed)
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self.num_steps = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        # The GPU path: CUDA graphs for decode steps (Triton kernels only: the torch ops read
+        # lengths back to the host) and the overlapped step loop with on-device sampling.
+        self.graph_capture_s = 0.0
+        if self.device.type == "cuda" and config.cuda_graph and self.ops.name == "triton":
+            self.graph_capture_s = self.runner.capture_graphs(
+                config.max_num_seqs, min(config.cuda_graph_max_len, self.max_model_len))
+        self.async_scheduling = config.use_async_scheduling
+        self.device_sampler = DeviceSampler(self.eos_token_ids, self.device, seed=config.seed)
+        self._inflight: _InFlight | None = None
+
+    def _build_on_device(self, model_config: ModelConfig, checkpoint_dir: str | Path | None) -> LlamaModel:
+        """Parameters made on the GPU in the serving dtype (no float32 copy in host memory); random
+        weights of big models drawn there too (see weights.DEVICE_INIT_MIN_PARAMS)."""
+        previous = torch.get_default_dtype()
+        try:
+            torch.set_default_dtype(self.dtype)
+            with torch.device(self.device):
+                model = LlamaModel(model_config, max_positions=self.max_model_len)
+        finally:
+            torch.set_default_dtype(previous)
+        if checkpoint_dir is not None:
+            load_hf_weights(model, checkpoint_dir)
+        elif model_config.num_params >= DEVICE_INIT_MIN_PARAMS:
+            init_random_weights(model, self.config.seed, device=self.device)
+        else:
+            init_random_weights(model, self.config.seed)
+        # RoPE angles stay float32, computed once where they are used.
+        model.cos_sin_cache = rope_cos_sin_cache(model_config, self.max_model_len, self.device)
+        return model.eval()
 
     def _num_kv_blocks(self) -> int:
         cfg, mc = self.config, self.model_config
@@ -157,12 +208,31 @@ class LLMEngine:
     def abort(self, seq: Sequence) -> None:
         self.scheduler.finish(seq, "abort")
         self.detokenizers.pop(seq.seq_id, None)
+        while seq.token_ids and seq.token_ids[-1] < 0:  # tokens still in flight (async scheduling)
+            seq.token_ids.pop()
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
+
+    def reset_scheduling(self, **changes) -> None:
+        """Change scheduling knobs (e.g. chunked_prefill, enable_prefix_caching, max_num_batched_tokens)
+        between runs, keeping the model, its KV pool and CUDA graphs; the prefix cache starts empty."""
+        if self.has_unfinished():
+            raise RuntimeError("reset_scheduling() needs an idle engine")
+        for name, value in changes.items():
+            if not hasattr(self.config, name):
+                raise ConfigError(f"EngineConfig has no field {name!r}")
+            setattr(self.config, name, value)
+        self.config.__post_init__()
+        self.block_manager = BlockManager(self.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        proposer = NgramProposer(self.config.spec) if self.config.spec else None
+        self.scheduler = Scheduler(self.config, self.block_manager, self.eos_token_ids, proposer)
+        self.async_scheduling = self.config.use_async_scheduling
 
     # -- the step ---------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        if self.async_scheduling:
+            return self._step_async()
         started = time.perf_counter()
         out = self.scheduler.schedule()
         if not out.scheduled:
@@ -182,10 +252,115 @@ class LLMEngine:
             if seq.finished:
                 text += detok.flush()
                 del self.detokenizers[seq.seq_id]
-            outputs.append(StepOutput(seq, tokens, text, seq.finished, seq.finish_reason))
+            outputs.append(StepOutput(seq, tokens, text, seq.finished, seq.finish_reason,
+                                      seq.num_output_tokens == len(tokens)))
         self.num_steps += 1
         if self.observer is not None:
             self.observer.on_step(self, outputs, time.perf_counter() - started)
+        return outputs
+
+    # -- the overlapped step (async scheduling) ----------------------------------
+    def _step_async(self) -> list[StepOutput]:
+        """Schedule and launch step N, then read back and apply step N-1's tokens while N runs.
+
+        Step N is scheduled as if N-1's tokens were known: each sampling sequence got a placeholder
+        token -(row + 1) when N-1 was launched, which step N's inputs gather from N-1's sampled ids
+        on the device. Stops that depend on the token (EOS, stop strings) are applied one step late:
+        a sequence that stopped at N-1 may have been computed once more in N, and that token is
+        dropped. Length limits are known ahead and stop a sequence from being scheduled at all.
+        """
+        started = time.perf_counter()
+        out = self.scheduler.schedule()
+        launched = None
+        if out.scheduled:
+            prev = self._inflight
+            logits, requests = self.runner.run_device(out, prev.ids if prev is not None else None)
+            launched = self._launch_sampling(out, logits, requests)
+            self._advance(out, launched)
+        outputs = self._resolve(self._inflight) if self._inflight is not None else []
+        self._inflight = launched
+        self.num_steps += 1
+        if self.observer is not None:
+            self.observer.on_step(self, outputs, time.perf_counter() - started)
+        return outputs
+
+    def _launch_sampling(self, out: SchedulerOutput, logits: Tensor | None,
+                         requests: list[SampleRequest]) -> _InFlight:
+        on_gpu = self.device.type == "cuda"
+        if not requests:
+            ids = torch.empty(0, dtype=torch.int64, device=self.device)
+        elif self.device_sampler.supports(requests):
+            ids = self.device_sampler.sample(logits, requests)
+        else:  # a seeded request: the host sampler (this step waits for its logits)
+            tokens = [t[0] for t in self.sampler.sample(logits.cpu(), requests)]
+            ids = torch.tensor(tokens, dtype=torch.int64).to(self.device)
+        if not on_gpu:
+            return _InFlight(out, ids, ids, None)
+        host = torch.empty(ids.shape, dtype=torch.int64, pin_memory=True)
+        host.copy_(ids, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return _InFlight(out, ids, host, event)
+
+    def _advance(self, out: SchedulerOutput, flight: _InFlight) -> None:
+        """Move the launched step's sequences forward as postprocess would, with placeholder tokens."""
+        row = 0
+        max_len = self.config.max_model_len
+        for item in out.scheduled:
+            seq = item.seq
+            samples = item.samples  # read before num_computed_tokens moves
+            seq.num_computed_tokens += item.num_new_tokens
+            if not samples:
+                self.block_manager.commit(seq)
+                continue
+            seq.token_ids.append(-(row + 1))
+            flight.entries.append((seq, seq.num_tokens - 1, row))
+            row += 1
+            # Its filled blocks are registered in the prefix cache once the token is known (_resolve).
+            if seq.num_output_tokens >= seq.params.max_tokens or (max_len and seq.num_tokens >= max_len):
+                self.scheduler.finish(seq, "length")  # frees its blocks: later GPU work is stream-ordered
+
+    def _resolve(self, flight: _InFlight) -> list[StepOutput]:
+        """Read a launched step's sampled ids and apply them: EOS and stop strings, detokenization."""
+        tokens = flight.tokens()
+        now = time.perf_counter()
+        max_len = self.config.max_model_len
+        outputs: list[StepOutput] = []
+        for seq, pos, row in flight.entries:
+            detok = self.detokenizers.get(seq.seq_id)
+            if detok is None or pos >= len(seq.token_ids):
+                continue  # aborted, or computed once past a stop: dropped
+            token = tokens[row]
+            seq.token_ids[pos] = token
+            params = seq.params
+            produced = pos + 1 - seq.num_prompt_tokens
+            at_limit = produced >= params.max_tokens or bool(max_len and pos + 1 >= max_len)
+            text, stopped = detok.push([token])
+            # The host path's order: max_tokens before EOS before the context limit; a stop string
+            # never overrides a length finish of the same token.
+            eos_stop = (token in self._eos_set and not params.ignore_eos and params.min_tokens <= produced
+                        and produced < params.max_tokens)
+            if eos_stop or (stopped and not at_limit):
+                if seq.finished:  # finished ahead by a length limit of this or a later token
+                    seq.finish_reason = "stop"
+                else:
+                    self.scheduler.finish(seq, "stop")
+                del seq.token_ids[pos + 1:]  # a token computed past the stop is dropped
+            final = seq.finished and pos == len(seq.token_ids) - 1
+            if final:
+                text += detok.flush()
+                del self.detokenizers[seq.seq_id]
+            elif seq.status is SequenceStatus.RUNNING:
+                self.block_manager.commit(seq)
+            first = produced == 1
+            if first:
+                seq.first_token_time = now
+                self.prompt_tokens_total += seq.num_prompt_tokens
+            else:
+                seq.last_token_gap = now - seq.last_token_time
+            seq.last_token_time = now
+            self.generation_tokens_total += 1
+            outputs.append(StepOutput(seq, [token], text, final, seq.finish_reason if final else None, first))
         return outputs
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],

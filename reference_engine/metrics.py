@@ -88,7 +88,7 @@ class EngineMetrics:
         now = time.perf_counter()
         for out in outputs:
             seq = out.seq
-            if seq.num_output_tokens == len(out.token_ids) and seq.first_token_time is not None:
+            if out.first and seq.first_token_time is not None:
                 self.ttft.observe(seq.first_token_time - seq.arrival_time)
                 if seq.first_scheduled_time is not None:
                     self.queue_time.observe(seq.first_scheduled_time - seq.arrival_time)

@@ -36,6 +36,9 @@ class AttentionMetadata:
     prefill_block_tables: Tensor | None  # [B_pre, max_blocks] int32
     prefill_cu_seqlens_q: Tensor | None  # [B_pre + 1] int32
     prefill_context_lens: Tensor | None  # [B_pre] int32
+    # Most new tokens of any prefill segment, known on the host: sizes the prefill kernel's grid
+    # without a device-to-host read (None: the backend reads it from cu_seqlens_q).
+    prefill_max_seqlen_q: int | None = None
 
 
 def rope_cos_sin_cache(config: ModelConfig, max_positions: int, device: torch.device | str) -> Tensor:
@@ -108,13 +111,15 @@ class DecoderLayer(nn.Module):
                                        meta.decode_context_lens, self.scale)
         elif nd == 0:
             out = ops.prefill_attention(q, k_cache, v_cache, meta.prefill_block_tables,
-                                        meta.prefill_cu_seqlens_q, meta.prefill_context_lens, self.scale)
+                                        meta.prefill_cu_seqlens_q, meta.prefill_context_lens, self.scale,
+                                        max_seqlen_q=meta.prefill_max_seqlen_q)
         else:
             out = torch.cat([
                 ops.decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables,
                                      meta.decode_context_lens, self.scale),
                 ops.prefill_attention(q[nd:], k_cache, v_cache, meta.prefill_block_tables,
-                                      meta.prefill_cu_seqlens_q, meta.prefill_context_lens, self.scale),
+                                      meta.prefill_cu_seqlens_q, meta.prefill_context_lens, self.scale,
+                                      max_seqlen_q=meta.prefill_max_seqlen_q),
             ])
         return F.linear(out.reshape(tokens, self.q_size), self.o_proj)
 

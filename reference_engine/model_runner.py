@@ -4,10 +4,25 @@ Inputs are built as Python lists and turned into tensors once per step (a
 handful of `torch.tensor` calls), and only the rows that sample go through the
 LM head: on a CPU, per-step Python and allocation overhead is most of a tiny
 model's decode time.
+
+On a GPU the same lists travel in two pinned host buffers (one int64, one
+int32) copied without blocking, so building a step never waits for the GPU, and
+decode-only steps replay CUDA graphs: one per bucketed batch size, captured at
+start over static input buffers. A step of B decodes pads to the next bucket
+(padding rows write no KV: slot -1; they attend to one token of block 0) and
+its block tables are copied into a fixed-width static table. Steps with
+prefill segments run eagerly as one ragged forward (decode rows first, then the
+prefill segments). Input tokens that the previous step is still sampling are
+written as placeholders -(row + 1) and gathered on the device from that step's
+sampled ids (`run_device(..., prev_ids=...)`), which is what lets the engine
+schedule step N+1 while step N runs.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -17,6 +32,50 @@ from reference_engine.ops import Ops
 from reference_engine.sampler import SampleRequest
 from reference_engine.scheduler import SchedulerOutput
 
+# Decode batch sizes that get a CUDA graph; a batch runs in the smallest bucket that holds it.
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+def graph_buckets(max_num_seqs: int) -> list[int]:
+    """Buckets up to the first one that holds max_num_seqs (max_num_seqs itself beyond the table)."""
+    out: list[int] = []
+    for size in GRAPH_BATCH_SIZES:
+        out.append(size)
+        if size >= max_num_seqs:
+            return out
+    return out + [max_num_seqs]
+
+
+@dataclass
+class StepInputs:
+    """One step's inputs as host lists (the scheduler's view), before they become tensors."""
+
+    input_ids: list[int]  # negative: -(row + 1), a token the previous step is still sampling
+    positions: list[int]
+    slots: list[int]
+    dec_tables: list[list[int]]
+    dec_lens: list[int]
+    pre_tables: list[list[int]]
+    pre_cu: list[int]
+    pre_lens: list[int]
+    logit_rows: list[int]
+    requests: list[SampleRequest]
+    num_decode: int
+    max_new: int  # most new tokens of one prefill segment (0 without prefill)
+    pending: bool  # some input token is a placeholder
+
+    @property
+    def max_context(self) -> int:
+        return max(self.dec_lens, default=0)
+
+
+def _flat_tables(tables: list[list[int]], width: int) -> list[int]:
+    flat: list[int] = []
+    for table in tables:
+        flat.extend(table)
+        flat.extend([0] * (width - len(table)))
+    return flat
+
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, ops: Ops, model_config: ModelConfig, engine_config: EngineConfig,
@@ -25,12 +84,22 @@ class ModelRunner:
         self.ops = ops
         self.device = device
         self.block_size = engine_config.block_size
+        self.vocab_size = model_config.vocab_size
         shape = (num_blocks, engine_config.block_size, model_config.num_kv_heads, model_config.head_dim)
         self.kv_caches: list[tuple[Tensor, Tensor]] = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(model_config.num_layers)
         ]
+        self.on_gpu = device.type == "cuda"
+        # CUDA graphs of decode steps: {bucket: (graph or None, logits [bucket, V])}. A None graph
+        # (CPU tests of this path) runs the same static-buffer forward eagerly.
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, Tensor]] = {}
+        self.graph_max_blocks = 0
+        self._buckets: list[int] = []
+        self.num_graph_steps = 0
+        self.num_eager_steps = 0
 
+    # -- inputs -----------------------------------------------------------------
     def _tensor(self, data: list, dtype: torch.dtype) -> Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)
 
@@ -38,7 +107,7 @@ class ModelRunner:
         width = max(len(t) for t in tables)
         return self._tensor([t + [0] * (width - len(t)) for t in tables], torch.int32)
 
-    def prepare(self, out: SchedulerOutput) -> tuple[Tensor, Tensor, AttentionMetadata, list[int], list[SampleRequest]]:
+    def collect(self, out: SchedulerOutput) -> StepInputs:
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -51,6 +120,7 @@ class ModelRunner:
         logit_rows: list[int] = []
         requests: list[SampleRequest] = []
         num_decode = 0
+        max_new = 0
         for item in out.scheduled:
             seq = item.seq
             start = seq.num_computed_tokens
@@ -62,7 +132,7 @@ class ModelRunner:
             else:
                 input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            slots.extend([table[p // bs] * bs + p % bs for p in range(start, end)])
             row_end = len(input_ids)
             if item.is_decode:
                 num_decode += 1
@@ -72,25 +142,214 @@ class ModelRunner:
                 pre_tables.append(table)
                 pre_cu.append(pre_cu[-1] + item.num_new_tokens)
                 pre_lens.append(end)
+                max_new = max(max_new, item.num_new_tokens)
             if item.samples:
                 n_rows = len(item.drafts) + 1
                 requests.append(SampleRequest(seq, len(logit_rows), item.drafts))
                 logit_rows.extend(range(row_end - n_rows, row_end))
+        pending = bool(input_ids) and min(input_ids) < 0
+        return StepInputs(input_ids, positions, slots, dec_tables, dec_lens, pre_tables, pre_cu, pre_lens,
+                          logit_rows, requests, num_decode, max_new, pending)
+
+    def _host_tensors(self, s: StepInputs) -> tuple[Tensor, Tensor, AttentionMetadata]:
+        """The CPU path: one small tensor per input (what the tiny model is tuned for)."""
         meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots, torch.int64),
-            num_decode_tokens=num_decode,
-            decode_block_tables=self._block_tables(dec_tables) if dec_tables else None,
-            decode_context_lens=self._tensor(dec_lens, torch.int32) if dec_lens else None,
-            prefill_block_tables=self._block_tables(pre_tables) if pre_tables else None,
-            prefill_cu_seqlens_q=self._tensor(pre_cu, torch.int32) if pre_tables else None,
-            prefill_context_lens=self._tensor(pre_lens, torch.int32) if pre_tables else None,
+            slot_mapping=self._tensor(s.slots, torch.int64),
+            num_decode_tokens=s.num_decode,
+            decode_block_tables=self._block_tables(s.dec_tables) if s.dec_tables else None,
+            decode_context_lens=self._tensor(s.dec_lens, torch.int32) if s.dec_lens else None,
+            prefill_block_tables=self._block_tables(s.pre_tables) if s.pre_tables else None,
+            prefill_cu_seqlens_q=self._tensor(s.pre_cu, torch.int32) if s.pre_tables else None,
+            prefill_context_lens=self._tensor(s.pre_lens, torch.int32) if s.pre_tables else None,
+            prefill_max_seqlen_q=s.max_new if s.pre_tables else None,
         )
-        return (self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta,
-                logit_rows, requests)
+        return self._tensor(s.input_ids, torch.int64), self._tensor(s.positions, torch.int64), meta
+
+    def _upload(self, values: list[int], dtype: torch.dtype) -> Tensor:
+        """One host list -> a device tensor, through pinned memory without blocking on a GPU.
+
+        The caching host allocator keeps the pinned buffer alive until its copy has run."""
+        if not self.on_gpu:
+            return torch.tensor(values, dtype=dtype)
+        host = torch.empty(len(values), dtype=dtype, pin_memory=True)
+        host.numpy()[:] = values
+        return host.to(self.device, non_blocking=True)
+
+    def _packed_tensors(self, s: StepInputs) -> tuple[Tensor, Tensor, AttentionMetadata, Tensor | None]:
+        """The GPU eager path: every input in two packed uploads, sliced on the device."""
+        tokens = len(s.input_ids)
+        rows_needed = len(s.logit_rows) != tokens
+        i64 = s.input_ids + s.positions + s.slots + (s.logit_rows if rows_needed else [])
+        dev64 = self._upload(i64, torch.int64)
+        i32: list[int] = []
+        nd, npre = len(s.dec_lens), len(s.pre_lens)
+        dec_w = max((len(t) for t in s.dec_tables), default=0)
+        pre_w = max((len(t) for t in s.pre_tables), default=0)
+        i32 += s.dec_lens
+        i32 += _flat_tables(s.dec_tables, dec_w)
+        if npre:
+            i32 += s.pre_cu
+            i32 += s.pre_lens
+            i32 += _flat_tables(s.pre_tables, pre_w)
+        dev32 = self._upload(i32, torch.int32) if i32 else None
+        off = 0
+
+        def take32(n: int) -> Tensor:
+            nonlocal off
+            view = dev32[off:off + n]  # type: ignore[index]
+            off += n
+            return view
+
+        dec_lens = take32(nd) if nd else None
+        dec_tables = take32(nd * dec_w).view(nd, dec_w) if nd else None
+        pre_cu = take32(npre + 1) if npre else None
+        pre_lens = take32(npre) if npre else None
+        pre_tables = take32(npre * pre_w).view(npre, pre_w) if npre else None
+        meta = AttentionMetadata(
+            slot_mapping=dev64[2 * tokens:3 * tokens], num_decode_tokens=nd,
+            decode_block_tables=dec_tables, decode_context_lens=dec_lens,
+            prefill_block_tables=pre_tables, prefill_cu_seqlens_q=pre_cu, prefill_context_lens=pre_lens,
+            prefill_max_seqlen_q=s.max_new if npre else None,
+        )
+        rows = dev64[3 * tokens:] if rows_needed else None
+        return dev64[:tokens], dev64[tokens:2 * tokens], meta, rows
+
+    def prepare(self, out: SchedulerOutput) -> tuple[Tensor, Tensor, AttentionMetadata, list[int], list[SampleRequest]]:
+        """Eager inputs of a step (no placeholders): (input_ids, positions, meta, logit rows, requests)."""
+        s = self.collect(out)
+        input_ids, positions, meta = self._host_tensors(s)
+        return input_ids, positions, meta, s.logit_rows, s.requests
+
+    @staticmethod
+    def _resolve_pending(input_ids: Tensor, prev_ids: Tensor | None) -> Tensor:
+        """Replace placeholders -(row + 1) with the previous step's sampled ids (on the device)."""
+        if prev_ids is None:
+            raise RuntimeError("a step input is a placeholder but no previous sampled ids were given")
+        src = (-input_ids - 1).clamp_(min=0)
+        return torch.where(input_ids < 0, prev_ids.index_select(0, src), input_ids)
+
+    # -- CUDA graphs ------------------------------------------------------------
+    def _graph_forward(self, bucket: int) -> Tensor:
+        meta = AttentionMetadata(
+            slot_mapping=self._g_slots[:bucket], num_decode_tokens=bucket,
+            decode_block_tables=self._g_tables[:bucket], decode_context_lens=self._g_lens[:bucket],
+            prefill_block_tables=None, prefill_cu_seqlens_q=None, prefill_context_lens=None)
+        hidden = self.model(self.ops, self._g_ids[:bucket], self._g_pos[:bucket], self.kv_caches, meta)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture_graphs(self, max_num_seqs: int, max_len: int, capture: bool = True) -> float:
+        """Static buffers and one CUDA graph per decode bucket (largest first, one shared memory pool).
+
+        Decode steps of contexts up to max_len tokens replay them. With capture=False (CPU tests)
+        the buckets run eagerly over the same static buffers. Returns the seconds it took."""
+        import time
+
+        started = time.perf_counter()
+        buckets = graph_buckets(max_num_seqs)
+        largest = buckets[-1]
+        self.graph_max_blocks = -(-max_len // self.block_size)
+        dev = self.device
+        self._g_ids = torch.zeros(largest, dtype=torch.int64, device=dev)
+        self._g_pos = torch.zeros(largest, dtype=torch.int64, device=dev)
+        self._g_slots = torch.full((largest,), -1, dtype=torch.int64, device=dev)
+        self._g_lens = torch.ones(largest, dtype=torch.int32, device=dev)
+        self._g_tables = torch.zeros(largest, self.graph_max_blocks, dtype=torch.int32, device=dev)
+        self.graphs.clear()
+        self._buckets = buckets
+        if not capture:
+            for bucket in buckets:
+                self.graphs[bucket] = (None, torch.empty(0))
+            return time.perf_counter() - started
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(device=dev)
+        for bucket in reversed(buckets):
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS picks its kernels
+                for _ in range(2):
+                    self._graph_forward(bucket)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            torch.cuda.synchronize(dev)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._graph_forward(bucket)
+            self.graphs[bucket] = (graph, logits)
+        torch.cuda.synchronize(dev)
+        return time.perf_counter() - started
+
+    def _graph_bucket(self, s: StepInputs) -> int | None:
+        if not self.graphs or s.pre_tables or s.num_decode == 0:
+            return None
+        if s.max_context > self.graph_max_blocks * self.block_size:
+            return None
+        for bucket in self._buckets:  # ascending
+            if bucket >= s.num_decode:
+                return bucket
+        return None
+
+    def _run_graph(self, s: StepInputs, bucket: int, prev_ids: Tensor | None) -> Tensor:
+        """Logits [len(logit_rows), V] of a decode-only step through its bucket's graph."""
+        n = s.num_decode
+        pad = bucket - n
+        width = max(len(t) for t in s.dec_tables)
+        dev64 = self._upload(s.input_ids + [0] * pad + s.positions + [0] * pad + s.slots + [-1] * pad,
+                             torch.int64)
+        dev32 = self._upload(s.dec_lens + [1] * pad + _flat_tables(s.dec_tables, width) + [0] * (pad * width),
+                             torch.int32)
+        ids = dev64[:bucket]
+        if s.pending:
+            ids = self._resolve_pending(ids, prev_ids)
+        self._g_ids[:bucket].copy_(ids)
+        self._g_pos[:bucket].copy_(dev64[bucket:2 * bucket])
+        self._g_slots[:bucket].copy_(dev64[2 * bucket:])
+        self._g_lens[:bucket].copy_(dev32[:bucket])
+        self._g_tables[:bucket, :width].copy_(dev32[bucket:].view(bucket, width))
+        graph, logits = self.graphs[bucket]
+        if graph is None:
+            logits = self._graph_forward(bucket)
+        else:
+            graph.replay()
+        self.num_graph_steps += 1
+        rows = s.logit_rows
+        if len(rows) == n and (n == 0 or rows[-1] == n - 1):
+            return logits[:n]
+        return logits.index_select(0, self._upload(rows, torch.int64))
+
+    # -- running a step -----------------------------------------------------------
+    def _forward_eager(self, s: StepInputs, prev_ids: Tensor | None) -> Tensor | None:
+        if self.on_gpu:
+            input_ids, positions, meta, rows = self._packed_tensors(s)
+        else:
+            input_ids, positions, meta = self._host_tensors(s)
+            rows = None
+            if s.logit_rows and len(s.logit_rows) != len(s.input_ids):
+                rows = self._tensor(s.logit_rows, torch.int64)
+        if s.pending:
+            input_ids = self._resolve_pending(input_ids, prev_ids)
+        hidden = self.model(self.ops, input_ids, positions, self.kv_caches, meta)
+        self.num_eager_steps += 1
+        if not s.logit_rows:
+            return None
+        if rows is not None:
+            hidden = hidden.index_select(0, rows)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def run_device(self, out: SchedulerOutput, prev_ids: Tensor | None = None) -> tuple[Tensor | None, list[SampleRequest]]:
+        """Launch the step; logits of the sampling rows stay on the device (float32). Never waits on
+        the GPU. `prev_ids`: the previous step's sampled ids, for placeholder inputs."""
+        s = self.collect(out)
+        bucket = self._graph_bucket(s)
+        if bucket is not None:
+            return self._run_graph(s, bucket, prev_ids), s.requests
+        return self._forward_eager(s, prev_ids), s.requests
 
     @torch.inference_mode()
     def run(self, out: SchedulerOutput) -> tuple[Tensor | None, list[SampleRequest]]:
         """Forward the step; returns logits of the sampling rows (float32, on CPU) and who owns them."""
+        if self.on_gpu or self.graphs:
+            logits, requests = self.run_device(out)
+            return (logits.cpu() if logits is not None else None), requests
         input_ids, positions, meta, rows, requests = self.prepare(out)
         hidden = self.model(self.ops, input_ids, positions, self.kv_caches, meta)
         if not rows:

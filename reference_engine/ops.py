@@ -44,9 +44,11 @@ class Ops:
         raise NotImplementedError
 
     def prefill_attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
-                          cu_seqlens_q: Tensor, context_lens: Tensor, scale: float) -> Tensor:
+                          cu_seqlens_q: Tensor, context_lens: Tensor, scale: float,
+                          max_seqlen_q: int | None = None) -> Tensor:
         """Ragged queries q [T, Hq, D]: sequence b's new tokens are the last (cu[b+1]-cu[b]) of its
-        context_lens[b] positions; they attend to the cached prefix and causally to each other."""
+        context_lens[b] positions; they attend to the cached prefix and causally to each other.
+        max_seqlen_q, when given, is the largest cu[b+1]-cu[b] (a hint; backends may ignore it)."""
         raise NotImplementedError
 
 
@@ -126,7 +128,8 @@ class TorchOps(Ops):
                                              enable_gqa=q.shape[1] != k.shape[1])
         return out.squeeze(2)
 
-    def prefill_attention(self, q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale):
+    def prefill_attention(self, q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
+                          max_seqlen_q=None):
         block_size = k_cache.shape[1]
         flat_k = k_cache.view(-1, *k_cache.shape[2:])
         flat_v = v_cache.view(-1, *v_cache.shape[2:])

@@ -119,3 +119,69 @@ class Sampler:
             return out
         out.append(int(torch.multinomial(probs[rows - 1], 1, generator=gen)))
         return out
+
+
+class DeviceSampler:
+    """Sampling that stays on the logits' device and never reads back to the host.
+
+    For the GPU step loop: the sampled ids stay on the GPU (the next step's inputs are gathered from
+    them there) and the host copies them back one step later. Handles greedy, temperature, top-k,
+    top-p and min_tokens for one token per request; requests with their own seed or with
+    speculative drafts need the host `Sampler` (`supports` says which). Random draws use the
+    exponential-race form of sampling (argmax of p / E with E ~ Exp(1)), which needs no host sync.
+    """
+
+    def __init__(self, eos_token_ids: tuple[int, ...], device: torch.device, seed: int = 0) -> None:
+        self.eos_token_ids = list(eos_token_ids)
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self._eos = torch.tensor(self.eos_token_ids, dtype=torch.int64, device=device)
+
+    @staticmethod
+    def supports(requests: list[SampleRequest]) -> bool:
+        return all(not req.drafts and req.seq.params.seed is None for req in requests)
+
+    def _upload(self, values: list, dtype: torch.dtype) -> Tensor:
+        host = torch.tensor(values, dtype=dtype)
+        if self.device.type == "cuda":
+            return host.pin_memory().to(self.device, non_blocking=True)
+        return host
+
+    @torch.inference_mode()
+    def sample(self, logits: Tensor, requests: list[SampleRequest]) -> Tensor:
+        """logits [R, V] (one row per request, in order) -> sampled ids [R] int64 on the same device."""
+        if self.eos_token_ids:
+            short = [i for i, req in enumerate(requests)
+                     if req.seq.params.min_tokens > req.seq.num_output_tokens]
+            if short:
+                rows = self._upload(short, torch.int64)
+                logits[rows[:, None], self._eos[None, :]] = float("-inf")
+        greedy = logits.argmax(dim=-1)
+        sampled_rows = [i for i, req in enumerate(requests) if not req.seq.params.greedy]
+        if not sampled_rows:
+            return greedy
+        params = [requests[i].seq.params for i in sampled_rows]
+        rows = self._upload(sampled_rows, torch.int64)
+        sub = logits.index_select(0, rows)
+        temps = self._upload([p.temperature for p in params], torch.float32)
+        sub = sub / temps[:, None]
+        top_k = [p.top_k if p.top_k > 0 else 0 for p in params]
+        top_p = [p.top_p for p in params]
+        if any(top_k) or any(p < 1.0 for p in top_p):
+            sorted_logits, order = sub.sort(dim=-1, descending=True)
+            vocab = sub.shape[-1]
+            if any(top_k):
+                k = self._upload([k if k > 0 else vocab for k in top_k], torch.int64)
+                kth = sorted_logits.gather(1, (k.clamp(max=vocab) - 1)[:, None])
+                sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+            if any(p < 1.0 for p in top_p):
+                probs_sorted = sorted_logits.softmax(dim=-1)
+                cum = probs_sorted.cumsum(dim=-1)
+                limit = self._upload(top_p, torch.float32)
+                drop = (cum - probs_sorted) > limit[:, None]  # keep the smallest prefix reaching top_p
+                sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            sub = torch.full_like(sub, float("-inf")).scatter_(1, order, sorted_logits)
+        probs = sub.softmax(dim=-1)
+        race = torch.empty_like(probs).exponential_(generator=self.generator)
+        choice = probs.div_(race).argmax(dim=-1)
+        return greedy.index_copy(0, rows, choice)

@@ -21,12 +21,25 @@ from reference_engine.errors import ConfigError
 from reference_engine.model import LlamaModel
 
 
-def init_random_weights(model: LlamaModel, seed: int) -> None:
+# Above this many parameters a model on a GPU draws its random weights there: a CPU generator
+# needs about a minute for an 8B model, a CUDA one well under a second. Smaller models draw
+# them on the CPU, so that the same preset and seed give the same weights on every device.
+DEVICE_INIT_MIN_PARAMS = 500_000_000
+
+
+def init_random_weights(model: LlamaModel, seed: int, device: torch.device | str | None = None) -> None:
+    """Seeded random weights. With a CUDA `device` they are drawn by a generator on that device
+    (different values from the CPU stream, same distribution); the model's parameters may live
+    on any device and dtype either way."""
     config = model.config
-    gen = torch.Generator().manual_seed(seed)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    gen = torch.Generator(device=device).manual_seed(seed)
 
     def normal_(param: torch.Tensor, std: float) -> None:
-        param.data.copy_(torch.randn(param.shape, generator=gen) * std)
+        if device.type == "cpu":
+            param.data.copy_(torch.randn(param.shape, generator=gen) * std)
+        else:
+            param.data.copy_(torch.randn(param.shape, generator=gen, device=device).mul_(std))
 
     # Logit std ~4 with a unit-RMS final hidden state: peaked but not one-hot.
     normal_(model.embed_tokens, 4.0 / math.sqrt(config.hidden_size))
