@@ -146,7 +146,7 @@ def read_log(path: str | Path, fmt: str | None = None) -> pd.DataFrame:
     kind = fmt or (suffixes[-1].lstrip(".") if suffixes else "")
     try:
         if kind in ("jsonl", "ndjson", "json"):
-            frame = pd.read_json(path, lines=True, dtype=False, convert_dates=False)
+            frame = pd.read_json(path, lines=True, dtype=False)
         elif kind in ("csv", "tsv"):
             frame = pd.read_csv(path, sep="\t" if kind == "tsv" else ",")
         else:
