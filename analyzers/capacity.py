@@ -261,21 +261,11 @@ def write_capacity(result: CapacityResult, out: Path) -> tuple[Path, Path]:
 
 def to_html(result: CapacityResult) -> str:
     """The self-contained capacity report: verdict, goodput and latency vs rate, every step."""
-    import jinja2
-    import plotly.io as pio
-    from plotly.offline import get_plotlyjs
+    from report_templates import render_page
 
-    import report_templates
-
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(Path(report_templates.__file__).parent),
-        autoescape=jinja2.select_autoescape(["html", "j2"]),
-    )
-    env.filters["ms"] = lambda v: "–" if v is None else f"{v * 1000:.1f} ms"
-    env.filters["num"] = lambda v, d=2: "–" if v is None else f"{v:.{d}f}"
-    figures = [pio.to_html(fig, full_html=False, include_plotlyjs=False) for fig in _figures(result)]
     steps = sorted(result.steps, key=lambda s: (s.rate, s.duration_s))
-    return env.get_template("capacity.html.j2").render(r=result, steps=steps, figures=figures, plotly_js=get_plotlyjs())
+    figures = [fig.to_plotly_json() for fig in _figures(result)]
+    return render_page("capacity.html.j2", r=result, steps=steps, figures=figures)
 
 
 def _figures(result: CapacityResult) -> list[Any]:

@@ -130,23 +130,12 @@ def to_junit(c: Comparison) -> str:
 # ---------------------------------------------------------------- html
 
 def to_html(c: Comparison) -> str:
-    """The self-contained comparison report (plotly inlined, opens offline)."""
-    import jinja2
-    import plotly.io as pio
-    from plotly.offline import get_plotlyjs
+    """The self-contained comparison report (plotly inlined once, opens offline)."""
+    from report_templates import render_page
 
-    import report_templates
-
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(Path(report_templates.__file__).parent),
-        autoescape=jinja2.select_autoescape(["html", "j2"]),
-    )
-    env.filters.update(value=format_value, change=format_change, pvalue=format_p)
-    template = env.get_template("compare.html.j2")
-    return template.render(
-        c=c, headline=headline(c), forest=pio.to_html(_forest_figure(c), full_html=False, include_plotlyjs=False),
-        plotly_js=get_plotlyjs(), icons=_ICONS, # "</" escaped so a path can never close the <script> it is embedded in.
-        comparison_json=json.dumps(c.to_dict(), default=str).replace("</", "<\\/"),
+    return render_page(
+        "compare.html.j2", c=c, headline=headline(c), forest=_forest_figure(c).to_plotly_json(),
+        value=format_value, change=format_change, pvalue=format_p, comparison=c.to_dict(),
     )
 
 
