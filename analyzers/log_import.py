@@ -32,10 +32,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
+
+from workloads.spec import Buckets
 
 TIME_UNITS: dict[str, float] = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 _SUFFIX_UNITS: dict[str, str] = {"us": "us", "ms": "ms", "s": "s", "sec": "s", "secs": "s", "seconds": "s", "millis": "ms"}
@@ -57,9 +59,9 @@ ALIASES: dict[str, tuple[str, ...]] = {
 }
 FIELDS: tuple[str, ...] = ("arrival", *DURATION_FIELDS, *INT_FIELDS, *TEXT_FIELDS)
 
-# Bucket edges for logs that do not carry bucket labels (tokens; the last bucket is open).
-PROMPT_BUCKET_EDGES = (0, 128, 512, 2048, 8192)
-OUTPUT_BUCKET_EDGES = (0, 64, 256, 1024)
+# Logs without bucket labels get the workloads' default buckets, so an imported
+# log and a load test of the same traffic slice the same way.
+_BUCKETS = Buckets()
 
 _OK_STATUSES = {"ok", "success", "succeeded", "completed", "complete", "done", "finished"}
 _KEPT_STATUSES = {"timeout": "timeout", "timed_out": "timeout", "cancelled": "cancelled", "canceled": "cancelled",
@@ -264,8 +266,8 @@ def to_request_rows(frame: pd.DataFrame, mapping: ColumnMapping | None = None, s
     missing_kind = ~ok & out["error_kind"].isna().to_numpy()
     out.loc[missing_kind, "error_kind"] = [_error_kind(s, c) for s, c in zip(status[missing_kind], http[missing_kind])]
     out["schedule_lag_s"] = 0.0
-    out["prompt_bucket"] = texts["prompt_bucket"] if "prompt_bucket" in texts else _buckets(ints.get("prompt_tokens"), PROMPT_BUCKET_EDGES, n)
-    out["output_bucket"] = texts["output_bucket"] if "output_bucket" in texts else _buckets(out_tokens if "output_tokens" in ints else None, OUTPUT_BUCKET_EDGES, n)
+    out["prompt_bucket"] = texts["prompt_bucket"] if "prompt_bucket" in texts else _buckets(ints.get("prompt_tokens"), _BUCKETS.prompt_label, n)
+    out["output_bucket"] = texts["output_bucket"] if "output_bucket" in texts else _buckets(out_tokens if "output_tokens" in ints else None, _BUCKETS.output_label, n)
     return out
 
 
@@ -333,12 +335,10 @@ def _error_kind(status: str, http_status: float) -> str:
     return "unknown"
 
 
-def _buckets(tokens: np.ndarray | None, edges: tuple[int, ...], n: int) -> list[str | None]:
+def _buckets(tokens: np.ndarray | None, label: Callable[[int], str], n: int) -> list[str | None]:
     if tokens is None:
         return [None] * n
-    names = [f"{lo}-{hi}" for lo, hi in zip(edges, edges[1:])] + [f"{edges[-1]}+"]
-    idx = np.clip(np.searchsorted(edges, np.nan_to_num(tokens, nan=-1), side="right") - 1, 0, len(names) - 1)
-    return [None if np.isnan(t) else names[i] for t, i in zip(tokens, idx)]
+    return [None if np.isnan(t) else label(int(t)) for t in tokens]
 
 
 # ---------------------------------------------------------------- writing

@@ -37,7 +37,7 @@ def test_csv_with_flag_mapping_and_units(tmp_path: Path) -> None:
     assert rows["tpot_s"].iloc[1] == pytest.approx(0.4 / 49)
     assert rows.loc[7, "status"] == "error" and rows.loc[7, "error_kind"] == "http_5xx"
     assert set(rows["tenant"]) == {"acme", "beta"}  # `customer` found as the tenant
-    assert set(rows["prompt_bucket"]) == {"128-512", "2048-8192"}
+    assert set(rows["prompt_bucket"]) == {"0-256", "1k-4k"}
 
 
 def test_missing_column_names_it_and_lists_the_file(tmp_path: Path) -> None:
@@ -71,7 +71,7 @@ def test_slice_command_imports_and_builds_the_report(tmp_path: Path) -> None:
     result = runner.invoke(main, ["slice", str(log), "--map", "arrival=ts", "--map", "ttft=first_token_ms",
                                   "--map", "e2e=total_latency_ms", "--out", str(tmp_path / "sliced")])
     assert result.exit_code == 0, result.output
-    assert "Prompt bucket" in result.output and "2048-8192" in result.output
+    assert "Prompt bucket" in result.output and "1k-4k" in result.output
     assert (tmp_path / "sliced" / "requests.parquet").exists()
     assert (tmp_path / "sliced" / "report.html").exists()
     again = runner.invoke(main, ["slice", str(tmp_path / "sliced"), "--no-report"])
