@@ -35,6 +35,12 @@ class DiagnosisContext:
         """The successful measured requests (every latency rule's population)."""
         return self.frame[self.frame["status"] == "ok"]
 
+    def itl_of(self, rows: pd.Index) -> np.ndarray:
+        """Every inter-token gap of the given rows of `frame` (its index is run.requests' row number)."""
+        mask = np.zeros(len(self.run.requests), dtype=bool)
+        mask[rows.to_numpy(dtype=np.int64)] = True
+        return self.run.pooled_itl(mask)
+
 
 def build_context(run: RunData) -> DiagnosisContext:
     mask = measured_mask(run.requests) if len(run.requests) else np.zeros(0, bool)

@@ -64,8 +64,15 @@ def labels(frame: pd.DataFrame, dimension: str) -> pd.Series:
     return DIMENSIONS[dimension][1](frame)
 
 
-def slice_table(frame: pd.DataFrame, dimension: str) -> list[dict[str, Any]]:
-    """One row per label value: counts, error share and TTFT / TPOT / E2E distributions (ok requests)."""
+ItlOf = Callable[[pd.Index], np.ndarray]  # rows of the frame -> their pooled inter-token gaps
+
+
+def slice_table(frame: pd.DataFrame, dimension: str, itl_of: ItlOf | None = None) -> list[dict[str, Any]]:
+    """One row per label value: counts, error share and TTFT / TPOT / ITL / E2E distributions (ok requests).
+
+    ITL needs `itl_of` (DiagnosisContext.itl_of): the gaps live flattened beside
+    the frame, not in it. Without it the ITL entry is an empty distribution.
+    """
     keys = labels(frame, dimension)
     rows = []
     total = int(keys.notna().sum())
@@ -78,17 +85,18 @@ def slice_table(frame: pd.DataFrame, dimension: str) -> list[dict[str, Any]]:
             "errors": int(((group["status"] != "ok") & (group["status"] != "cancelled")).sum()),
             "ttft_s": describe(ok["ttft_s"].to_numpy(dtype=np.float64), with_ci=False),
             "tpot_s": describe(ok["tpot_s"].to_numpy(dtype=np.float64), with_ci=False),
+            "itl_s": describe(itl_of(ok.index) if itl_of is not None else [], with_ci=False),
             "e2e_s": describe(ok["e2e_s"].to_numpy(dtype=np.float64), with_ci=False),
             "low_n": len(ok) < MIN_SAMPLES,
         })
     return rows
 
 
-def all_slice_tables(frame: pd.DataFrame) -> list[dict[str, Any]]:
+def all_slice_tables(frame: pd.DataFrame, itl_of: ItlOf | None = None) -> list[dict[str, Any]]:
     """Tables for every dimension with at least two values (a single value slices nothing)."""
     tables = []
     for dim, (title, _) in DIMENSIONS.items():
-        rows = slice_table(frame, dim)
+        rows = slice_table(frame, dim, itl_of)
         if len(rows) >= 2:
             tables.append({"dimension": dim, "title": title, "rows": rows})
     return tables

@@ -43,3 +43,18 @@ def test_chart_downsampling_keeps_the_spikes():
     idx = sample_indices(y, 2500)
     assert len(idx) <= 2500 and {17, 50_001, 99_998} <= set(idx.tolist())
     assert np.array_equal(sample_indices(np.ones(10)), np.arange(10))
+
+
+def test_itl_per_slice_pools_only_that_slices_gaps(make_sim):
+    sim = make_sim()
+    sim.add(0.0, 0.01, out=3, gaps=[0.5, 0.5], tenant="warmup-only", phase="warmup")  # excluded from slices
+    for i in range(40):
+        stall = i % 2 == 0
+        sim.add(0.1 + i * 0.1, 0.01, out=5, gaps=[0.2, 0.01, 0.01, 0.01] if stall else [0.02] * 4,
+                tenant="stalled" if stall else "smooth")
+    ctx = build_context(sim.run())
+    rows = {r["value"]: r for r in slice_table(ctx.frame, "tenant", ctx.itl_of)}
+    assert set(rows) == {"stalled", "smooth"}
+    assert rows["stalled"]["itl_s"]["n"] == 80 and rows["stalled"]["itl_s"]["p99"] == 0.2
+    assert rows["smooth"]["itl_s"]["n"] == 80 and rows["smooth"]["itl_s"]["p99"] == 0.02
+    assert slice_table(ctx.frame, "tenant")[0]["itl_s"]["n"] == 0  # without the gaps: an empty distribution
