@@ -111,6 +111,8 @@ class LLMEngine:
         self.sampler = Sampler(self.eos_token_ids, seed=config.seed)
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self.num_steps = 0
+        self.busy_s = 0.0  # seconds spent inside step() (host time: launch, schedule, wait, postprocess)
+        self.scheduled_seqs_total = 0  # sequences over all steps: / num_steps = the mean batch
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         # The GPU path: CUDA graphs for decode steps (Triton kernels only: the torch ops read
@@ -255,6 +257,8 @@ class LLMEngine:
             outputs.append(StepOutput(seq, tokens, text, seq.finished, seq.finish_reason,
                                       seq.num_output_tokens == len(tokens)))
         self.num_steps += 1
+        self.scheduled_seqs_total += len(out.scheduled)
+        self.busy_s += time.perf_counter() - started
         if self.observer is not None:
             self.observer.on_step(self, outputs, time.perf_counter() - started)
         return outputs
@@ -280,6 +284,8 @@ class LLMEngine:
         outputs = self._resolve(self._inflight) if self._inflight is not None else []
         self._inflight = launched
         self.num_steps += 1
+        self.scheduled_seqs_total += len(out.scheduled)
+        self.busy_s += time.perf_counter() - started
         if self.observer is not None:
             self.observer.on_step(self, outputs, time.perf_counter() - started)
         return outputs

@@ -282,6 +282,8 @@ class ModelRunner:
             return None
         if s.max_context > self.graph_max_blocks * self.block_size:
             return None
+        if max(len(t) for t in s.dec_tables) > self.graph_max_blocks:
+            return None
         for bucket in self._buckets:  # ascending
             if bucket >= s.num_decode:
                 return bucket

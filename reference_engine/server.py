@@ -154,6 +154,10 @@ async def engine_state(request: web.Request) -> web.Response:
         "num_blocks": bm.num_blocks, "free_blocks": bm.num_free_blocks, "kv_usage": bm.usage,
         "running": len(sched.running), "waiting": len(sched.waiting), "preemptions": sched.num_preemptions,
         "steps": engine.num_steps, "device": str(engine.device), "ops": type(engine.ops).__name__,
+        "busy_s": engine.busy_s, "scheduled_seqs_total": engine.scheduled_seqs_total,
+        "graph_steps": engine.runner.num_graph_steps, "eager_steps": engine.runner.num_eager_steps,
+        "async_scheduling": engine.async_scheduling,
+        "generation_tokens_total": engine.generation_tokens_total,
     })
 
 

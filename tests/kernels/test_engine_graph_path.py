@@ -1,9 +1,10 @@
 """The engine's GPU decode path on the CPU: Triton kernels (interpreted) behind the static, padded
 buffers that CUDA graphs replay, with and without the overlapped step loop.
 
-On a GPU the same code is captured into graphs; here it runs eagerly over the same static buffers
-(`capture_graphs(..., capture=False)`), so padding rows, the fixed-width block table and the
-placeholder gather are checked in CI. The reference is the plain-torch engine on the CPU.
+On a GPU the buffers are captured into real CUDA graphs; on the CPU (CI) the same code runs
+eagerly over the same static buffers (`capture_graphs(..., capture=False)`), so padding rows, the
+fixed-width block table and the placeholder gather are checked there too. The reference is the
+plain-torch engine on the same device.
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ from reference_engine.sequence import SamplingParams
 GREEDY = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (6, 9, 2)]
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # as tests/kernels/conftest.py decides
+
+
 def _engine(**overrides) -> LLMEngine:
-    fields = {"num_kv_blocks": 64, "max_num_batched_tokens": 64, "max_num_seqs": 6, **overrides}
+    fields = {"num_kv_blocks": 64, "max_num_batched_tokens": 64, "max_num_seqs": 6, "device": DEVICE,
+              "dtype": "float32", "cuda_graph": False, **overrides}
     return LLMEngine.build(EngineConfig(**fields), preset_name="tiny")
 
 
@@ -38,13 +43,13 @@ def test_graph_buckets_cover_the_batch_limit() -> None:
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_static_decode_path_matches_torch(async_scheduling: bool) -> None:
     torch.set_num_threads(1)
-    reference = _engine()
+    reference = _engine(async_scheduling=False)
     expected = [s.output_token_ids for s in reference.generate(_prompts(reference), GREEDY)]
     engine = _engine(attention_backend="triton", async_scheduling=async_scheduling)
     assert engine.ops.name == "triton"
     # 32 tokens of table (2 blocks of 16): the short prompts decode through the static buffers (batch 2
     # pads to bucket 2, batch 1 to 1 after the shortest finishes); the 59-token one runs eagerly.
-    engine.runner.capture_graphs(max_num_seqs=6, max_len=32, capture=False)
+    engine.runner.capture_graphs(max_num_seqs=6, max_len=32, capture=DEVICE == "cuda")
     got = [s.output_token_ids for s in engine.generate(_prompts(engine), GREEDY)]
     assert got == expected
     assert engine.runner.num_graph_steps > 0 and engine.runner.num_eager_steps > 0
