@@ -64,19 +64,26 @@ def labels(frame: pd.DataFrame, dimension: str) -> pd.Series:
     return DIMENSIONS[dimension][1](frame)
 
 
-ItlOf = Callable[[pd.Index], np.ndarray]  # rows of the frame -> their pooled inter-token gaps
+# (frame rows, their group codes, number of groups) -> the ITL distribution of each group
+ItlByGroup = Callable[[pd.Index, np.ndarray, int], list[dict[str, Any]]]
 
 
-def slice_table(frame: pd.DataFrame, dimension: str, itl_of: ItlOf | None = None) -> list[dict[str, Any]]:
+def slice_table(frame: pd.DataFrame, dimension: str, itl_by_group: ItlByGroup | None = None) -> list[dict[str, Any]]:
     """One row per label value: counts, error share and TTFT / TPOT / ITL / E2E distributions (ok requests).
 
-    ITL needs `itl_of` (DiagnosisContext.itl_of): the gaps live flattened beside
+    ITL needs `itl_by_group` (DiagnosisContext.itl_by_group): the gaps live flattened beside
     the frame, not in it. Without it the ITL entry is an empty distribution.
     """
     keys = labels(frame, dimension)
     rows = []
     total = int(keys.notna().sum())
-    for value, group in frame.groupby(keys, sort=True, dropna=True):
+    groups = list(frame.groupby(keys, sort=True, dropna=True))
+    itl = [describe([], with_ci=False) for _ in groups]
+    if itl_by_group is not None and groups:
+        oks = [group.index[(group["status"] == "ok").to_numpy()] for _, group in groups]
+        codes = np.concatenate([np.full(len(ix), g, dtype=np.int16) for g, ix in enumerate(oks)])
+        itl = itl_by_group(oks[0].append(oks[1:]), codes, len(groups))
+    for (value, group), itl_dist in zip(groups, itl):
         ok = group[group["status"] == "ok"]
         rows.append({
             "value": str(value),
@@ -85,18 +92,18 @@ def slice_table(frame: pd.DataFrame, dimension: str, itl_of: ItlOf | None = None
             "errors": int(((group["status"] != "ok") & (group["status"] != "cancelled")).sum()),
             "ttft_s": describe(ok["ttft_s"].to_numpy(dtype=np.float64), with_ci=False),
             "tpot_s": describe(ok["tpot_s"].to_numpy(dtype=np.float64), with_ci=False),
-            "itl_s": describe(itl_of(ok.index) if itl_of is not None else [], with_ci=False),
+            "itl_s": itl_dist,
             "e2e_s": describe(ok["e2e_s"].to_numpy(dtype=np.float64), with_ci=False),
             "low_n": len(ok) < MIN_SAMPLES,
         })
     return rows
 
 
-def all_slice_tables(frame: pd.DataFrame, itl_of: ItlOf | None = None) -> list[dict[str, Any]]:
+def all_slice_tables(frame: pd.DataFrame, itl_by_group: ItlByGroup | None = None) -> list[dict[str, Any]]:
     """Tables for every dimension with at least two values (a single value slices nothing)."""
     tables = []
     for dim, (title, _) in DIMENSIONS.items():
-        rows = slice_table(frame, dim, itl_of)
+        rows = slice_table(frame, dim, itl_by_group)
         if len(rows) >= 2:
             tables.append({"dimension": dim, "title": title, "rows": rows})
     return tables

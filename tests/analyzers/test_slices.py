@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from analyzers.charts import sample_indices
 from analyzers.context import build_context
@@ -53,8 +54,10 @@ def test_itl_per_slice_pools_only_that_slices_gaps(make_sim):
         sim.add(0.1 + i * 0.1, 0.01, out=5, gaps=[0.2, 0.01, 0.01, 0.01] if stall else [0.02] * 4,
                 tenant="stalled" if stall else "smooth")
     ctx = build_context(sim.run())
-    rows = {r["value"]: r for r in slice_table(ctx.frame, "tenant", ctx.itl_of)}
+    rows = {r["value"]: r for r in slice_table(ctx.frame, "tenant", ctx.itl_by_group)}
     assert set(rows) == {"stalled", "smooth"}
-    assert rows["stalled"]["itl_s"]["n"] == 80 and rows["stalled"]["itl_s"]["p99"] == 0.2
-    assert rows["smooth"]["itl_s"]["n"] == 80 and rows["smooth"]["itl_s"]["p99"] == 0.02
+    stalled, smooth = rows["stalled"]["itl_s"], rows["smooth"]["itl_s"]
+    assert stalled["n"] == 80 and stalled["p99"] == pytest.approx(0.2, rel=1e-3)  # histogram bins: 0.1%
+    assert stalled["p50"] == pytest.approx(0.01, rel=1e-3) and stalled["mean"] == pytest.approx(0.0575)
+    assert smooth["n"] == 80 and smooth["p99"] == pytest.approx(0.02, rel=1e-3)
     assert slice_table(ctx.frame, "tenant")[0]["itl_s"]["n"] == 0  # without the gaps: an empty distribution
