@@ -78,15 +78,26 @@ def median_s(fn, device: str, reps: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def busy(fn, device: str, seconds: float) -> None:
+    """Run fn back to back for a while: an idle GPU needs time to raise its clocks."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(10):
+            fn()
+        sync(device)
+
+
 def measure_limits(device: str) -> dict:
     n = GiB if device.startswith("cuda") else 1 << 22  # bytes per buffer
     src = torch.randn(n // 2, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
+    busy(lambda: dst.copy_(src), device, 0.5)
     copy_s = median_s(lambda: dst.copy_(src), device)
     del src, dst
     size = 8192 if device.startswith("cuda") else 256
     a = torch.randn(size, size, dtype=torch.bfloat16, device=device)
     b = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+    busy(lambda: a @ b, device, 1.0)
     mm_s = median_s(lambda: a @ b, device)
     del a, b
     return {"copy_GBps": 2 * n / copy_s / 1e9, "matmul_bf16_TFLOPs": 2 * size**3 / mm_s / 1e12,
@@ -404,6 +415,7 @@ class Bench:
         prompt = random_prompts([a.a_prompt], engine.model_config.vocab_size, seed=1)
         roof = self.limits["copy_GBps"] * 1e9 / weight_bytes(self.mc)
         modes = {"graphs+async": (True, True), "graphs, sync": (True, False), "eager, sync": (False, False)}
+        engine.reset_scheduling(enable_prefix_caching=False)  # repeats of one prompt must not hit the cache
         saved = engine.runner.graphs
         rows = {}
         for mode, (graphs, overlap) in modes.items():
@@ -422,7 +434,7 @@ class Bench:
             best["frac_roofline"] = best["decode_tok_per_s"] / roof
             rows[mode] = best
         engine.runner.graphs = saved
-        engine.async_scheduling = engine.config.use_async_scheduling
+        engine.reset_scheduling(enable_prefix_caching=True)
         self.results["a"] = {"prompt_tokens": a.a_prompt, "output_tokens": a.a_tokens,
                              "roofline_tok_per_s": roof, "engine": rows}
         print(f"\n(a) batch-1 decode, {a.a_prompt}-token prompt, {a.a_tokens} tokens; roofline "
@@ -435,12 +447,13 @@ class Bench:
     def do_b(self) -> None:
         engine = self.get_engine()
         a = self.args
-        engine.reset_scheduling(max_num_batched_tokens=a.offline_batched_tokens)
+        # No prefix caching: the repeats (and the warm-up) reuse these prompts.
+        engine.reset_scheduling(max_num_batched_tokens=a.offline_batched_tokens, enable_prefix_caching=False)
         prompts = random_prompts([a.b_prompt] * a.b_batch, engine.model_config.vocab_size, seed=2)
         outs = [a.b_tokens] * a.b_batch
         run_requests(engine, prompts[: min(16, a.b_batch)], [8] * min(16, a.b_batch))  # warm
         runs = [run_requests(engine, prompts, outs) for _ in range(a.repeat)]
-        engine.reset_scheduling(max_num_batched_tokens=a.max_num_batched_tokens)
+        engine.reset_scheduling(max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=True)
         best = min(runs, key=lambda r: r["elapsed_s"])
         roof = offline_roofline_s(self.mc, a.b_prompt, a.b_tokens, a.b_batch, self.limits)
         self.results["b"] = {
@@ -464,10 +477,10 @@ class Bench:
     def do_c(self) -> None:
         engine = self.get_engine()
         a = self.args
-        engine.reset_scheduling(max_num_batched_tokens=a.offline_batched_tokens)
+        engine.reset_scheduling(max_num_batched_tokens=a.offline_batched_tokens, enable_prefix_caching=False)
         prompts, outs = self.c_workload()
         runs = [run_requests(engine, prompts, outs) for _ in range(a.repeat)]
-        engine.reset_scheduling(max_num_batched_tokens=a.max_num_batched_tokens)
+        engine.reset_scheduling(max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=True)
         best = min(runs, key=lambda r: r["elapsed_s"])
         self.results["c"] = {
             "requests": len(prompts), "prompt_tokens_total": sum(map(len, prompts)), "output_tokens_total": sum(outs),
@@ -519,6 +532,87 @@ class Bench:
                   f"{'on' if r['prefix_caching'] else 'off':>7} {r['ttft_p50_s'] * 1e3:>9.1f} "
                   f"{r['ttft_p99_s'] * 1e3:>9.1f} {r['tpot_p50_s'] * 1e3:>9.2f} {r['tpot_p99_s'] * 1e3:>9.2f} "
                   f"{r['prefix_hit_rate']:>8.1%} {r['output_tok_per_s']:>7.0f}")
+
+    def do_profile(self) -> None:
+        """Where a decode step's time goes: graph replays alone (no host work) per bucket against the
+        bytes they must read, and the kernels of one batch-1 forward (torch.profiler)."""
+        engine = self.get_engine()
+        runner = engine.runner
+        prof: dict = {}
+        self.results["profile"] = prof
+        ctx = self.args.a_prompt + self.args.a_tokens // 2
+        bs = engine.config.block_size
+        kv_tok = self.mc.kv_bytes_per_token(2)
+        if runner.graphs and self.device.startswith("cuda"):
+            rows = []
+            for bucket in (1, 8, 64, 128, 256):
+                if bucket not in runner.graphs:
+                    continue
+                nblk = -(-ctx // bs)
+                with torch.inference_mode():
+                    runner._g_lens[:bucket].fill_(ctx)
+                    runner._g_slots[:bucket].fill_(-1)
+                    runner._g_pos[:bucket].fill_(ctx - 1)
+                    runner._g_ids[:bucket].fill_(5)
+                    tables = torch.arange(bucket * nblk, device=self.device, dtype=torch.int32) % engine.num_blocks
+                    runner._g_tables[:bucket, :nblk].copy_(tables.view(bucket, nblk))
+                graph = runner.graphs[bucket][0]
+                for _ in range(5):
+                    graph.replay()
+                sync(self.device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(20):
+                    graph.replay()
+                end.record()
+                sync(self.device)
+                ms = start.elapsed_time(end) / 20
+                nbytes = weight_bytes(self.mc) + bucket * ctx * kv_tok
+                rows.append({"bucket": bucket, "context": ctx, "replay_ms": ms,
+                             "GBps_vs_weights_plus_kv": nbytes / ms / 1e6,
+                             "frac_copy_bw": nbytes / ms / 1e6 / self.limits["copy_GBps"]})
+            prof["graph_replay"] = rows
+            print(f"\nprofile: graph replay alone (context {ctx}), bytes = all weights + KV")
+            for r in rows:
+                print(f"  bucket {r['bucket']:>3}: {r['replay_ms']:.3f} ms, {r['frac_copy_bw']:.1%} of copy BW")
+            from torch.profiler import ProfilerActivity, profile
+
+            def kernels(fn, reps: int = 5) -> list[tuple[str, int, float]]:
+                fn()
+                sync(self.device)
+                with profile(activities=[ProfilerActivity.CUDA]) as p:
+                    for _ in range(reps):
+                        fn()
+                    sync(self.device)
+                out = []
+                for evt in p.key_averages():
+                    t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+                    if t > 0:
+                        out.append((evt.key[:70], evt.count // reps, t / reps))
+                return sorted(out, key=lambda x: -x[2])
+
+            for name, fn in (("replay", lambda: runner.graphs[1][0].replay()),
+                             ("eager", lambda: runner._graph_forward(1))):
+                with torch.inference_mode():
+                    ks = kernels(fn)
+                total = sum(k[2] for k in ks)
+                prof[f"kernels_bucket1_{name}"] = {"total_us": total, "count": sum(k[1] for k in ks),
+                                                   "top": [list(k) for k in ks[:16]]}
+                print(f"  bucket-1 {name}: {sum(k[1] for k in ks)} kernels, {total:.0f} us of kernel time per forward")
+                for key, count, us in ks[:12]:
+                    print(f"    {us:8.1f} us  {count:4d}x  {key}")
+        # The first steps of one batch-1 request, as the engine runs them.
+        engine.reset_scheduling(enable_prefix_caching=False)
+        prompt = random_prompts([self.args.a_prompt], self.mc.vocab_size, seed=11)[0]
+        engine.add_request(prompt, greedy(6))
+        times = []
+        while engine.has_unfinished():
+            t = time.perf_counter()
+            outs = engine.step()
+            times.append((round((time.perf_counter() - t) * 1e3, 2), len(outs)))
+        engine.reset_scheduling(enable_prefix_caching=True)
+        prof["batch1_step_ms_and_outputs"] = times
+        print(f"  batch-1 steps (ms, outputs): {times}")
 
     def do_hf(self) -> None:
         self.drop_engine()
@@ -688,7 +782,7 @@ class Bench:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="llama3-8b")
-    p.add_argument("--parts", default="limits,a,b,c,d,hf,e")
+    p.add_argument("--parts", default="limits,a,b,c,d,e,hf", help="also: profile")
     p.add_argument("--hf-parts", default="b,c,a", help="which HF baselines to run (a: static-cache compile is slow)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--tag", default="", help="suffix of the results file name")
@@ -736,6 +830,7 @@ def main() -> None:
     bench.part("limits", bench.do_limits, 5)
     if "limits" not in bench.results:
         bench.do_limits()
+    bench.part("profile", bench.do_profile, 20)
     bench.part("a", bench.do_a, 40)
     bench.part("b", bench.do_b, 20)
     bench.part("c", bench.do_c, 20)

@@ -24,6 +24,8 @@ class TritonOps:
     """Fused Triton kernels for RMSNorm, RoPE, SiLU-mul, KV write and paged attention."""
 
     name = "triton"
+    # q/k/v may be strided views of the fused QKV output: every kernel here takes row strides.
+    strided_qkv = True
 
     def __init__(self, decode_config: DecodeConfig = DECODE_CONFIG, prefill_config: PrefillConfig = PREFILL_CONFIG):
         self.decode_config = decode_config

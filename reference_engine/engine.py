@@ -18,7 +18,7 @@ from torch import Tensor
 from reference_engine.block_manager import BlockManager
 from reference_engine.config import EngineConfig, ModelConfig, preset, model_config_from_hf
 from reference_engine.errors import ConfigError, InvalidRequest
-from reference_engine.model import LlamaModel, rope_cos_sin_cache
+from reference_engine.model import LlamaModel, _mm_out_dtype_works, rope_cos_sin_cache
 from reference_engine.model_runner import ModelRunner
 from reference_engine.ops import build_ops
 from reference_engine.sampler import DeviceSampler, SampleRequest, Sampler
@@ -143,6 +143,7 @@ class LLMEngine:
             init_random_weights(model, self.config.seed)
         # RoPE angles stay float32, computed once where they are used.
         model.cos_sin_cache = rope_cos_sin_cache(model_config, self.max_model_len, self.device)
+        _mm_out_dtype_works()  # probe now, never while a CUDA graph is being captured
         return model.eval()
 
     def _num_kv_blocks(self) -> int:

@@ -97,8 +97,12 @@ class DecoderLayer(nn.Module):
                   kv_cache: tuple[Tensor, Tensor], meta: AttentionMetadata) -> Tensor:
         tokens = hidden.shape[0]
         qkv = F.linear(hidden, self.qkv_proj, self.qkv_bias)
-        # Contiguous q/k/v: kernels may assume dense [T, H, D] rows (the copies are tiny next to the matmuls).
-        q, k, v = (x.contiguous() for x in qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1))
+        parts = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if getattr(ops, "strided_qkv", False):
+            q, k, v = parts  # views of the fused output: three copy kernels per layer fewer (GPU decode)
+        else:
+            # Contiguous q/k/v: kernels may assume dense [T, H, D] rows (the copies are tiny next to the matmuls).
+            q, k, v = (x.contiguous() for x in parts)
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
@@ -149,5 +153,25 @@ class LlamaModel(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
+        """float32 logits [T, V]. On a GPU in half precision the LM head writes float32 directly
+        (fp32 accumulators, never rounded to bf16): fewer exact ties between top logits, so greedy
+        decoding does not hinge on how two backends break them."""
         head = self.embed_tokens if self.lm_head is None else self.lm_head
+        if hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and _mm_out_dtype_works():
+            return torch.mm(hidden, head.t(), out_dtype=torch.float32)
         return F.linear(hidden, head).float()
+
+
+_MM_OUT_DTYPE: bool | None = None
+
+
+def _mm_out_dtype_works() -> bool:
+    """Whether torch.mm takes out_dtype (half inputs, float32 output) here; probed once."""
+    global _MM_OUT_DTYPE
+    if _MM_OUT_DTYPE is None:
+        try:
+            a = torch.ones(2, 16, dtype=torch.bfloat16, device="cuda")
+            _MM_OUT_DTYPE = torch.mm(a, a.t(), out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError):
+            _MM_OUT_DTYPE = False
+    return _MM_OUT_DTYPE

@@ -63,13 +63,18 @@ def _record_logits(engine, store: dict) -> None:
     engine.device_sampler.sample = wrap(engine.device_sampler.sample)
 
 
-def _run_1b(prompts, steps: int, **overrides):
+def _engine_1b(**overrides):
     from reference_engine.config import EngineConfig
     from reference_engine.engine import LLMEngine
 
-    config = EngineConfig(device="cuda", kv_cache_memory=4 << 30, max_model_len=2048, max_num_seqs=16,
-                          max_num_batched_tokens=512, **overrides)
-    engine = LLMEngine.build(config, preset_name="llama3-1b")
+    fields = dict(device="cuda", kv_cache_memory=4 << 30, max_model_len=2048, max_num_seqs=16,
+                  max_num_batched_tokens=512)
+    fields.update(overrides)
+    return LLMEngine.build(EngineConfig(**fields), preset_name="llama3-1b")
+
+
+def _run_1b(prompts, steps: int, **overrides):
+    engine = _engine_1b(**overrides)
     logits: dict = {}
     _record_logits(engine, logits)
     params = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
@@ -83,43 +88,73 @@ def _run_1b(prompts, steps: int, **overrides):
     return outputs, logits, info
 
 
+def _teacher_forced_fp32(prompts, outputs) -> dict:
+    """float32 plain-torch logits at every output position of the given token sequences (the same
+    weights: big presets draw them in bf16 precision), keyed like _record_logits."""
+    engine = _engine_1b(dtype="float32", attention_backend="torch", cuda_graph=False, async_scheduling=False,
+                        max_num_batched_tokens=4096)
+    out = {}
+    for i, (prompt, output) in enumerate(zip(prompts, outputs)):
+        seq = engine.add_request(prompt + output[:-1], SamplingParams(max_tokens=1, temperature=0))
+        sched = engine.scheduler.schedule()
+        input_ids, positions, meta, _, _ = engine.runner.prepare(sched)
+        with torch.inference_mode():
+            hidden = engine.model(engine.ops, input_ids, positions, engine.runner.kv_caches, meta)
+            logits = engine.model.compute_logits(hidden[len(prompt) - 1:]).cpu()
+        for j in range(len(output)):
+            out[(str(i), j)] = logits[j]
+        engine.abort(seq)
+    del engine
+    torch.cuda.empty_cache()
+    return out
+
+
 def test_llama3_1b_triton_path_matches_torch_path_bf16() -> None:
     """Issue 9 item 5: greedy bf16 output of llama3-1b through the GPU path (Triton kernels, CUDA
     graphs, overlapped scheduling) equals the plain-torch path for a batch of prompts for 40 steps,
-    and every sampled row's logits agree within bf16 tolerance."""
+    and the logits agree within bf16 tolerance: against float32 logits of the same weights and
+    tokens, the Triton path's error is no larger than the plain-torch bf16 path's own."""
     pytest.importorskip("kernels.backend")
     from reference_engine.tokenization import EngineTokenizer
     from reference_engine.tokenizer import TOKENIZER_DIR
 
     tok = EngineTokenizer(TOKENIZER_DIR)
-    # Mixed lengths: short prompts, ones ending mid-page and on page edges, and a prompt longer than
+    # Mixed lengths: short prompts, ones ending mid-page and on page edges, and prompts longer than
     # the step budget (chunked prefill beside the others' decodes).
     gen = torch.Generator().manual_seed(5)
     lengths = [1, 7, 16, 33, 100, 257, 700, 1024]
     prompts = [torch.randint(10, tok.vocab_size, (n,), generator=gen).tolist() for n in lengths]
     prompts[2] = tok.encode("The quick brown fox jumps over the lazy dog; paged attention keeps blocks")[:16]
+    lengths[2] = len(prompts[2])
     steps = 40
     ref, ref_logits, ref_info = _run_1b(prompts, steps, attention_backend="torch", cuda_graph=False,
                                         async_scheduling=False)
     got, got_logits, info = _run_1b(prompts, steps)
     assert ref_info[:3] == ("torch", False, 0)
     assert info[0] == "triton" and info[1] and info[2] > 0, info  # the GPU path did run graphs, overlapped
+    fp32 = _teacher_forced_fp32(prompts, ref)
 
-    # Logits of every step both runs reached with the same tokens so far.
-    pairs = []
+    # Every step both runs reached with the same tokens so far (up to and including a divergence).
+    keys = []
     for i, (a, b) in enumerate(zip(ref, got)):
         same = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-        pairs += [(ref_logits[(str(i), j)], got_logits[(str(i), j)]) for j in range(same + 1 if same < len(a) else same)]
-    r = torch.stack([p[0] for p in pairs]).double()
-    g = torch.stack([p[1] for p in pairs]).double()
+        keys += [(str(i), j) for j in range(min(same + 1, len(a)))]
+    r = torch.stack([ref_logits[k] for k in keys]).double()
+    g = torch.stack([got_logits[k] for k in keys]).double()
+    f = torch.stack([fp32[k] for k in keys]).double()
     rel = ((g - r).norm() / r.norm()).item()
-    worst = (g - r).abs().max().item()
-    assert rel < 2e-2 and worst < 0.5, f"logits differ: relative {rel:.2e}, max abs {worst:.3f}"
+    err_torch = ((r - f).norm() / f.norm()).item()
+    err_triton = ((g - f).norm() / f.norm()).item()
+    report = (f"triton vs torch {rel:.2e}; vs float32: torch bf16 {err_torch:.2e}, triton bf16 {err_triton:.2e}; "
+              f"max abs triton-torch {(g - r).abs().max().item():.3f}")
+    print(report)
+    assert err_triton <= 1.25 * err_torch + 1e-3, report
+    assert rel < 5e-2, report
 
     for i, (a, b) in enumerate(zip(ref, got)):
         if a != b:
             j = next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)
-            top2 = ref_logits[(str(i), j)].topk(2).values
+            top2 = fp32[(str(i), j)].topk(2).values
             pytest.fail(f"prompt {i} ({lengths[i]} tokens) diverges at step {j}: torch {a[j]}, triton {b[j]}; "
-                        f"torch top-2 gap {float(top2[0] - top2[1]):.4f}, logits rel err {rel:.2e}")
-    assert len(ref[0]) == steps
+                        f"float32 top-2 gap {float(top2[0] - top2[1]):.4f}; {report}")
+    assert all(len(a) == steps for a in ref)
