@@ -12,7 +12,10 @@ cached byte exactly once:
   programs to fill the GPU, so the context is cut into splits that run in
   parallel; each writes a partial output and its log-sum-exp, and a small
   reduction kernel merges them. With one split the kernel writes the output
-  directly and the reduction is skipped.
+  directly and the reduction is skipped. The split count is chosen on the
+  host from the block table's width (no device read: CUDA-graph capturable);
+  each sequence cuts its own context into that many pieces inside the kernel,
+  so short contexts in a graph sized for long ones still spread out.
 Softmax runs in the exp2 domain with float32 statistics and accumulators.
 """
 
@@ -89,7 +92,7 @@ def decode_attention_ref(
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
-    qk_scale, tokens_per_split,
+    qk_scale,
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_cache_block, stride_cache_tok, stride_cache_head, stride_table,
     num_q_heads, num_splits,
@@ -102,6 +105,9 @@ def _decode_split_kernel(
     split = tl.program_id(2)
 
     context_len = tl.load(context_lens_ptr + seq)
+    # Each sequence cuts its own context into num_splits tile-aligned pieces: a short context in a
+    # batch sized for long ones still spreads over several programs (trailing splits stay empty).
+    tokens_per_split = tl.cdiv(tl.cdiv(context_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, context_len)
 
@@ -234,7 +240,6 @@ def decode_attention(
     group = num_q_heads // num_kv_heads
     max_context = block_tables.shape[1] * page_size
     num_splits = choose_num_splits(batch, num_kv_heads, max_context, config, q.device)
-    tokens_per_split = triton.cdiv(triton.cdiv(max_context, num_splits), config.block_n) * config.block_n
     direct = num_splits == 1
     if direct:
         part_out = part_lse = out  # unused by the kernel
@@ -245,7 +250,7 @@ def decode_attention(
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens,
         out, part_out, part_lse,
-        scale * LOG2E, tokens_per_split,
+        scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         num_q_heads, num_splits,

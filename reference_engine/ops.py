@@ -79,11 +79,14 @@ class TorchOps(Ops):
     def rope(self, q, k, positions, cos_sin_cache):
         cos_sin = cos_sin_cache.index_select(0, positions)
         half = cos_sin.shape[-1] // 2
-        cos = cos_sin[:, None, :half].to(q.dtype)
-        sin = cos_sin[:, None, half:].to(q.dtype)
+        # Half precision rotates in float32 and rounds once (as the Triton kernel and HF's
+        # float32 angles do); float32 is unchanged.
+        compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        cos = cos_sin[:, None, :half].to(compute)
+        sin = cos_sin[:, None, half:].to(compute)
         for x in (q, k):
-            x1 = x[..., :half]
-            x2 = x[..., half:]
+            x1 = x[..., :half].to(compute)
+            x2 = x[..., half:].to(compute)
             r1 = x1 * cos - x2 * sin
             r2 = x2 * cos + x1 * sin
             x[..., :half] = r1
@@ -91,6 +94,8 @@ class TorchOps(Ops):
 
     def silu_and_mul(self, x):
         gate, up = x.chunk(2, dim=-1)
+        if x.dtype in (torch.float16, torch.bfloat16):  # one rounding, as the Triton kernel
+            return (F.silu(gate.float()) * up.float()).to(x.dtype)
         return F.silu(gate) * up
 
     def write_kv(self, k, v, k_cache, v_cache, slot_mapping):

@@ -49,18 +49,24 @@ def test_cuda_bfloat16_serves_the_1b_shape(engine_factory) -> None:
     assert all(s.num_output_tokens >= 1 for s in seqs)
 
 
-def _record_logits(engine, store: dict) -> None:
-    """Keep every sampled row's logits (float32, on the CPU) under (request_id, output position)."""
-    def wrap(sample):
-        def recording(logits, requests):
-            host = logits.float().cpu()
+def _hook_sampling(engine, logits: dict, forced: list[list[int]] | None = None) -> None:
+    """Keep every sampled row's logits (float32, on the CPU) under (request_id, output position);
+    with `forced`, return those tokens instead of sampling (teacher forcing through the real path)."""
+    def wrap(sample, on_host: bool):
+        def hooked(rows, requests):
+            host = rows.float().cpu()
             for req in requests:
-                store[(req.seq.request_id, req.seq.num_output_tokens)] = host[req.first_row].clone()
-            return sample(logits, requests)
-        return recording
+                logits[(req.seq.request_id, req.seq.num_output_tokens)] = host[req.first_row].clone()
+            if forced is None:
+                return sample(rows, requests)
+            tokens = [forced[int(req.seq.request_id)][req.seq.num_output_tokens] for req in requests]
+            if on_host:
+                return [[t] for t in tokens]
+            return torch.tensor(tokens, dtype=torch.int64, device=rows.device)
+        return hooked
 
-    engine.sampler.sample = wrap(engine.sampler.sample)
-    engine.device_sampler.sample = wrap(engine.device_sampler.sample)
+    engine.sampler.sample = wrap(engine.sampler.sample, True)
+    engine.device_sampler.sample = wrap(engine.device_sampler.sample, False)
 
 
 def _engine_1b(**overrides):
@@ -73,10 +79,10 @@ def _engine_1b(**overrides):
     return LLMEngine.build(EngineConfig(**fields), preset_name="llama3-1b")
 
 
-def _run_1b(prompts, steps: int, **overrides):
+def _run_1b(prompts, steps: int, forced=None, **overrides):
     engine = _engine_1b(**overrides)
     logits: dict = {}
-    _record_logits(engine, logits)
+    _hook_sampling(engine, logits, forced)
     params = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
     seqs = [engine.add_request(p, params, request_id=str(i)) for i, p in enumerate(prompts)]
     while engine.has_unfinished():
@@ -90,7 +96,7 @@ def _run_1b(prompts, steps: int, **overrides):
 
 def _teacher_forced_fp32(prompts, outputs) -> dict:
     """float32 plain-torch logits at every output position of the given token sequences (the same
-    weights: big presets draw them in bf16 precision), keyed like _record_logits."""
+    weights: big presets draw them in bf16 precision), keyed like _hook_sampling."""
     engine = _engine_1b(dtype="float32", attention_backend="torch", cuda_graph=False, async_scheduling=False,
                         max_num_batched_tokens=4096)
     out = {}
@@ -109,11 +115,22 @@ def _teacher_forced_fp32(prompts, outputs) -> dict:
     return out
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 def test_llama3_1b_triton_path_matches_torch_path_bf16() -> None:
-    """Issue 9 item 5: greedy bf16 output of llama3-1b through the GPU path (Triton kernels, CUDA
-    graphs, overlapped scheduling) equals the plain-torch path for a batch of prompts for 40 steps,
-    and the logits agree within bf16 tolerance: against float32 logits of the same weights and
-    tokens, the Triton path's error is no larger than the plain-torch bf16 path's own."""
+    """Issue 9 item 5: llama3-1b in bf16 through the GPU path (Triton kernels, CUDA graphs,
+    overlapped scheduling) against the plain-torch path, 8 prompts x 40 greedy steps.
+
+    - logits: against float32 logits of the same weights and tokens, the Triton path's error is no
+      larger than the plain-torch bf16 path's own (both are bf16 models; neither is the truth);
+    - greedy tokens: both paths free-running give the same tokens for 40 steps, except that a
+      prompt may part ways at a near-tie: a step where the float32 margin between the two chosen
+      tokens is within the bf16 paths' own logit error there (either choice is then correct);
+    - teacher-forced through the Triton path along the torch path's tokens, its argmax equals the
+      torch token at every one of the 320 steps, near-ties (same rule) excepted, and those are rare.
+    """
     pytest.importorskip("kernels.backend")
     from reference_engine.tokenization import EngineTokenizer
     from reference_engine.tokenizer import TOKENIZER_DIR
@@ -125,36 +142,50 @@ def test_llama3_1b_triton_path_matches_torch_path_bf16() -> None:
     lengths = [1, 7, 16, 33, 100, 257, 700, 1024]
     prompts = [torch.randint(10, tok.vocab_size, (n,), generator=gen).tolist() for n in lengths]
     prompts[2] = tok.encode("The quick brown fox jumps over the lazy dog; paged attention keeps blocks")[:16]
-    lengths[2] = len(prompts[2])
     steps = 40
     ref, ref_logits, ref_info = _run_1b(prompts, steps, attention_backend="torch", cuda_graph=False,
                                         async_scheduling=False)
     got, got_logits, info = _run_1b(prompts, steps)
+    _, forced_logits, forced_info = _run_1b(prompts, steps, forced=ref)
     assert ref_info[:3] == ("torch", False, 0)
-    assert info[0] == "triton" and info[1] and info[2] > 0, info  # the GPU path did run graphs, overlapped
+    for i in (info, forced_info):  # the GPU path did run graphs, overlapped
+        assert i[0] == "triton" and i[1] and i[2] > 0, i
     fp32 = _teacher_forced_fp32(prompts, ref)
+    keys = [(str(i), j) for i in range(len(prompts)) for j in range(steps)]
 
-    # Every step both runs reached with the same tokens so far (up to and including a divergence).
-    keys = []
+    def near_tie(key, a: int, b: int, *paths: dict) -> bool:
+        margin = abs(float(fp32[key][a] - fp32[key][b]))
+        noise = max(float((p[key][[a, b]] - fp32[key][[a, b]]).abs().max()) for p in paths)
+        return margin <= 2 * noise
+
+    # Logit accuracy on the same tokens.
+    r = torch.stack([ref_logits[k] for k in keys])
+    g = torch.stack([forced_logits[k] for k in keys])
+    f = torch.stack([fp32[k] for k in keys])
+    err_torch, err_triton, rel = _rel(r, f), _rel(g, f), _rel(g, r)
+    report = (f"logits vs float32: torch bf16 {err_torch:.2e}, triton bf16 {err_triton:.2e}; triton vs torch "
+              f"{rel:.2e}, max abs {(g - r).abs().max().item():.3f}")
+
+    # Teacher-forced argmax agreement.
+    mismatched = [k for k in keys if int(forced_logits[k].argmax()) != ref[int(k[0])][k[1]]]
+    ties = [k for k in mismatched if near_tie(k, int(forced_logits[k].argmax()), ref[int(k[0])][k[1]],
+                                              forced_logits, ref_logits)]
+    # Free-running divergences.
+    diverged = {}
     for i, (a, b) in enumerate(zip(ref, got)):
-        same = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-        keys += [(str(i), j) for j in range(min(same + 1, len(a)))]
-    r = torch.stack([ref_logits[k] for k in keys]).double()
-    g = torch.stack([got_logits[k] for k in keys]).double()
-    f = torch.stack([fp32[k] for k in keys]).double()
-    rel = ((g - r).norm() / r.norm()).item()
-    err_torch = ((r - f).norm() / f.norm()).item()
-    err_triton = ((g - f).norm() / f.norm()).item()
-    report = (f"triton vs torch {rel:.2e}; vs float32: torch bf16 {err_torch:.2e}, triton bf16 {err_triton:.2e}; "
-              f"max abs triton-torch {(g - r).abs().max().item():.3f}")
+        j = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if j is not None:
+            key = (str(i), j)
+            diverged[i] = (j, near_tie(key, a[j], b[j], got_logits, ref_logits),
+                           abs(float(fp32[key][a[j]] - fp32[key][b[j]])))
+    report += (f"; teacher-forced argmax agrees at {len(keys) - len(mismatched)}/{len(keys)} steps "
+               f"({len(ties)} of the misses near-ties); free-running identical for "
+               f"{len(prompts) - len(diverged)}/{len(prompts)} prompts over {steps} steps, divergences "
+               f"(step, near-tie, float32 margin): {diverged}")
     print(report)
     assert err_triton <= 1.25 * err_torch + 1e-3, report
     assert rel < 5e-2, report
-
-    for i, (a, b) in enumerate(zip(ref, got)):
-        if a != b:
-            j = next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)
-            top2 = fp32[(str(i), j)].topk(2).values
-            pytest.fail(f"prompt {i} ({lengths[i]} tokens) diverges at step {j}: torch {a[j]}, triton {b[j]}; "
-                        f"float32 top-2 gap {float(top2[0] - top2[1]):.4f}; {report}")
+    assert len(ties) == len(mismatched) and len(ties) <= 0.02 * len(keys), report
+    for i, (j, tie, _) in diverged.items():
+        assert tie, f"prompt {i} diverges at step {j} where the margin is not a near-tie: {report}"
     assert all(len(a) == steps for a in ref)
