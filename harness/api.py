@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import __version__
+from harness.client.client import FORCE_REJECTED_NOTICE
 from harness.config import ConfigError, RunConfig, redact_command_line
 from harness.console import RunConsole
 from harness.loadgen.dispatcher import Dispatcher, DispatchResult, Progress
@@ -130,9 +131,11 @@ def _execute_once(config: RunConfig, out: Path, console: RunConsole) -> RunOutco
                 return _finish(config, out, "failed", console)
         base_url = config.target or engine.base_url
         fallback = None if config.target else (config.engine_preset or ENGINE_DEFAULT_PRESET)
-        model, model_source = resolve_model(base_url, config.model, prepared.api_key, fallback)
-        writer.update(model_source=model_source)
-        status, extra = _drive(config, prepared, writer, base_url, model, engine, console)
+        choice = resolve_model(base_url, config.model, prepared.api_key, fallback)
+        for remark in choice.remarks:
+            console.warn(remark)
+        writer.update(model_source=choice.source, models_endpoint=choice.describe())
+        status, extra = _drive(config, prepared, writer, base_url, choice.name, engine, console)
         writer.finish(status, ended_at=_now_iso(), **extra)
     except ConfigError as exc:
         writer.finish("failed", problems=[str(exc)], ended_at=_now_iso())
@@ -197,6 +200,11 @@ def _drive(
     metrics_problem = probe_metrics(metrics_url, headers)
     if metrics_problem and config.metrics_url:
         console.warn(f"--metrics-url {metrics_url} gave no Prometheus metrics ({metrics_problem}); running without them")
+    elif metrics_problem:
+        console.info(f"no server metrics: {metrics_url} gave no Prometheus metrics ({metrics_problem}); the run goes on "
+                     "with client-side measurements only (pass --metrics-url if the server exports them elsewhere)")
+    else:
+        console.info(f"scraping server metrics from {metrics_url}")
     writer.update(model=model, target=_target_meta(config, engine, base_url),
                   server_metrics={"url": metrics_url, "available": metrics_problem is None, "reason": metrics_problem})
 
@@ -224,12 +232,16 @@ def _drive(
     status = _final_status(result, writer)
     for problem in result.problems:
         console.error(problem)
+    for notice in result.notices:
+        console.warn(notice)
     check = client_check(result)
     if check["client_bound"]:
         console.warn("client-bound: " + "; ".join(check["reasons"]))
     extra = {
         "client_check": check, "phases": result.phases, "problems": result.problems,
-        "prewarm": result.prewarm, "cancelled_in_flight": result.cancelled,
+        "prewarm": result.prewarm, "cancelled_in_flight": result.cancelled, "notices": result.notices,
+        "output_length_forced": prepared.force_output_length and not any(
+            n.startswith(FORCE_REJECTED_NOTICE) for n in result.notices),
         "server_metrics": {"url": metrics_url, "available": metrics_problem is None, "reason": metrics_problem,
                            **(scraper.describe() if scraper else {})},
     }

@@ -83,7 +83,9 @@ def _make_client(settings: WorkerSettings) -> Any:
     if settings.count_tokens:
         from workloads import load_tokenizer
 
-        kwargs["count_tokens"] = load_tokenizer(settings.tokenizer, target_is_reference=settings.tokenizer is None).count
+        tokenizer = load_tokenizer(settings.tokenizer, target_is_reference=settings.tokenizer is None)
+        # Generated text: no special tokens added (a prompt count adds BOS; an output count must not).
+        kwargs["count_tokens"] = lambda text: len(tokenizer.encode_plain(text))
     return StreamingClient(ClientConfig(**kwargs))
 
 
@@ -134,7 +136,7 @@ class Worker:
         try:
             await self.client.aclose()
         finally:
-            self.outbox.put(Exited(self.index, self.cancelled))
+            self.outbox.put(Exited(self.index, self.cancelled, list(getattr(self.client, "notices", []))))
 
     def _read_inbox(self, loop: asyncio.AbstractEventLoop) -> None:
         """Blocking reads on the inbox, handed to the event loop in arrival order.

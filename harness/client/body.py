@@ -33,8 +33,21 @@ def api_path(spec: RequestSpec) -> str:
         raise ValueError(f"request {spec.request_id}: api {spec.api!r} is not one of {', '.join(API_PATHS)}") from None
 
 
-def request_body(spec: RequestSpec, config: ClientConfig) -> bytes:
-    """model, prompt|messages, max_tokens, stream (+ usage in the stream), extra_body."""
+FORCE_FIELDS = ("min_tokens", "ignore_eos")  # what forces the output length (vLLM and SGLang accept both)
+
+
+def forces_output_length(spec: RequestSpec, config: ClientConfig) -> bool:
+    """Whether `request_body` adds FORCE_FIELDS for this spec (before any fallback)."""
+    return config.force_output_length and (spec.min_tokens is not None or bool(spec.ignore_eos))
+
+
+def request_body(spec: RequestSpec, config: ClientConfig, force_output_length: bool | None = None) -> bytes:
+    """model, prompt|messages, max_tokens, stream (+ usage in the stream), extra_body.
+
+    `force_output_length` (default: the config's) adds min_tokens / ignore_eos;
+    the client turns it off once the target rejects those fields.
+    """
+    force = config.force_output_length if force_output_length is None else force_output_length
     body: dict[str, Any] = {"model": config.model}
     if spec.api == "chat":
         if spec.messages is None:
@@ -48,7 +61,7 @@ def request_body(spec: RequestSpec, config: ClientConfig) -> bytes:
     body["stream"] = config.stream
     if config.stream:
         body["stream_options"] = {"include_usage": True}
-    if config.force_output_length:
+    if force:
         if spec.min_tokens is not None:
             body["min_tokens"] = spec.min_tokens
         if spec.ignore_eos:

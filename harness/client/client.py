@@ -12,7 +12,7 @@ import asyncio
 from time import perf_counter
 from typing import TYPE_CHECKING
 
-from harness.client.body import api_path, request_body
+from harness.client.body import FORCE_FIELDS, api_path, forces_output_length, request_body
 from harness.client.config import ClientConfig
 from harness.client.endpoint import Endpoint
 from harness.client.exchange import Exchange
@@ -31,6 +31,8 @@ from harness.records import RequestRecord
 if TYPE_CHECKING:  # the client only reads a spec's fields; no import-time tie to workloads
     from workloads.types import RequestSpec
 
+# How the notice starts that says the target refused to have output lengths forced.
+FORCE_REJECTED_NOTICE = f"the target rejected {' / '.join(FORCE_FIELDS)}"
 # Labels copied from the spec when the worker has not set them.
 _SPEC_LABELS = ("tenant", "prefix_group", "prompt_bucket", "output_bucket", "session_id", "turn", "prompt_tokens", "max_tokens")
 
@@ -40,6 +42,10 @@ class StreamingClient:
         self.config = config
         self.endpoint = Endpoint.from_url(config.base_url)
         self._transport = make_transport(config, self.endpoint)
+        # Set (to the server's words) once the target rejected min_tokens/ignore_eos: from then
+        # on this client sends neither, and the run reports that lengths were not forced.
+        self.force_rejected: str | None = None
+        self.notices: list[str] = []  # things the run should tell the user (collected by the worker)
 
     @property
     def transport_name(self) -> str:
@@ -56,15 +62,23 @@ class StreamingClient:
 
     async def execute(self, spec: RequestSpec, record: RequestRecord) -> None:
         _copy_labels(spec, record)
+        force = forces_output_length(spec, self.config) and self.force_rejected is None
         try:
             path = self.endpoint.path(api_path(spec))
-            body = request_body(spec, self.config)
+            body = request_body(spec, self.config, force)
         except (ValueError, TypeError) as exc:
             record.status, record.error_kind, record.error_message = "error", "client", truncate(str(exc))
             return
         ex = Exchange()
         try:
             await self._transport.exchange(path, body, ex)
+            if force and self._rejects_forced_length(ex):
+                # "Forced where the target allows": a strict server (transformers serve answers 422
+                # "Unexpected fields") refuses the fields; send this request again without them
+                # and never send them again, instead of failing every request of the run.
+                self._note_force_rejected(ex)
+                ex = Exchange()
+                await self._transport.exchange(path, request_body(spec, self.config, False), ex)
         except asyncio.CancelledError:
             ex.fail("cancelled", "cancelled by the load generator", perf_counter())
             self._fill(record, ex)
@@ -72,6 +86,22 @@ class StreamingClient:
         except Exception as exc:  # a transport bug must cost one record, not the worker
             ex.fail("client", f"{type(exc).__name__}: {exc}", perf_counter())
         self._fill(record, ex)
+
+    @staticmethod
+    def _rejects_forced_length(ex: Exchange) -> bool:
+        """A 4xx answer (not 429) whose error names min_tokens or ignore_eos."""
+        if ex.error_kind is not None or ex.status is None or not 400 <= ex.status < 500 or ex.status == 429:
+            return False
+        message = b"".join(ex.pieces)
+        return any(field.encode() in message for field in FORCE_FIELDS)
+
+    def _note_force_rejected(self, ex: Exchange) -> None:
+        said = server_error_message(b"".join(ex.pieces))
+        if self.force_rejected is None:
+            self.force_rejected = said
+            self.notices.append(
+                f"{FORCE_REJECTED_NOTICE} (HTTP {ex.status}: {said}); requests were sent "
+                "without them, so output lengths were not forced: outputs may stop before max_tokens")
 
     async def aclose(self) -> None:
         await self._transport.aclose()

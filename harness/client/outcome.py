@@ -123,6 +123,7 @@ def apply_stream(record: RequestRecord, ex: Exchange, origin: float, count_token
     content_times: list[float] = []
     texts: list[str] = []
     usage: dict[str, Any] | None = None
+    finish_reason: str | None = None
     for t, data in zip(events.times, events.data):
         if data == b"[DONE]":
             continue
@@ -144,6 +145,7 @@ def apply_stream(record: RequestRecord, ex: Exchange, origin: float, count_token
             if text:
                 content_times.append(t)
                 texts.append(text)
+            finish_reason = _finish_reason(choices) or finish_reason
     if events.malformed is not None:
         raise ProtocolError(f"malformed SSE (no data/event/comment line): {truncate(events.malformed.decode('utf-8', 'replace'))}")
     if usage:
@@ -151,8 +153,55 @@ def apply_stream(record: RequestRecord, ex: Exchange, origin: float, count_token
     if content_times:
         record.first_token_at = content_times[0] - origin
         record.itl_s = [b - a for a, b in zip(content_times, content_times[1:])]
-    record.chunk_tokens = [count_tokens(t) for t in texts] if count_tokens else [1] * len(texts)
     _set_output_tokens(record, usage, "".join(texts), len(texts), count_tokens)
+    total = record.output_tokens
+    if total is not None and record.output_tokens_source == "usage" and finish_reason == "stop" and total > len(texts):
+        total -= 1  # the stop token (EOS): counted in usage, it carried no text, so no chunk holds it
+    record.chunk_tokens = chunk_token_counts(texts, total, count_tokens)
+
+
+def _finish_reason(choices: list[Any]) -> str | None:
+    for choice in choices:
+        if isinstance(choice, dict) and choice.get("finish_reason"):
+            return str(choice["finish_reason"])
+    return None
+
+
+def chunk_token_counts(texts: list[str], total: int | None, count_tokens: Callable[[str], int] | None) -> list[int]:
+    """Tokens carried by each content chunk, adding up to `total` (the generated tokens that carried text).
+
+    One token per chunk when the chunk count equals the total (the usual stream,
+    exact). Otherwise some chunks carried several tokens (a server that fell
+    behind flushes what it generated meanwhile in one chunk): the tokenizer's
+    count of each chunk's text says which, and the counts are then scaled to the
+    server's total, since per-chunk text does not tokenize exactly as the whole
+    (merges across chunk edges, partial UTF-8 decoded as U+FFFD). Without a
+    tokenizer the total is spread evenly. A request that ended on a stop token
+    has that token in output_tokens but in no chunk (the caller leaves it out).
+    """
+    n = len(texts)
+    if n == 0:
+        return []
+    if total is None or total == n:
+        return [1] * n
+    estimate = [max(1, count_tokens(t)) for t in texts] if count_tokens is not None else [1] * n
+    if sum(estimate) == total:
+        return estimate
+    if total > n:  # every chunk carried at least one token: share out the extra ones
+        extra = [e - 1 for e in estimate]
+        return [1 + k for k in _apportion(total - n, extra if any(extra) else [1] * n)]
+    return _apportion(max(0, total), estimate)  # fewer tokens than chunks: some chunks held none
+
+
+def _apportion(units: int, weights: list[int]) -> list[int]:
+    """Split `units` in proportion to `weights` (largest remainder; ties go to the earlier chunk)."""
+    whole = sum(weights)
+    quotas = [units * w / whole for w in weights]
+    shares = [int(q) for q in quotas]
+    left = units - sum(shares)
+    for i in sorted(range(len(weights)), key=lambda i: (shares[i] - quotas[i], i))[:left]:
+        shares[i] += 1
+    return shares
 
 
 def apply_json(record: RequestRecord, ex: Exchange, count_tokens: Callable[[str], int] | None) -> None:

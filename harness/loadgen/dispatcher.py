@@ -88,6 +88,7 @@ class DispatchResult:
     problems: list[str] = field(default_factory=list)
     prewarm: list[dict[str, Any]] = field(default_factory=list)
     cancelled: int = 0
+    notices: list[str] = field(default_factory=list)  # workers' clients' remarks on the target, deduplicated
 
 
 class _StopRun(Exception):
@@ -293,6 +294,9 @@ class Dispatcher:
         elif isinstance(message, Exited):
             self.exited.add(message.worker)
             self.result.cancelled += message.in_flight_cancelled
+            for notice in message.notices:
+                if notice not in self.result.notices:
+                    self.result.notices.append(notice)
 
     def _shutdown(self, message: Any, timeout_s: float) -> None:
         """Tell every worker to finish (Shutdown) or stop (Stop) and collect what they send back."""

@@ -105,3 +105,4 @@ class WorkerFailed:
 class Exited:
     worker: int
     in_flight_cancelled: int = 0
+    notices: list[str] = field(default_factory=list)  # what the client learnt about the target (for the console)

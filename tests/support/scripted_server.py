@@ -20,12 +20,18 @@ Every key is optional:
 
     tokens               int    tokens to generate (default: the body's max_tokens)
     tokens_per_chunk     int    tokens carried by each content chunk (default 1)
+    chunk_sizes          list[int]  tokens of each content chunk, in order (overrides
+                         tokens_per_chunk; the rest, if any, one per chunk)
     first_token_delay_s  float  delay from the request to the first content chunk (default 0)
     itl_s                float | list[float]  delay between content chunks (default 0)
     role_chunk           bool   chat: open with a role-only chunk (default true for chat)
+    role_chunk_content   bool   the role-only chunk carries `"content": ""` (default true;
+                         false: `{"role": "assistant"}` alone, as transformers serve sends it)
     usage                "finish" | "separate" | "none"   where usage goes
                          (default: "separate" if stream_options.include_usage else "none")
     cached_tokens, spec_accepted_tokens, spec_draft_tokens   int  extra usage fields
+    eos                  bool   end on a stop token as vLLM does: finish_reason "stop", and usage
+                         counts one token more than the text carried (default false)
     done                 bool   end with `data: [DONE]` (default true)
     framing              "chunked" | "length" | "eof"  HTTP body framing (default chunked)
     crlf                 bool   CRLF line endings (default false)
@@ -46,6 +52,19 @@ Every key is optional:
 GET /health (404 when started with health=False), /v1/models and /metrics
 answer as a real server would; GET /_stats, GET /_log?id=ID (all ids without
 it) and POST /_reset are the test-side controls.
+
+Server-wide options (ScriptedServer keywords) emulate servers that differ from
+vLLM in ways a request script cannot express:
+
+    models_status    int        GET /v1/models answers this status with an error body (e.g. 500)
+    metrics          bool       False: no /metrics (404)
+    reject_fields    list[str]  generation requests naming any of these body fields get a 422
+                                "Unexpected fields in the request" (a strict pydantic server)
+    default_script   dict       script keys applied under every request's own script
+
+`ScriptedServer.transformers_like()` combines them the way `transformers serve`
+behaves (usage on the finish chunk, a bare role-only chunk, no `[DONE]`,
+several tokens per chunk, /v1/models 500, no /metrics, 422 for min_tokens/ignore_eos).
 """
 
 from __future__ import annotations
@@ -72,8 +91,13 @@ _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found"
 
 # ============================================================================ server side
 class _State:
-    def __init__(self, health: bool) -> None:
+    def __init__(self, health: bool, options: dict[str, Any] | None = None) -> None:
         self.health = health
+        options = options or {}
+        self.models_status = int(options.get("models_status", 200))
+        self.metrics = bool(options.get("metrics", True))
+        self.reject_fields = tuple(options.get("reject_fields", ()))
+        self.default_script = dict(options.get("default_script", {}))
         self.next_id = 0
         self.log: dict[str, list[float]] = {}
         self.last_headers: dict[str, str] = {}
@@ -82,12 +106,15 @@ class _State:
     def reset(self) -> None:
         self.connections_opened = 0
         self.requests = 0
+        self.rejected = 0
+        self.last_body_keys: list[str] = []
         self.gets = 0
         self.log.clear()
 
     def stats(self, open_now: int) -> dict[str, Any]:
         return {"connections_opened": self.connections_opened, "connections_open": open_now,
-                "requests": self.requests, "gets": self.gets, "last_headers": self.last_headers}
+                "requests": self.requests, "gets": self.gets, "last_headers": self.last_headers,
+                "rejected": self.rejected, "last_body_keys": self.last_body_keys}
 
 
 class _Conn(asyncio.Protocol):
@@ -173,8 +200,12 @@ async def _handle(conn: _Conn, method: str, url: str, headers: dict[str, str], b
             else:
                 conn.respond(404, b'{"error": {"message": "not found"}}')
         elif path == "/v1/models":
-            conn.respond(200, json.dumps({"object": "list", "data": [{"id": "scripted", "object": "model"}]}).encode())
-        elif path == "/metrics":
+            if state.models_status != 200:
+                conn.respond(state.models_status, json.dumps(
+                    {"error": {"message": "scripted /v1/models failure", "code": state.models_status}}).encode())
+            else:
+                conn.respond(200, json.dumps({"object": "list", "data": [{"id": "scripted", "object": "model"}]}).encode())
+        elif path == "/metrics" and state.metrics:
             conn.respond(200, _metrics(state).encode(), "text/plain; version=0.0.4")
         elif path == "/_stats":
             conn.respond(200, json.dumps(state.stats(_Conn.open_count)).encode())
@@ -198,6 +229,12 @@ async def _handle(conn: _Conn, method: str, url: str, headers: dict[str, str], b
         req = json.loads(body)
     except ValueError:
         conn.respond(400, b'{"error": {"message": "body is not JSON", "code": 400}}')
+        return
+    state.last_body_keys = sorted(req) if isinstance(req, dict) else []
+    unexpected = sorted(f for f in state.reject_fields if f in req)
+    if unexpected:  # FastAPI/pydantic's answer to extra fields (transformers serve does this)
+        state.rejected += 1
+        conn.respond(422, json.dumps({"detail": f"Unexpected fields in the request: {set(unexpected)}"}).encode())
         return
     await _generate(conn, req, chat=path.endswith("/chat/completions"))
 
@@ -259,6 +296,24 @@ class _Stream:
             self.conn.transport.close()  # type: ignore[union-attr]
 
 
+def _chunk_sizes(tokens: int, per_chunk: int, explicit: list[int] | None) -> list[int]:
+    """Tokens of each content chunk: `explicit` first (capped at `tokens`), then `per_chunk` at a time."""
+    sizes: list[int] = []
+    remaining = tokens
+    for k in explicit or []:
+        if remaining <= 0:
+            break
+        k = min(max(1, int(k)), remaining)
+        sizes.append(k)
+        remaining -= k
+    step = 1 if explicit else per_chunk
+    while remaining > 0:
+        k = min(step, remaining)
+        sizes.append(k)
+        remaining -= k
+    return sizes
+
+
 async def _sleep_until(t: float) -> None:
     delay = t - time.perf_counter()
     await asyncio.sleep(delay if delay > 0 else 0)
@@ -266,7 +321,7 @@ async def _sleep_until(t: float) -> None:
 
 async def _generate(conn: _Conn, req: dict[str, Any], chat: bool) -> None:
     state = conn.state
-    script: dict[str, Any] = req.get("script") or {}
+    script: dict[str, Any] = {**state.default_script, **(req.get("script") or {})}
     state.next_id += 1
     rid = str(script.get("id") or f"{'chatcmpl' if chat else 'cmpl'}-{state.next_id}")
     fault = script.get("fault")
@@ -286,11 +341,14 @@ async def _generate(conn: _Conn, req: dict[str, Any], chat: bool) -> None:
     per_chunk = max(1, int(script.get("tokens_per_chunk", 1)))
     itl = script.get("itl_s", 0.0)
     first_delay = float(script.get("first_token_delay_s", 0.0))
-    n_chunks = -(-tokens // per_chunk)
+    sizes = _chunk_sizes(tokens, per_chunk, script.get("chunk_sizes"))
+    n_chunks = len(sizes)
     gaps = itl if isinstance(itl, list) else [float(itl)] * max(0, n_chunks - 1)
     include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
     usage_mode = script.get("usage", "separate" if include_usage else "none")
-    usage = {"prompt_tokens": 7, "completion_tokens": tokens, "total_tokens": 7 + tokens}
+    finish_reason = "stop" if script.get("eos") else "length"
+    generated = tokens + 1 if script.get("eos") else tokens  # the stop token has no text
+    usage = {"prompt_tokens": 7, "completion_tokens": generated, "total_tokens": 7 + generated}
     if "cached_tokens" in script:
         usage["prompt_tokens_details"] = {"cached_tokens": script["cached_tokens"]}
     for key in ("spec_accepted_tokens", "spec_draft_tokens"):
@@ -312,7 +370,8 @@ async def _generate(conn: _Conn, req: dict[str, Any], chat: bool) -> None:
 
     def chunk(text: str | None, finish: str | None = None, role: bool = False, with_usage: bool = False) -> bytes:
         if chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {"content": text} if text else {}
+            delta: dict[str, Any] = ({"role": "assistant", "content": ""} if role_content else {"role": "assistant"}) \
+                if role else {"content": text} if text else {}
             choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text or "", "finish_reason": finish}
@@ -321,19 +380,17 @@ async def _generate(conn: _Conn, req: dict[str, Any], chat: bool) -> None:
             obj["usage"] = usage
         return json.dumps(obj, separators=(",", ":")).encode()
 
+    role_content = bool(script.get("role_chunk_content", True))
     stream = _Stream(conn, script, rid)
     # Content events are encoded up front so that "length" framing knows its size.
     events: list[tuple[bytes, bool]] = []
     if chat and script.get("role_chunk", True):
         events.append((stream.encode(chunk(None, role=True)), False))
-    remaining = tokens
-    for i in range(n_chunks):
-        k = min(per_chunk, remaining)
-        remaining -= k
+    for i, k in enumerate(sizes):
         last = i == n_chunks - 1
-        events.append((stream.encode(chunk(" tok" * k, "length" if last and usage_mode != "finish" else None)), True))
+        events.append((stream.encode(chunk(" tok" * k, finish_reason if last and usage_mode != "finish" else None)), True))
     if usage_mode == "finish":
-        events.append((stream.encode(chunk(None, "length", with_usage=True)), False))
+        events.append((stream.encode(chunk(None, finish_reason, with_usage=True)), False))
     elif usage_mode == "separate":
         events.append((stream.encode(json.dumps({**base, "choices": [], "usage": usage}).encode()), False))
     if script.get("done", True):
@@ -385,9 +442,9 @@ async def _fault(conn: _Conn, stream: _Stream, fault: str, script: dict[str, Any
         raise ValueError(f"unknown fault {fault!r}")
 
 
-async def _serve(port: int, health: bool) -> None:
+async def _serve(port: int, health: bool, options: dict[str, Any] | None = None) -> None:
     loop = asyncio.get_running_loop()
-    state = _State(health)
+    state = _State(health, options)
     server = await loop.create_server(lambda: _Conn(state), "127.0.0.1", port, backlog=4096)
     print(f"LISTENING {server.sockets[0].getsockname()[1]}", flush=True)
     stop = asyncio.Event()
@@ -402,6 +459,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--no-health", action="store_true", help="answer GET /health with 404")
     parser.add_argument("--no-uvloop", action="store_true")
+    parser.add_argument("--options", default="{}", help="server-wide options as JSON (see the module doc)")
     args = parser.parse_args()
     if not args.no_uvloop:
         try:
@@ -410,16 +468,19 @@ def main() -> None:
             uvloop.install()
         except ImportError:
             pass
-    asyncio.run(_serve(args.port, not args.no_health))
+    asyncio.run(_serve(args.port, not args.no_health, json.loads(args.options)))
 
 
 # ============================================================================ test side
 class ScriptedServer:
     """Starts the server in a subprocess on a free 127.0.0.1 port; use as a context manager."""
 
-    def __init__(self, *, health: bool = True, uvloop: bool = True) -> None:
+    def __init__(self, *, health: bool = True, uvloop: bool = True, models_status: int = 200, metrics: bool = True,
+                 reject_fields: tuple[str, ...] | list[str] = (), default_script: dict[str, Any] | None = None) -> None:
         self.health = health
         self.uvloop = uvloop
+        self.options = {"models_status": models_status, "metrics": metrics, "reject_fields": list(reject_fields),
+                        "default_script": dict(default_script or {})}
         self.port: int | None = None
         self._proc: subprocess.Popen[str] | None = None
 
@@ -435,6 +496,7 @@ class ScriptedServer:
             cmd.append("--no-health")
         if not self.uvloop:
             cmd.append("--no-uvloop")
+        cmd += ["--options", json.dumps(self.options)]
         self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         line = self._proc.stdout.readline()  # type: ignore[union-attr]  # "" if it died
         if not line.startswith("LISTENING "):
@@ -454,6 +516,13 @@ class ScriptedServer:
         if self._proc is not None and self._proc.stdout is not None:
             self._proc.stdout.close()
         self._proc = None
+
+    @classmethod
+    def transformers_like(cls, tokens_per_chunk: int = 3, **script: Any) -> "ScriptedServer":
+        """A server that behaves as `transformers serve` does (see the module doc); `script` adds default keys."""
+        default = {"usage": "finish", "done": False, "role_chunk_content": False, "tokens_per_chunk": tokens_per_chunk,
+                   **script}
+        return cls(models_status=500, metrics=False, reject_fields=("min_tokens", "ignore_eos"), default_script=default)
 
     def __enter__(self) -> "ScriptedServer":
         return self.start()
