@@ -70,7 +70,7 @@ def report_context(run: RunData, summary: dict[str, Any], findings: list[Finding
         "run_name": run.path.name if run.path else "run",
         "summary": summary,
         "findings": findings,
-        "slices": all_slice_tables(ctx.frame, ctx.itl_of),
+        "slices": all_slice_tables(ctx.frame, ctx.itl_by_group),
         "time_series": all_time_series(ctx.frame, ctx.metrics),
         "worst_ttft": worst_requests(ctx.frame, "ttft_s"),
         "worst_e2e": worst_requests(ctx.frame, "e2e_s"),
