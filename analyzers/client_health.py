@@ -17,8 +17,8 @@ import pandas as pd
 from analyzers.metrics import quantile
 
 # Schedule lag shifts when load arrives (the offered rate), event-loop lag delays
-# the timestamps themselves. The floors match the workers' own 10 ms schedule-lag
-# check (harness/api.py); above a floor, a lag only distorts the numbers when it
+# the timestamps themselves. This is the one place the verdict is made: `servescope
+# run` copies it into run.json's client_check. Above a floor, a lag only distorts the numbers when it
 # is a visible share of the latencies measured (a fraction of the median TTFT).
 # A single loop stall delays one timestamp, so the loop's p99 is judged, and its
 # maximum only when one stall outlasts a typical TTFT.

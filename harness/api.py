@@ -39,7 +39,7 @@ from harness.config import ConfigError, RunConfig, redact_command_line
 from harness.console import RunConsole
 from harness.loadgen.dispatcher import Dispatcher, DispatchResult, Progress
 from harness.loadgen.models import Phase, default_workers, plan_phases
-from harness.records import SUMMARY_JSON
+from harness.records import RUN_JSON, SUMMARY_JSON
 from harness.rundir import RunDirError, RunDirWriter, write_json_atomic
 from harness.scrape import MetricsScraper, probe_metrics
 from harness.targets import EngineError, EngineProcess, auth_headers, resolve_model
@@ -47,11 +47,6 @@ from harness.worker import WorkerSettings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-# Client self-check thresholds: beyond these the load generator's own delays are
-# large enough to distort latencies of tens of milliseconds (a fast server's
-# TTFT/ITL), so the console, run.json and the report say the run was client-bound.
-SCHEDULE_LAG_P99_LIMIT_S = 0.010
-LOOP_LAG_MAX_LIMIT_S = 0.050
 # With neither --workload nor --prompt-tokens/--max-tokens: a small fixed-length workload.
 DEFAULT_PROMPT_TOKENS = 128
 DEFAULT_MAX_TOKENS = 64
@@ -234,11 +229,8 @@ def _drive(
         console.error(problem)
     for notice in result.notices:
         console.warn(notice)
-    check = client_check(result)
-    if check["client_bound"]:
-        console.warn("client-bound: " + "; ".join(check["reasons"]))
     extra = {
-        "client_check": check, "phases": result.phases, "problems": result.problems,
+        "client_check": client_check(result), "phases": result.phases, "problems": result.problems,
         "prewarm": result.prewarm, "cancelled_in_flight": result.cancelled, "notices": result.notices,
         "output_length_forced": prepared.force_output_length and not any(
             n.startswith(FORCE_REJECTED_NOTICE) for n in result.notices),
@@ -256,28 +248,38 @@ def _final_status(result: DispatchResult, writer: RunDirWriter) -> str:
 
 
 def client_check(result: DispatchResult) -> dict[str, Any]:
-    """The load generator's self-check for run.json (thresholds: see the constants above)."""
+    """The load generator's self-check figures for run.json.
+
+    The verdict (`client_bound`, `reasons`) is the analyzers' (analyzers/client_health.py),
+    judged against the latencies measured, and is merged in once the summary exists.
+    """
     import numpy as np
 
     lags = np.asarray(result.schedule_lags, dtype=np.float64)
     lags = lags[np.isfinite(lags)]
     pct = (lambda q: float(np.percentile(lags, q))) if len(lags) else (lambda q: None)
-    loop_max = max((w.max_s for w in result.loop_lag), default=None)
-    loop_p99 = max((w.p99_s for w in result.loop_lag), default=None)
-    reasons = []
-    if len(lags) and pct(99) > SCHEDULE_LAG_P99_LIMIT_S:
-        reasons.append(f"schedule lag p99 {pct(99) * 1e3:.1f} ms > {SCHEDULE_LAG_P99_LIMIT_S * 1e3:.0f} ms")
-    if loop_max is not None and loop_max > LOOP_LAG_MAX_LIMIT_S:
-        reasons.append(f"event-loop lag max {loop_max * 1e3:.1f} ms > {LOOP_LAG_MAX_LIMIT_S * 1e3:.0f} ms")
     return {
         "schedule_lag_p50_s": pct(50), "schedule_lag_p99_s": pct(99),
         "schedule_lag_max_s": float(lags.max()) if len(lags) else None, "schedule_lag_n": int(len(lags)),
-        "loop_lag_max_s": loop_max, "loop_lag_p99_s": loop_p99,
+        "loop_lag_max_s": max((w.max_s for w in result.loop_lag), default=None),
+        "loop_lag_p99_s": max((w.p99_s for w in result.loop_lag), default=None),
         "per_worker": [{"worker": w.worker, "loop_lag_max_s": w.max_s, "loop_lag_p99_s": w.p99_s,
                         "loop_lag_mean_s": w.mean_s, "samples": w.samples} for w in result.loop_lag],
-        "thresholds": {"schedule_lag_p99_s": SCHEDULE_LAG_P99_LIMIT_S, "loop_lag_max_s": LOOP_LAG_MAX_LIMIT_S},
-        "client_bound": bool(reasons), "reasons": reasons,
     }
+
+
+def _record_client_verdict(run_dir: Path, summary: dict[str, Any]) -> None:
+    """Copy the analyzers' client-bound verdict into run.json's client_check (one judgement, two places)."""
+    client = summary.get("client") or {}
+    path = run_dir / RUN_JSON
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    check = meta.setdefault("client_check", {})
+    check.update({key: client.get(key) for key in ("client_bound", "reasons", "lag_limit_s",
+                                                     "loop_lag_p99_limit_s", "loop_lag_max_limit_s")})
+    write_json_atomic(path, meta)
 
 
 def _worker_settings(config: RunConfig, prepared: _Prepared, base_url: str, model: str, origin: float) -> list[WorkerSettings]:
@@ -355,6 +357,7 @@ class _sigint_counter:
 def _finish(config: RunConfig, out: Path, status: str, console: RunConsole) -> RunOutcome:
     summary = _summarize(out, config.report, console)
     if summary is not None:
+        _record_client_verdict(out, summary)
         console.summary_table(summary)
     console.info(f"run directory: {out}" + (f"  (report: {out / 'report.html'})" if (out / "report.html").exists() else ""))
     if status == "interrupted":

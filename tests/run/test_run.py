@@ -104,7 +104,9 @@ def test_sweep_and_warmup_phases_are_labelled_and_run_json_is_complete(tmp_path,
     assert meta["server_metrics"]["available"] is False
     assert [p["phase"] for p in meta["load"]["phases"]] == ["warmup", "concurrency=1", "concurrency=3"]
     assert {"hostname", "cpu_count", "python", "platform"} <= set(meta["host"])
-    assert meta["client_check"]["client_bound"] in (True, False)
+    summary = json.loads((outcome.run_dir / "summary.json").read_text())
+    assert meta["client_check"]["client_bound"] is summary["client"]["client_bound"]  # one verdict, both files
+    assert meta["client_check"]["reasons"] == summary["client"]["reasons"]
     assert "schedule_lag_p99_s" in meta["client_check"] and "loop_lag_max_s" in meta["client_check"]
     assert meta["prompt_lengths_exact"] is False  # bundled tokenizer against a foreign target
     on_disk = "".join(p.read_text(errors="replace") for p in outcome.run_dir.iterdir() if p.suffix == ".json")
