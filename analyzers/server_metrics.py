@@ -117,14 +117,15 @@ class ServerMetrics:
         """q-quantile of observations made between t0 and t1, from bucket count deltas (linear within a bucket).
 
         With no t0, everything observed up to t1 counts (the counters start with the server).
+        Linear interpolation inside a wide bucket can overstate a quantile badly (vLLM's
+        queue-time histogram starts at 0.3 s: microsecond queues read as 150 ms), so the
+        estimate is capped by Markov's inequality on the window's own mean (from _sum and
+        _count): for latencies, which are never negative, the q-quantile is at most mean / (1 - q).
         """
         sub = self.samples[(self.samples["key"] == key) & (self.samples["part"] == "_bucket")]
         if sub.empty:
             return None
-        # Bracket the window with the scrapes just outside it, so no observation inside is lost.
-        times = np.sort(sub["t"].unique())
-        last = times[np.searchsorted(times, t1, side="left")] if t1 is not None and t1 <= times[-1] else times[-1]
-        first = times[np.searchsorted(times, t0, side="right") - 1] if t0 is not None and t0 >= times[0] else None
+        first, last = self._bracket(sub, t0, t1)
         les = sub["labels"].map(lambda text: json.loads(text).get("le"))
         sub = sub.assign(le=pd.to_numeric(les.replace({"+Inf": "inf"}), errors="coerce")).dropna(subset=["le"])
         counts = sub[sub["t"] == last].groupby("le")["value"].sum()
@@ -140,11 +141,39 @@ class ServerMetrics:
         i = min(i, len(cum) - 1)
         upper = bounds[i]
         if not np.isfinite(upper):
-            return float(bounds[i - 1]) if i > 0 else None  # above the largest finite bucket
-        lower = bounds[i - 1] if i > 0 else 0.0
-        below = cum[i - 1] if i > 0 else 0.0
-        in_bucket = cum[i] - below
-        return float(lower + (upper - lower) * ((target - below) / in_bucket if in_bucket > 0 else 1.0))
+            estimate = float(bounds[i - 1]) if i > 0 else None  # above the largest finite bucket
+        else:
+            lower = bounds[i - 1] if i > 0 else 0.0
+            below = cum[i - 1] if i > 0 else 0.0
+            in_bucket = cum[i] - below
+            estimate = float(lower + (upper - lower) * ((target - below) / in_bucket if in_bucket > 0 else 1.0))
+        mean = self.histogram_mean(key, t0, t1)
+        if mean is not None and q < 1 and (estimate is None or estimate > mean / (1 - q)):
+            estimate = mean / (1 - q)
+        return estimate
+
+    def histogram_mean(self, key: str, t0: float | None = None, t1: float | None = None) -> float | None:
+        """Mean of the observations made between t0 and t1, from the _sum and _count deltas (None without them)."""
+        sums = self.samples[(self.samples["key"] == key) & (self.samples["part"] == "_sum")]
+        counts = self.samples[(self.samples["key"] == key) & (self.samples["part"] == "_count")]
+        if sums.empty or counts.empty:
+            return None
+        first, last = self._bracket(counts, t0, t1)
+
+        def delta(part: pd.DataFrame) -> float:
+            value = float(part.loc[part["t"] == last, "value"].sum())
+            return value - float(part.loc[part["t"] == first, "value"].sum()) if first is not None and first < last else value
+
+        n, total = delta(counts), delta(sums)
+        return total / n if n > 0 and total >= 0 else None
+
+    @staticmethod
+    def _bracket(sub: pd.DataFrame, t0: float | None, t1: float | None) -> tuple[float | None, float]:
+        """The scrapes just outside [t0, t1], so no observation inside the window is lost (first: None = from the start)."""
+        times = np.sort(sub["t"].unique())
+        last = times[np.searchsorted(times, t1, side="left")] if t1 is not None and t1 <= times[-1] else times[-1]
+        first = times[np.searchsorted(times, t0, side="right") - 1] if t0 is not None and t0 >= times[0] else None
+        return first, last
 
 
 def server_view(frame: pd.DataFrame, t0: float | None, t1: float | None) -> dict | None:
@@ -171,8 +200,9 @@ def server_view(frame: pd.DataFrame, t0: float | None, t1: float | None) -> dict
     for key in ("ttft_hist", "itl_hist", "e2e_hist", "queue_hist"):
         p50 = metrics.histogram_quantile(key, 0.5, t0, t1)
         if p50 is not None:
-            view["histograms"][key.removesuffix("_hist")] = {"p50": p50, "p90": metrics.histogram_quantile(key, 0.9, t0, t1),
-                                                             "p99": metrics.histogram_quantile(key, 0.99, t0, t1)}
+            view["histograms"][key.removesuffix("_hist")] = {
+                "mean": metrics.histogram_mean(key, t0, t1), "p50": p50,
+                "p90": metrics.histogram_quantile(key, 0.9, t0, t1), "p99": metrics.histogram_quantile(key, 0.99, t0, t1)}
     for key in ("running", "waiting", "kv_usage"):
         series = metrics.gauge(key)
         if t0 is not None and t1 is not None:

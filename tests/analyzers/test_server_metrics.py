@@ -43,6 +43,26 @@ def test_histogram_quantile_from_bucket_deltas():
     assert m.histogram_quantile("queue_hist", 0.5) is None
 
 
+def test_a_wide_first_bucket_is_capped_by_the_windows_mean():
+    """vLLM's queue-time histogram starts at 0.3 s: microsecond queues must not read as 150 ms."""
+    base = "vllm:request_queue_time_seconds"
+    rows = []
+    for t, n, total in ((0, 0, 0.0), (10, 200, 200 * 6e-6)):
+        rows += [(t, base + "_bucket", {"le": le}, n) for le in ("0.3", "0.5", "+Inf")]
+        rows += [(t, base + "_count", {}, n), (t, base + "_sum", {}, total)]
+    m = ServerMetrics.from_frame(_frame(rows))
+    assert m.histogram_mean("queue_hist", 0, 10) == pytest.approx(6e-6)
+    assert m.histogram_quantile("queue_hist", 0.5, 0, 10) == pytest.approx(12e-6)  # Markov: mean / (1 - q)
+    assert m.histogram_quantile("queue_hist", 0.99, 0, 10) == pytest.approx(6e-4)
+    # Where the buckets are informative the cap stays out of the way.
+    rows = []
+    for t, n in ((0, 0), (10, 100)):
+        rows += [(t, base + "_bucket", {"le": "0.1"}, n // 2), (t, base + "_bucket", {"le": "1.0"}, n),
+                 (t, base + "_bucket", {"le": "+Inf"}, n), (t, base + "_count", {}, n), (t, base + "_sum", {}, n * 0.3)]
+    m = ServerMetrics.from_frame(_frame(rows))
+    assert m.histogram_quantile("queue_hist", 0.5, 0, 10) == pytest.approx(0.1)
+
+
 def test_no_metrics_means_empty_answers():
     m = ServerMetrics.from_frame(pd.DataFrame(columns=["t", "name", "labels", "value"]))
     assert m.gauge("waiting").empty and m.counter_increase("preemptions") == 0.0 and not m.has("kv_usage")
