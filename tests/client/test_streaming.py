@@ -26,7 +26,9 @@ def test_ttft_and_itl_match_the_script_and_the_server_write_times(server, transp
     seen = _content_times(rec)
     assert len(writes) == len(seen) == 5
     lags = [c - w for c, w in zip(seen, writes)]
-    assert all(-1e-4 < lag < TOL for lag in lags), lags
+    # The server stamps just after its write() returns; on a loaded machine it can be
+    # descheduled in between, so the client may legitimately stamp a little earlier.
+    assert all(-TOL < lag < TOL for lag in lags), lags
     # Against the script: within 2 ms, plus however late the server's own timer fired.
     server_itl = [b - a for a, b in zip(writes, writes[1:])]
     for got, want, served in zip(rec.itl_s, script["itl_s"], server_itl):
