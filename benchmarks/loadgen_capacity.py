@@ -258,7 +258,7 @@ def bench_execute_run(srv: ScriptedServer, workers: int, rates: list[float], dur
     rows = []
     for rate in rates:
         with tempfile.TemporaryDirectory() as tmp:
-            config = RunConfig(target=srv.base_url, model="bench", prompt_tokens=16, max_tokens=2, rate=rate,
+            config = RunConfig(target=srv.base_url, model="scripted", prompt_tokens=16, max_tokens=2, rate=rate,
                                arrival="constant", duration_s=duration_s, workers=workers, out=os.path.join(tmp, "run"),
                                report=False, show_progress=False)
             outcome = execute_run(config)
