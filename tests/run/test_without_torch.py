@@ -1,0 +1,50 @@
+"""The harness installs and runs without torch or triton (DESIGN.md: they are the `engine` extra).
+
+A real `servescope run` + `servescope report` against the scripted SSE server, in
+processes where importing torch or triton raises, worker processes included.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from support.scripted_server import ScriptedServer
+
+BLOCKING_ENTRY = '''
+import importlib.abc
+import sys
+
+
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "triton"):
+            raise ImportError(f"{name} is blocked: the harness must not need it")
+
+
+sys.meta_path.insert(0, NoTorch())  # module level: spawned worker processes re-import this file
+
+if __name__ == "__main__":
+    sys.argv = ["servescope"] + sys.argv[1:]
+    from harness.cli import main
+
+    main()
+'''
+
+
+def test_run_and_report_need_no_torch(tmp_path: Path) -> None:
+    entry = tmp_path / "servescope_without_torch.py"
+    entry.write_text(BLOCKING_ENTRY)
+    out = tmp_path / "run"
+    with ScriptedServer() as srv:
+        run = subprocess.run([sys.executable, str(entry), "run", "--target", srv.base_url, "--prompt-tokens", "32",
+                              "--max-tokens", "8", "--concurrency", "4", "--requests", "20", "--out", str(out)],
+                             capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["overall"]["ok"] == 20
+    assert (out / "report.html").stat().st_size > 100_000
+    report = subprocess.run([sys.executable, str(entry), "report", str(out)], capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr[-2000:]
