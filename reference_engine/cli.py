@@ -69,7 +69,12 @@ def serve(preset: str | None, model_path: str | None, served_model_name: str | N
           spec: str | None, seed: int, api_key: str | None, threads: int | None, cuda_graph: bool,
           enforce_eager: bool, cuda_graph_max_len: int, async_scheduling: bool | None) -> None:
     """Start the bundled reference engine (OpenAI-compatible server)."""
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise click.ClickException(
+            "the reference engine needs torch, which is not installed; install the engine extra with "
+            "`pip install torch==2.13.0 -e '.[engine]'` (the harness alone runs without it)") from None
 
     from reference_engine.config import EngineConfig
     from reference_engine.engine import LLMEngine

@@ -48,3 +48,11 @@ def test_run_and_report_need_no_torch(tmp_path: Path) -> None:
     assert (out / "report.html").stat().st_size > 100_000
     report = subprocess.run([sys.executable, str(entry), "report", str(out)], capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr[-2000:]
+
+
+def test_the_engine_says_it_needs_torch(tmp_path: Path) -> None:
+    entry = tmp_path / "servescope_without_torch.py"
+    entry.write_text(BLOCKING_ENTRY)
+    serve = subprocess.run([sys.executable, str(entry), "serve", "--port", "0"], capture_output=True, text=True, timeout=60)
+    assert serve.returncode == 1
+    assert "needs torch" in serve.stderr and "pip install torch==2.13.0" in serve.stderr
