@@ -434,32 +434,63 @@ class Bench:
         modes = {"graphs+async": (True, True), "graphs, sync": (True, False), "eager, sync": (False, False)}
         engine.reset_scheduling(enable_prefix_caching=False)  # repeats of one prompt must not hit the cache
         saved = engine.runner.graphs
+        overlap_before = engine.async_scheduling
         rows = {}
         for mode, (graphs, overlap) in modes.items():
             if graphs and not saved:
                 continue
             engine.runner.graphs = saved if graphs else {}
             engine.async_scheduling = overlap
-            run_requests(engine, prompt, [8])  # warm
-            best = None
-            for _ in range(a.repeat):
-                r = run_requests(engine, prompt, [a.a_tokens])
-                decode = (a.a_tokens - 1) / (r["last_s"][0] - r["first_s"][0])
-                e2e = a.a_tokens / r["elapsed_s"]
-                if best is None or decode > best["decode_tok_per_s"]:
-                    best = {"decode_tok_per_s": decode, "e2e_tok_per_s": e2e, "ttft_s": r["ttft_s"][0]}
-            best["frac_roofline"] = best["decode_tok_per_s"] / roof
-            rows[mode] = best
+            rows[mode] = self.best_decode(engine, prompt)
         engine.runner.graphs = saved
+        engine.async_scheduling = overlap_before
+        gemv_info = self.compare_gemv(engine, prompt, rows) if saved and a.a_compare_gemv else None
         engine.reset_scheduling(enable_prefix_caching=True)
         self.results["a"] = {"prompt_tokens": a.a_prompt, "output_tokens": a.a_tokens,
                              "roofline_tok_per_s": roof, "engine": rows}
+        if gemv_info is not None:
+            self.results["a"]["gemv"] = gemv_info
         print(f"\n(a) batch-1 decode, {a.a_prompt}-token prompt, {a.a_tokens} tokens; roofline "
               f"{roof:.0f} tok/s = copy BW / {weight_bytes(self.mc) / 1e9:.2f} GB of weights")
-        print(f"{'engine mode':<16} {'decode tok/s':>12} {'of roofline':>11} {'e2e tok/s':>10} {'TTFT ms':>8}")
+        print(f"{'engine mode':<34} {'decode tok/s':>12} {'of roofline':>11} {'e2e tok/s':>10} {'TTFT ms':>8}")
         for mode, r in rows.items():
-            print(f"{mode:<16} {r['decode_tok_per_s']:>12.1f} {r['frac_roofline']:>10.1%} "
+            print(f"{mode:<34} {r['decode_tok_per_s']:>12.1f} {r['frac_roofline']:>10.1%} "
                   f"{r['e2e_tok_per_s']:>10.1f} {r['ttft_s'] * 1e3:>8.1f}")
+
+    def best_decode(self, engine: LLMEngine, prompt: list[list[int]]) -> dict:
+        a = self.args
+        run_requests(engine, prompt, [8])  # warm
+        best = None
+        for _ in range(a.repeat):
+            r = run_requests(engine, prompt, [a.a_tokens])
+            decode = (a.a_tokens - 1) / (r["last_s"][0] - r["first_s"][0])
+            if best is None or decode > best["decode_tok_per_s"]:
+                best = {"decode_tok_per_s": decode, "e2e_tok_per_s": a.a_tokens / r["elapsed_s"], "ttft_s": r["ttft_s"][0]}
+        best["frac_roofline"] = best["decode_tok_per_s"] / (self.limits["copy_GBps"] * 1e9 / weight_bytes(self.mc))
+        return best
+
+    def compare_gemv(self, engine: LLMEngine, prompt: list[list[int]], rows: dict) -> dict | None:
+        """(a) again with every projection on cuBLAS (kernels/gemv.py's policy off), same process and
+        machine: the batch-1 graph is recaptured without the skinny kernel, then all graphs are
+        recaptured as they were."""
+        ops = engine.ops
+        if not hasattr(ops, "gemv_policy"):
+            return None
+        from kernels.gemv import GemvPolicy
+
+        keep = ops.gemv_policy
+        info = {"mode": getattr(keep, "mode", None), "table": os.environ.get("KERNELS_GEMV_TABLE", "kernels/gemv_tuned.json"),
+                "device_entries": getattr(keep, "entries", None)}
+        runner = engine.runner
+        max_len = runner.graph_max_blocks * engine.config.block_size
+        try:
+            ops.gemv_policy = GemvPolicy(None, mode="off")
+            runner.capture_graphs(1, max_len, capture=runner.on_gpu)
+            rows["graphs+async, cuBLAS projections"] = self.best_decode(engine, prompt)
+        finally:
+            ops.gemv_policy = keep
+            engine.graph_capture_s = runner.capture_graphs(engine.config.max_num_seqs, max_len, capture=runner.on_gpu)
+        return info
 
     def do_b(self) -> None:
         engine = self.get_engine()
@@ -845,6 +876,8 @@ def main() -> None:
     p.add_argument("--kv-gib", type=int, default=64)
     p.add_argument("--a-prompt", type=int, default=128)
     p.add_argument("--a-tokens", type=int, default=256)
+    p.add_argument("--no-a-compare-gemv", dest="a_compare_gemv", action="store_false",
+                   help="skip (a)'s extra run with every projection on cuBLAS")
     p.add_argument("--b-batch", type=int, default=128)
     p.add_argument("--b-prompt", type=int, default=512)
     p.add_argument("--b-tokens", type=int, default=128)

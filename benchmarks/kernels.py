@@ -3,6 +3,7 @@
 Run on the GPU machine, from the repository root:
 
     python -m benchmarks.kernels [--sweep] [--out DIR]
+    python -m benchmarks.kernels --gemv [--gemv-table FILE]   # decode projections only
 
 It first measures the two ceilings in the same run (device-to-device copy
 bandwidth, counting bytes read + written, and the bf16 8192^3 matmul rate),
@@ -10,6 +11,17 @@ checks every kernel against its plain-torch reference at the benchmark shapes,
 then times each kernel (triton.testing.do_bench, median) beside torch. With
 --sweep it also tries launch configurations of the two attention kernels and
 reports the best. Results go to DIR/kernels_<device>.json.
+
+--gemv instead times the skinny-matrix kernel (kernels/gemv.py) on the
+llama3-8b decode projections at 1-16 rows against cuBLAS (F.linear, torch.mv,
+and a [K, N] copy of the weight), over a sweep of launch configurations, and its
+fused RMSNorm / SiLU-mul prologues against the separate Triton kernel plus the
+faster plain product. Each time is per call inside a CUDA graph that runs the
+product over enough distinct weight copies to stream far more than L2 holds
+(as the engine's graph does, one layer after another). It writes
+DIR/kernels_gemv_<device>.json and the tuned table that GemvPolicy reads
+(--gemv-table, default kernels/gemv_tuned.json): an entry wherever the kernel
+was at least 2% faster.
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
+from kernels.gemv import TUNED_PATH, GemvConfig, gemv  # noqa: E402
 from kernels.kv_write import write_kv, write_kv_ref  # noqa: E402
 from kernels.paged_decode_attention import DecodeConfig, decode_attention, decode_attention_ref  # noqa: E402
 from kernels.paged_prefill_attention import PrefillConfig, prefill_attention, prefill_attention_ref  # noqa: E402
@@ -237,11 +250,203 @@ def prefill_sweep() -> list[PrefillConfig]:
             for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
 
 
+# -- skinny products for decode (kernels/gemv.py) ------------------------------------------------
+# llama3-8b's decoder projections: (N, K, the prologue the engine would fuse into it).
+GEMV_SHAPES = {"qkv": (6144, 4096, "norm"), "o": (4096, 4096, None), "gate_up": (28672, 4096, "norm"),
+               "down": (4096, 14336, "silu_mul")}
+GEMV_ROWS = (1, 2, 4, 8, 16)
+GEMV_MARGIN = 0.98  # the kernel must be this much faster than what it replaces
+
+
+def gemv_candidates(rows: int) -> list[GemvConfig]:
+    """FMA configs (M <= 8, at most 128 float32 partial sums a thread, at least one 16-byte weight load
+    a thread per step) and 16-row dot configs (pipelined stages under ~200 KB of shared memory)."""
+    out = []
+    if rows <= 8:
+        bm = triton.next_power_of_2(rows)
+        for bn in (4, 8, 16, 32):
+            for bk in (256, 512, 1024):
+                for nw in (4, 8):
+                    if bm * bn * bk > 128 * 32 * nw or bn * bk * 2 < 16 * 32 * nw:
+                        continue
+                    out.append(GemvConfig(block_n=bn, block_k=bk, num_warps=nw, num_stages=3, use_dot=False))
+    for bn in (16, 32, 64):
+        for bk in (128, 256, 512):
+            for nw, ns in ((4, 3), (4, 4), (8, 3)):
+                if ns * (bn + 16) * bk * 2 > 200_000:
+                    continue
+                out.append(GemvConfig(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, use_dot=True))
+    return out
+
+
+def graph_us(calls: list[Callable[[], object]], replays: int = 5, rounds: int = 3) -> float:
+    """Median time per call of `calls` run back to back inside one CUDA graph."""
+    if DEVICE != "cuda":
+        start = time.perf_counter()
+        for c in calls:
+            c()
+        return (time.perf_counter() - start) * 1e6 / len(calls)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (replays * len(calls)))
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def bench_gemv(limits: dict, gen, budget_s: float, shapes: dict = GEMV_SHAPES, rows_list=GEMV_ROWS) -> dict:
+    started = time.time()
+    copy_bw = limits["copy_GBps"]
+    results: dict = {"shapes": {}, "margin": GEMV_MARGIN}
+    stream_bytes = (1 << 30) if DEVICE == "cuda" else 1 << 16
+    for name, (n, k, prologue) in shapes.items():
+        wbytes = n * k * 2
+        copies = max(3, min(64, -(-stream_bytes // wbytes)))
+        ws = [torch.randn(n, k, dtype=DTYPE, device=DEVICE, generator=gen) / k**0.5 for _ in range(copies)]
+        wts = [w.t().contiguous() for w in ws]
+        nw = torch.randn(k, dtype=DTYPE, device=DEVICE, generator=gen)
+        shape_res: dict = {"n": n, "k": k, "weight_bytes": wbytes, "copies": copies, "prologue": prologue, "rows": {}}
+        results["shapes"][name] = shape_res
+        for rows in rows_list:
+            if time.time() - started > budget_s:
+                shape_res["rows"][str(rows)] = {"skipped": "budget"}
+                continue
+            x = torch.randn(rows, k, dtype=DTYPE, device=DEVICE, generator=gen)
+
+            def frac(us: float) -> float:
+                return wbytes / us / 1e3 / copy_bw
+
+            row: dict = {"cublas": {}}
+            row["cublas"]["linear"] = graph_us([lambda w=w: torch.nn.functional.linear(x, w) for w in ws])
+            row["cublas"]["kn_matmul"] = graph_us([lambda wt=wt: x @ wt for wt in wts])
+            if rows == 1:
+                row["cublas"]["mv"] = graph_us([lambda w=w: torch.mv(w, x[0]) for w in ws])
+            ref = torch.nn.functional.linear(x.float(), ws[0].float())
+            variants = []
+            for cfg in gemv_candidates(rows):
+                try:
+                    err = rel_err(gemv(x, ws[0], config=cfg)[0], ref)
+                    us = graph_us([lambda w=w, cfg=cfg: gemv(x, w, config=cfg) for w in ws])
+                    variants.append({"config": asdict(cfg), "us": us, "frac_copy_bw": frac(us), "rel_err": err})
+                except Exception as exc:
+                    variants.append({"config": asdict(cfg), "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
+            good = sorted((v for v in variants if "us" in v and v["rel_err"] < 2e-2), key=lambda v: v["us"])
+            row["variants"] = variants
+            row["best"] = good[0] if good else None
+            lin = row["cublas"]["linear"]
+            row["linear_frac_copy_bw"] = frac(lin)
+            use = good[0]["config"] if good and good[0]["us"] < GEMV_MARGIN * lin else None
+            row["use"] = use
+            plain_us = good[0]["us"] if use else lin
+            # The fused prologue against [the separate Triton kernel + the faster plain product].
+            if prologue is not None and good:
+                if prologue == "norm":
+                    res = torch.randn(rows, k, dtype=DTYPE, device=DEVICE, generator=gen)
+                    xin = x
+                    sep = lambda w: (gemv(rms_norm(xin, nw, 1e-5, res)[0], w, config=GemvConfig(**use))  # noqa: E731
+                                     if use else torch.nn.functional.linear(rms_norm(xin, nw, 1e-5, res)[0], w))
+                    fused = lambda w, cfg: gemv(xin, w, "norm", nw, 1e-5, res, config=cfg)  # noqa: E731
+                    fref = torch.nn.functional.linear(rms_norm_ref(xin, nw, 1e-5, res)[0].float(), ws[0].float())
+                else:
+                    xin = torch.randn(rows, 2 * k, dtype=DTYPE, device=DEVICE, generator=gen)
+                    sep = lambda w: (gemv(silu_and_mul(xin), w, config=GemvConfig(**use))  # noqa: E731
+                                     if use else torch.nn.functional.linear(silu_and_mul(xin), w))
+                    fused = lambda w, cfg: gemv(xin, w, "silu_mul", config=cfg)  # noqa: E731
+                    fref = torch.nn.functional.linear(silu_and_mul_ref(xin.float()), ws[0].float())
+                sep_us = graph_us([lambda w=w: sep(w) for w in ws])
+                fvars = []
+                for v in good[:4]:
+                    cfg = GemvConfig(**v["config"])
+                    try:
+                        err = rel_err(fused(ws[0], cfg)[0], fref)
+                        us = graph_us([lambda w=w, cfg=cfg: fused(w, cfg) for w in ws])
+                        fvars.append({"config": v["config"], "us": us, "rel_err": err})
+                    except Exception as exc:
+                        fvars.append({"config": v["config"], "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
+                fgood = sorted((v for v in fvars if "us" in v and v["rel_err"] < 2e-2), key=lambda v: v["us"])
+                row["fused"] = {"prologue": prologue, "separate_us": sep_us, "plain_us": plain_us,
+                                "elementwise_us": sep_us - plain_us, "variants": fvars,
+                                "best": fgood[0] if fgood else None,
+                                "use": fgood[0]["config"] if fgood and fgood[0]["us"] < GEMV_MARGIN * sep_us else None}
+            shape_res["rows"][str(rows)] = row
+            b = row["best"]
+            line = (f"  gemv {name:8s} M={rows:<2d} cuBLAS linear {lin:7.2f} us ({frac(lin):4.0%}) "
+                    f"[K,N] {row['cublas']['kn_matmul']:7.2f}" + (f" mv {row['cublas']['mv']:7.2f}" if rows == 1 else "")
+                    + (f" | triton {b['us']:7.2f} us ({b['frac_copy_bw']:4.0%}) {GemvConfig(**b['config']).key()}" if b else " | triton -")
+                    + f" -> {'triton' if use else 'cuBLAS'}")
+            if "fused" in row:
+                f = row["fused"]
+                fb = f["best"]
+                line += (f"; {prologue}: separate {f['separate_us']:.2f} us, fused "
+                         + (f"{fb['us']:.2f}" if fb else "-") + f" -> {'fused' if f['use'] else 'separate'}")
+            print(line, flush=True)
+        del ws, wts
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    results["elapsed_s"] = time.time() - started
+    return results
+
+
+def gemv_table(device: str, results: dict) -> dict:
+    """The tuned table GemvPolicy reads: per shape, prologue and row bucket, the config or null."""
+    entries: dict = {}
+    for res in results["shapes"].values():
+        shape = entries.setdefault(f"{res['n']}x{res['k']}", {"none": {}})
+        for rows, row in res["rows"].items():
+            if "skipped" in row:
+                continue
+            shape["none"][rows] = row["use"]
+            if "fused" in row:
+                shape.setdefault(row["fused"]["prologue"], {})[rows] = row["fused"]["use"]
+    return {"note": "written by `python -m benchmarks.kernels --gemv`; a null entry means cuBLAS (and the "
+                    "separate elementwise kernel) measured faster", "measured": time.strftime("%Y-%m-%d"),
+            "devices": {device: entries}}
+
+
+def print_gemv(results: dict, limits: dict) -> None:
+    print(f"\n== gemv: us per call inside a CUDA graph (fraction of copy BW {limits['copy_GBps']:.0f} GB/s)")
+    print(f"{'proj':8s} {'M':>3s} {'F.linear':>14s} {'best triton':>14s} {'speedup':>8s}  config / fused prologue")
+    for name, res in results["shapes"].items():
+        for rows, row in res["rows"].items():
+            if "skipped" in row:
+                print(f"{name:8s} {rows:>3s} skipped (budget)")
+                continue
+            lin, b = row["cublas"]["linear"], row["best"]
+            text = f"{name:8s} {rows:>3s} {lin:7.2f} ({row['linear_frac_copy_bw']:4.0%})"
+            if b:
+                text += f" {b['us']:7.2f} ({b['frac_copy_bw']:4.0%}) {lin / b['us']:7.2f}x  {GemvConfig(**b['config']).key()}"
+            if "fused" in row and row["fused"]["best"]:
+                f = row["fused"]
+                text += f"; {f['prologue']} fused {f['best']['us']:.2f} vs separate {f['separate_us']:.2f}"
+            print(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also try launch configurations and report the best")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter: checks this script, times nothing")
+    parser.add_argument("--gemv", action="store_true", help="only the decode projections (kernels/gemv.py) against cuBLAS")
+    parser.add_argument("--gemv-table", default=str(TUNED_PATH), help="where --gemv writes the tuned table")
+    parser.add_argument("--budget-s", type=float, default=240.0, help="--gemv: skip row counts after this many seconds")
     args = parser.parse_args()
     global DEVICE, DECODE, DECODE_LONG, PREFILL
     if args.smoke:
@@ -264,6 +469,20 @@ def main() -> None:
 
     limits = result["limits"] = measure_limits()
     print(f"{device}: copy {limits['copy_GBps']:.0f} GB/s (read+write), bf16 matmul {limits['matmul_bf16_TFLOPs']:.0f} TFLOP/s", flush=True)
+    if args.gemv:
+        path = path.replace("kernels_", "kernels_gemv_")
+        shapes = GEMV_SHAPES if not args.smoke else {"qkv": (48, 64, "norm"), "o": (32, 64, None),
+                                                      "down": (32, 64, "silu_mul")}
+        result["gemv"] = bench_gemv(limits, gen, args.budget_s, shapes, GEMV_ROWS if not args.smoke else (1, 3))
+        result["elapsed_s"] = time.time() - started
+        save()
+        table = gemv_table(device, result["gemv"])
+        with open(args.gemv_table, "w") as fh:
+            json.dump(table, fh, indent=1)
+            fh.write("\n")
+        print_gemv(result["gemv"], limits)
+        print(f"results: {path}; tuned table: {args.gemv_table}")
+        return
     save()
     result["elementwise"] = bench_elementwise(limits, gen)
     save()

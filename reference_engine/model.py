@@ -2,8 +2,9 @@
 
 A step's tokens arrive concatenated: decode rows first (one token per running
 sequence), then prefill chunks and speculative verifications (several tokens per
-sequence). Every non-matmul operation goes through `Ops`, so the same model runs
-on the torch CPU path and on the Triton kernels. q/k/v and gate/up projections
+sequence). Every non-matmul operation, and every decoder projection, goes through
+`Ops`, so the same model runs on the torch CPU path and on the Triton kernels
+(which may fuse an RMSNorm or SiLU-mul into the projection it feeds). q/k/v and gate/up projections
 are stored fused (one matmul each): fewer kernel launches per layer is what
 makes a tiny model fast on a CPU.
 """
@@ -83,20 +84,23 @@ class DecoderLayer(nn.Module):
 
     def forward(self, ops: Ops, hidden: Tensor, residual: Tensor | None, positions: Tensor,
                 cos_sin: Tensor, kv_cache: tuple[Tensor, Tensor], meta: AttentionMetadata) -> tuple[Tensor, Tensor]:
+        # Each RMSNorm feeds a projection and SiLU-mul feeds the down projection: the ops may fuse them.
         if residual is None:
+            qkv, _ = ops.norm_linear(hidden, self.input_norm, self.eps, None, self.qkv_proj, self.qkv_bias)
             residual = hidden
-            hidden, _ = ops.rms_norm(hidden, self.input_norm, self.eps)
         else:
-            hidden, residual = ops.rms_norm(hidden, self.input_norm, self.eps, residual)
-        hidden = self.attention(ops, hidden, positions, cos_sin, kv_cache, meta)
-        hidden, residual = ops.rms_norm(hidden, self.post_attention_norm, self.eps, residual)
-        hidden = F.linear(ops.silu_and_mul(F.linear(hidden, self.gate_up_proj)), self.down_proj)
+            qkv, residual = ops.norm_linear(hidden, self.input_norm, self.eps, residual, self.qkv_proj,
+                                            self.qkv_bias)
+        hidden = self.attention(ops, qkv, positions, cos_sin, kv_cache, meta)
+        gate_up, residual = ops.norm_linear(hidden, self.post_attention_norm, self.eps, residual,
+                                            self.gate_up_proj)
+        hidden = ops.silu_mul_linear(gate_up, self.down_proj)
         return hidden, residual
 
-    def attention(self, ops: Ops, hidden: Tensor, positions: Tensor, cos_sin: Tensor,
+    def attention(self, ops: Ops, qkv: Tensor, positions: Tensor, cos_sin: Tensor,
                   kv_cache: tuple[Tensor, Tensor], meta: AttentionMetadata) -> Tensor:
-        tokens = hidden.shape[0]
-        qkv = F.linear(hidden, self.qkv_proj, self.qkv_bias)
+        """Attention from the fused q|k|v projection [T, q + 2 kv] to the output projection [T, hidden]."""
+        tokens = qkv.shape[0]
         parts = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if getattr(ops, "strided_qkv", False):
             q, k, v = parts  # views of the fused output: three copy kernels per layer fewer (GPU decode)
@@ -106,9 +110,8 @@ class DecoderLayer(nn.Module):
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        ops.rope(q, k, positions, cos_sin)
         k_cache, v_cache = kv_cache
-        ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        ops.rope_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decode_tokens
         if nd == tokens:
             out = ops.decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
@@ -125,7 +128,7 @@ class DecoderLayer(nn.Module):
                                       meta.prefill_cu_seqlens_q, meta.prefill_context_lens, self.scale,
                                       max_seqlen_q=meta.prefill_max_seqlen_q),
             ])
-        return F.linear(out.reshape(tokens, self.q_size), self.o_proj)
+        return ops.linear(out.reshape(tokens, self.q_size), self.o_proj)
 
 
 class LlamaModel(nn.Module):

@@ -1,7 +1,10 @@
 """The one small interface between the model and its kernels, and its plain-torch implementation.
 
-The model calls only these six operations for everything that is not a plain
-matmul, so a faster backend (kernels/backend.py: TritonOps) swaps in by
+The model calls only these operations: six for everything that is not a
+matmul (and `rope_write_kv`, RoPE then the KV write, which a backend may fuse),
+and three projection entry points (`linear`, and `norm_linear` /
+`silu_mul_linear`, which a backend may fuse with the elementwise op feeding
+them; by default they are F.linear after the op), so a faster backend (kernels/backend.py: TritonOps) swaps in by
 subclassing `Ops`. `TorchOps` is the CPU path and the correctness reference.
 
 Paged KV cache layout, shared by every backend: per layer, K and V caches shaped
@@ -37,6 +40,27 @@ class Ops:
     def write_kv(self, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
         """Scatter k/v [T, Hkv, D] into the paged caches at slot_mapping [T] (int64)."""
         raise NotImplementedError
+
+    def rope_write_kv(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, cos_sin_cache: Tensor,
+                      k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+        """rope() then write_kv() (a backend may do both in one kernel)."""
+        self.rope(q, k, positions, cos_sin_cache)
+        self.write_kv(k, v, k_cache, v_cache, slot_mapping)
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """x [T, K] @ weight [N, K]^T (+ bias): a projection. The default is F.linear (cuBLAS on a GPU)."""
+        return F.linear(x, weight, bias)
+
+    def norm_linear(self, x: Tensor, norm_weight: Tensor, eps: float, residual: Tensor | None,
+                    weight: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """rms_norm (with the residual add) feeding a projection: (linear(normed), new_residual).
+        A backend may fuse the two; the default runs them one after the other."""
+        normed, residual = self.rms_norm(x, norm_weight, eps, residual)
+        return self.linear(normed, weight, bias), residual
+
+    def silu_mul_linear(self, x: Tensor, weight: Tensor) -> Tensor:
+        """silu_and_mul feeding a projection (the MLP's down projection); fused or not, as linear()."""
+        return self.linear(self.silu_and_mul(x), weight)
 
     def decode_attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                          context_lens: Tensor, scale: float) -> Tensor:

@@ -12,7 +12,8 @@ from kernels.kv_write import write_kv_ref
 from kernels.paged_decode_attention import DecodeConfig, decode_attention_ref
 from kernels.paged_prefill_attention import PrefillConfig, prefill_attention_ref
 
-OPS_METHODS = ["rms_norm", "rope", "silu_and_mul", "write_kv", "decode_attention", "prefill_attention"]
+OPS_METHODS = ["rms_norm", "rope", "silu_and_mul", "write_kv", "decode_attention", "prefill_attention",
+               "rope_write_kv", "linear", "norm_linear", "silu_mul_linear"]
 
 
 def test_prefill_then_decode_through_the_cache(generator, device, assert_close):

@@ -8,7 +8,7 @@ import torch
 from kernels.activation import silu_and_mul, silu_and_mul_ref
 from kernels.kv_write import write_kv, write_kv_ref
 from kernels.rmsnorm import rms_norm, rms_norm_ref
-from kernels.rope import rope, rope_ref
+from kernels.rope import rope, rope_ref, rope_write_kv, rope_write_kv_ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -107,6 +107,41 @@ def test_write_kv_scatters_and_skips_negative_slots(dtype, kv_heads, head_dim, p
     untouched = torch.ones(num_blocks * page_size, dtype=torch.bool)
     untouched[slots[slots >= 0].cpu()] = False
     assert torch.equal(flat[untouched.to(device)], caches[0].view(-1, kv_heads, head_dim)[untouched.to(device)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim,page_size", [(4, 4, 64, 16), (8, 2, 128, 8), (6, 1, 64, 4)])
+def test_rope_write_kv_is_rope_then_write_kv(dtype, q_heads, kv_heads, head_dim, page_size, generator, device,
+                                             assert_close):
+    """The fused kernel gives bit for bit what the two kernels give, on views of a fused QKV output,
+    with negative (skipped) slots, and agrees with the float32 reference."""
+    tokens, num_blocks = 6, 5
+    width = (q_heads + 2 * kv_heads) * head_dim
+    qkv = _randn(generator, tokens, width, dtype=dtype, device=device)
+    positions = torch.tensor([0, 3, 17, 17, 100, 5], device=device)
+    slots = torch.tensor([3, -1, page_size, 4 * page_size + page_size - 1, -1, 2 * page_size + 1], device=device)
+    cos_sin = _cos_sin_cache(128, head_dim, device)
+    caches = [_randn(generator, num_blocks, page_size, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(2)]
+
+    def views(t):
+        q = t[:, : q_heads * head_dim].view(tokens, q_heads, head_dim)
+        k = t[:, q_heads * head_dim : (q_heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+        v = t[:, (q_heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
+        return q, k, v
+
+    two, fused, ref = qkv.clone(), qkv.clone(), qkv.float()
+    two_caches, fused_caches = [c.clone() for c in caches], [c.clone() for c in caches]
+    ref_caches = [c.float() for c in caches]
+    q, k, v = views(two)
+    rope(q, k, positions, cos_sin)
+    write_kv(k, v, *two_caches, slots)
+    rope_write_kv(*views(fused), positions, cos_sin, *fused_caches, slots)
+    rope_write_kv_ref(*views(ref), positions, cos_sin, *ref_caches, slots)
+    assert torch.equal(fused, two)
+    assert all(torch.equal(a, b) for a, b in zip(fused_caches, two_caches))
+    assert_close(fused, ref)
+    for got, want in zip(fused_caches, ref_caches):
+        assert_close(got, want)
 
 
 def test_write_kv_rejects_cache_of_other_head_count(device):

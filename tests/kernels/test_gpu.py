@@ -42,3 +42,52 @@ def test_elementwise_bf16(generator, assert_close):
     assert_close(out, ref.float())
     gate_up = torch.randn(64, 2 * 14336, generator=generator).to(torch.bfloat16).cuda()
     assert_close(silu_and_mul(gate_up), silu_and_mul_ref(gate_up.float()))
+
+
+def test_gemv_decode_projections_bf16(generator, assert_close):
+    """llama3-8b's decode projections at 1-16 rows, each prologue, with the config the tuned policy
+    picks on this GPU (or the untuned default), plus one shape off the block grid."""
+    from kernels.gemv import PROLOGUES, GemvPolicy, default_config, gemv, gemv_ref
+
+    policy = GemvPolicy(torch.cuda.get_device_name(), mode="tuned")
+    for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (6000, 4000)]:
+        w = (torch.randn(n, k, generator=generator) / k**0.5).to(torch.bfloat16).cuda()
+        nw = torch.randn(k, generator=generator).to(torch.bfloat16).cuda()
+        for rows in (1, 2, 4, 8, 16):
+            for prologue in PROLOGUES:
+                width = 2 * k if prologue == "silu_mul" else k
+                a = torch.randn(rows, width, generator=generator).to(torch.bfloat16).cuda()
+                r = torch.randn(rows, k, generator=generator).to(torch.bfloat16).cuda() if prologue == "norm" else None
+                config = policy.config(n, k, rows, prologue) or default_config(rows)
+                out, summed = gemv(a, w, prologue, nw, 1e-5, r, config=config)
+                ref, ref_summed = gemv_ref(a, w.float(), prologue, nw, 1e-5, r)
+                assert_close(out, ref.float())
+                if r is not None:
+                    assert torch.equal(summed, ref_summed)
+
+
+def test_rope_write_kv_bf16_is_rope_then_write_kv(generator):
+    """llama3-8b's heads (32 query, 8 KV, d=128): the fused kernel equals the two kernels bit for bit."""
+    from kernels.kv_write import write_kv
+    from kernels.rope import rope, rope_write_kv
+
+    tokens, hq, hkv, d, page = 5, 32, 8, 128, 16
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * d, generator=generator).to(torch.bfloat16).cuda()
+    positions = torch.tensor([0, 7, 300, 4095, 8000], device="cuda")
+    slots = torch.tensor([5, -1, 16 * 3 + 15, 64, 17], device="cuda")
+    angles = torch.arange(8192, device="cuda")[:, None] * (500000.0 ** (-torch.arange(0, d, 2, device="cuda") / d))[None, :]
+    cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1)
+    caches = [torch.randn(8, page, hkv, d, generator=generator).to(torch.bfloat16).cuda() for _ in range(2)]
+
+    def views(t):
+        return (t[:, : hq * d].view(tokens, hq, d), t[:, hq * d : (hq + hkv) * d].view(tokens, hkv, d),
+                t[:, (hq + hkv) * d :].view(tokens, hkv, d))
+
+    two, fused = qkv.clone(), qkv.clone()
+    two_caches, fused_caches = [c.clone() for c in caches], [c.clone() for c in caches]
+    q, k, v = views(two)
+    rope(q, k, positions, cos_sin)
+    write_kv(k, v, *two_caches, slots)
+    rope_write_kv(*views(fused), positions, cos_sin, *fused_caches, slots)
+    assert torch.equal(fused, two)
+    assert all(torch.equal(a, b) for a, b in zip(fused_caches, two_caches))
