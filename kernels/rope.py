@@ -47,6 +47,16 @@ def _rotate_heads(x_ptr, stride_t, stride_h, token, num_heads, cos, sin,
 
 
 @triton.jit
+def _cos_sin(positions_ptr, cache_ptr, token, cols, stride_cache, HALF: tl.constexpr):
+    """This token's cos and sin rows (float32) from the [max_pos, D] cache: cos in the first half, sin in the second."""
+    pos = tl.load(positions_ptr + token).to(tl.int64)
+    cmask = cols < HALF
+    cos = tl.load(cache_ptr + pos * stride_cache + cols, mask=cmask, other=0.0).to(tl.float32)
+    sin = tl.load(cache_ptr + pos * stride_cache + HALF + cols, mask=cmask, other=0.0).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
 def _rope_kernel(
     q_ptr, k_ptr, positions_ptr, cache_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
@@ -54,11 +64,8 @@ def _rope_kernel(
     HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    pos = tl.load(positions_ptr + token).to(tl.int64)
     cols = tl.arange(0, BLOCK_HALF)
-    cmask = cols < HALF
-    cos = tl.load(cache_ptr + pos * stride_cache + cols, mask=cmask, other=0.0).to(tl.float32)
-    sin = tl.load(cache_ptr + pos * stride_cache + HALF + cols, mask=cmask, other=0.0).to(tl.float32)
+    cos, sin = _cos_sin(positions_ptr, cache_ptr, token, cols, stride_cache, HALF)
     _rotate_heads(q_ptr, stride_qt, stride_qh, token, num_q_heads, cos, sin, HALF, BLOCK_HQ, BLOCK_HALF)
     _rotate_heads(k_ptr, stride_kt, stride_kh, token, num_k_heads, cos, sin, HALF, BLOCK_HK, BLOCK_HALF)
 
@@ -109,11 +116,8 @@ def _rope_write_kv_kernel(
     HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    pos = tl.load(positions_ptr + token).to(tl.int64)
     cols = tl.arange(0, BLOCK_HALF)
-    cmask = cols < HALF
-    cos = tl.load(cache_ptr + pos * stride_cache + cols, mask=cmask, other=0.0).to(tl.float32)
-    sin = tl.load(cache_ptr + pos * stride_cache + HALF + cols, mask=cmask, other=0.0).to(tl.float32)
+    cos, sin = _cos_sin(positions_ptr, cache_ptr, token, cols, stride_cache, HALF)
     _rotate_heads(q_ptr, stride_qt, stride_qh, token, num_q_heads, cos, sin, HALF, BLOCK_HQ, BLOCK_HALF)
 
     slot = tl.load(slot_ptr + token).to(tl.int64)
