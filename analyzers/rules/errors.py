@@ -26,16 +26,18 @@ def errors(ctx: DiagnosisContext) -> Finding | None:
     kind = failed["error_kind"].where(failed["error_kind"].notna(), failed["status"]).fillna("error").astype(str)
     by_kind = {k: int(v) for k, v in kind.value_counts().items()}
     rate = len(failed) / len(judged)
-    sent = failed["sent_at"].to_numpy(dtype=np.float64)
+    # A request that never got a connection has no sent_at: place it at its scheduled time.
+    when = judged["sent_at"].astype("float64").fillna(judged["scheduled_at"].astype("float64")).to_numpy()
+    sent = when[(judged["status"] != "ok").to_numpy()]
+    timed = bool(np.isfinite(when).any())
     messages = failed["error_message"].dropna().astype(str).str.slice(0, 200).value_counts().head(5)
     severity = "high" if rate >= HIGH_RATE else "medium" if rate >= MEDIUM_RATE else "low"
-    lo, hi = float(np.nanmin(judged["sent_at"])), float(np.nanmax(judged["sent_at"]))
-    edges = np.linspace(lo, hi + 1e-9, TIME_BINS + 1)
-    centres = ((edges[:-1] + edges[1:]) / 2).round(3).tolist()
-    traces = [
-        charts.bar(centres, np.histogram(sent[(kind == k).to_numpy()], bins=edges)[0], k)
-        for k in by_kind
-    ]
+    traces = []
+    if timed:
+        edges = np.linspace(float(np.nanmin(when)), float(np.nanmax(when)) + 1e-9, TIME_BINS + 1)
+        centres = ((edges[:-1] + edges[1:]) / 2).round(3).tolist()
+        traces = [charts.bar(centres, np.histogram(sent[(kind == k).to_numpy()], bins=edges)[0], k) for k in by_kind]
+    first, last = (float(np.nanmin(sent)), float(np.nanmax(sent))) if np.isfinite(sent).any() else (None, None)
     top = max(by_kind, key=by_kind.get)
     return Finding(
         rule="errors",
@@ -44,21 +46,22 @@ def errors(ctx: DiagnosisContext) -> Finding | None:
         summary=(
             f"{len(failed)} of {len(judged)} measured requests did not succeed: "
             + ", ".join(f"{v} {k}" for k, v in by_kind.items())
-            + f". The first failure was sent at {np.nanmin(sent):.1f} s, the last at {np.nanmax(sent):.1f} s."
+            + (f". The first failure was sent at {first:.1f} s, the last at {last:.1f} s." if first is not None else ".")
         ),
         evidence={
             "failed": int(len(failed)),
             "judged": int(len(judged)),
             "error_rate": rate,
             "by_kind": by_kind,
-            "first_failure_sent_s": float(np.nanmin(sent)),
-            "last_failure_sent_s": float(np.nanmax(sent)),
+            "first_failure_sent_s": first,
+            "last_failure_sent_s": last,
             "top_messages": {str(m): int(c) for m, c in messages.items()},
             "http_status": {str(int(k)): int(v) for k, v in failed["http_status"].dropna().value_counts().items()},
         },
         slices=[{"dimension": "error_kind", "value": k, "n": v} for k, v in by_kind.items()],
         suggestion=_suggestion(top),
-        chart=charts.figure(traces, "Failures over time (by send time)", "time in run (s)", "failed requests", barmode="stack"),
+        chart=charts.figure(traces, "Failures over time (by send time)", "time in run (s)", "failed requests", barmode="stack")
+        if traces else None,
     )
 
 

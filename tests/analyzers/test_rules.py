@@ -237,6 +237,18 @@ def test_errors_by_kind(make_sim):
     assert f.evidence["top_messages"] == {"<b>boom</b>": 10}
 
 
+def test_requests_that_never_connected_are_placed_at_their_scheduled_time(make_sim):
+    sim = make_sim(seed=11).steady(n=60)
+    for row in sim.rows[40:50]:
+        row.update(status="error", error_kind="connect", error_message="connection refused", sent_at=None,
+                   first_token_at=None, ttft_s=None, e2e_s=None, tpot_s=None, itl_s=None, chunk_tokens=None)
+    f = fired(sim.run(), "errors")
+    assert f.evidence["by_kind"] == {"connect": 10}
+    scheduled = [row["scheduled_at"] for row in sim.rows[40:50]]
+    assert f.evidence["first_failure_sent_s"] == min(scheduled) and f.evidence["last_failure_sent_s"] == max(scheduled)
+    assert "nan" not in f.summary and f.chart is not None
+
+
 def test_cancelled_requests_are_not_errors(make_sim):
     sim = make_sim().steady(n=100)
     sim.rows[-1].update(status="cancelled", error_kind="cancelled")
