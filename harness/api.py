@@ -299,15 +299,48 @@ def _worker_settings(config: RunConfig, prepared: _Prepared, base_url: str, mode
     return settings
 
 
+class TargetDownWatch:
+    """Notices a target that stopped accepting connections, so the run ends instead of spinning.
+
+    Only `connect` failures count (refused, unreachable): a server that answers, even with
+    errors, is up. Every answer resets the watch. After TARGET_DOWN_S of nothing but
+    connection failures the run stops as failed, keeping every record it has.
+    """
+
+    TARGET_DOWN_S = 5.0
+    MIN_FAILURES = 20
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.failures = 0
+
+    def observe(self, rows: list[dict[str, Any]], now: float) -> None:
+        for row in rows:
+            if row.get("error_kind") == "connect":
+                self.failures += 1
+                if self.since is None:
+                    self.since = now
+            elif row.get("status") != "cancelled":
+                self.since, self.failures = None, 0
+
+    def verdict(self, now: float) -> str | None:
+        if self.since is None or self.failures < self.MIN_FAILURES or now - self.since < self.TARGET_DOWN_S:
+            return None
+        return (f"the target stopped accepting connections: {self.failures} connection failures in a row since "
+                f"t={self.since:.1f} s and no answer since; the run was stopped (everything measured is kept)")
+
+
 class _Hooks:
-    """The dispatcher's view of the run directory, console, Ctrl-C and the engine."""
+    """The dispatcher's view of the run directory, console, Ctrl-C, the engine and the target's health."""
 
     def __init__(self, writer: RunDirWriter, console: RunConsole, clock: Any, engine: EngineProcess | None) -> None:
         self.writer, self.console, self.clock, self.engine = writer, console, clock, engine
         self.interrupts: list[int] = [0]
+        self.target_down = TargetDownWatch()
 
     def records(self, rows: list[dict[str, Any]]) -> None:
         self.writer.add_records(rows)
+        self.target_down.observe(rows, self.clock())
 
     def tick(self, progress: Progress) -> None:
         self.writer.tick()
@@ -322,7 +355,8 @@ class _Hooks:
         return self.interrupts[0]
 
     def failure(self) -> str | None:
-        return self.engine.died() if self.engine is not None else None
+        died = self.engine.died() if self.engine is not None else None
+        return died or self.target_down.verdict(self.clock())
 
 
 class _sigint_counter:
