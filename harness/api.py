@@ -293,6 +293,7 @@ def _worker_settings(config: RunConfig, prepared: _Prepared, base_url: str, mode
     for _ in range(n):
         client = {"base_url": base_url, "model": model, "clock_origin": origin, "api_key": prepared.api_key,
                   "timeout_s": config.timeout_s, "stream": config.stream, "pool_size": max(64, share),
+                  "transport": config.transport,
                   "force_output_length": prepared.force_output_length}
         settings.append(WorkerSettings(client=client, prewarm=share, count_tokens=True,
                                        tokenizer=config.tokenizer))

@@ -168,6 +168,7 @@ class RunConfig:
     out: str | None = None
     report: bool = True
     stream: bool = True
+    transport: str = "auto"  # HTTP client: auto (= fast) | fast | httpx | aiohttp (harness/client/transports)
     force_output_length: bool = False
     repeat: int = 1
     grace_s: float | str = DEFAULT_GRACE_S
@@ -193,6 +194,10 @@ class RunConfig:
             raise ConfigError(f"--workers: must be at least 1, got {self.workers}")
         if self.repeat < 1:
             raise ConfigError(f"--repeat: must be at least 1, got {self.repeat}")
+        from harness.client.config import TRANSPORTS
+
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"--transport: {self.transport!r} is not one of {', '.join(TRANSPORTS)}")
         if self.slo is not None:
             self.slo = check_slo(self.slo)
         if self.api_key_env is not None and not self.api_key_env.strip():

@@ -123,7 +123,7 @@ class Worker:
             await self.client.prewarm(max(1, self.settings.prewarm))
         except Exception as exc:  # noqa: BLE001 - an unreachable target still gets a run (with connect errors)
             error = f"{type(exc).__name__}: {exc}"
-        self.outbox.put(Ready(self.index, time.perf_counter() - t0, error))
+        self.outbox.put(Ready(self.index, time.perf_counter() - t0, error, self.client.transport_name))
         background = [asyncio.create_task(self._sample_lag()), asyncio.create_task(self._flush_periodically())]
         reader = threading.Thread(target=self._read_inbox, args=(loop,), name=f"worker-{self.index}-inbox", daemon=True)
         reader.start()

@@ -49,7 +49,7 @@ class StreamingClient:
 
     @property
     def transport_name(self) -> str:
-        return type(self._transport).__name__
+        return self._transport.name
 
     async def prewarm(self, n: int) -> int:
         """Open `n` keep-alive connections concurrently with a cheap GET (/health, /v1/models, /).

@@ -46,6 +46,8 @@ WORKERS_HELP = (
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: runs/run-<time>).")
 @click.option("--no-report", is_flag=True, help="Skip report.html (summary.json is still written).")
 @click.option("--no-stream", is_flag=True, help="Non-streaming requests (E2E only).")
+@click.option("--transport", type=click.Choice(["auto", "fast", "httpx", "aiohttp"]), default="auto", show_default=True,
+              help="HTTP client: auto is the fast asyncio+httptools one; httpx and aiohttp are fallbacks.")
 @click.option("--force-output-length", is_flag=True, help="Send min_tokens/ignore_eos so outputs have max_tokens tokens.")
 @click.option("--repeat", type=int, default=1, show_default=True, help="Run N times into OUT/run-1..N (for noise-aware compare).")
 @click.option("--grace", default="5s", show_default=True, help="Ctrl-C: how long in-flight requests may finish.")
@@ -65,7 +67,8 @@ def run(**options: object) -> None:
             ramp_s=options["ramp"], tokenizer=options["tokenizer"], metrics_url=options["metrics_url"],
             workers=options["workers"], timeout_s=options["timeout"], seed=options["seed"], slo=options["slo"],
             api_key_env=options["api_key_env"], out=options["out"], report=not options["no_report"],
-            stream=not options["no_stream"], force_output_length=options["force_output_length"],
+            stream=not options["no_stream"], transport=options["transport"],
+            force_output_length=options["force_output_length"],
             repeat=options["repeat"], grace_s=options["grace"], command_line=tuple(sys.argv),
         )
         outcome = execute_run(config)

@@ -147,7 +147,7 @@ class Dispatcher:
                 if isinstance(message, Ready):
                     ready.add(message.worker)
                     self.result.prewarm.append({"worker": message.worker, "seconds": message.prewarm_s,
-                                                "error": message.error})
+                                                "error": message.error, "transport": message.transport})
             if time.monotonic() > deadline:
                 raise _StopRun(f"workers {sorted(set(range(self.workers)) - ready)} did not start within {READY_TIMEOUT_S:.0f}s")
 

@@ -61,6 +61,7 @@ class Ready:
     worker: int
     prewarm_s: float
     error: str | None = None
+    transport: str = ""  # the HTTP client the worker's connections use (run.json: prewarm)
 
 
 @dataclass(slots=True)

@@ -48,6 +48,7 @@ def test_config_normalizes_strings():
     ({"slo": "foo_p99=1s"}, "unknown objective"),
     ({"slo": "ttft_p99=fast"}, "not a duration"),
     ({"requests": 0}, "--requests"),
+    ({"transport": "curl"}, "--transport"),
     ({"repeat": 0}, "--repeat"),
     ({"trace": "/no/such/trace.jsonl"}, "no such file"),
 ])

@@ -56,3 +56,4 @@ def test_the_engine_says_it_needs_torch(tmp_path: Path) -> None:
     serve = subprocess.run([sys.executable, str(entry), "serve", "--port", "0"], capture_output=True, text=True, timeout=60)
     assert serve.returncode == 1
     assert "needs torch" in serve.stderr and "pip install torch==2.13.0" in serve.stderr
+

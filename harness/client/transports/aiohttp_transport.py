@@ -33,6 +33,8 @@ def _tracer() -> aiohttp.TraceConfig:
 
 
 class AiohttpTransport(Transport):
+    name = "aiohttp"
+
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
         self._session: aiohttp.ClientSession | None = None

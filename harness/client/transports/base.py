@@ -18,6 +18,8 @@ USER_AGENT = "servescope/0.1"
 
 
 class Transport(abc.ABC):
+    name = ""  # as --transport spells it
+
     def __init__(self, endpoint: Endpoint, config: ClientConfig) -> None:
         self.endpoint = endpoint
         self.config = config

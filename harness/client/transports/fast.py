@@ -150,6 +150,8 @@ class _Connection(asyncio.Protocol):
 
 
 class FastTransport(Transport):
+    name = "fast"
+
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
         self._idle: list[_Connection] = []  # LIFO: the most recently used connection is the warmest

@@ -21,6 +21,8 @@ from harness.client.transports.base import Transport
 
 
 class HttpxTransport(Transport):
+    name = "httpx"
+
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
         cfg = self.config
