@@ -15,6 +15,8 @@ bootstrap resample whole runs, so between-run spread widens the interval.
 
 from __future__ import annotations
 
+import math
+
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -25,11 +27,16 @@ import numpy as np
 import pandas as pd
 
 from analyzers.rundata import RunData, RunDirError, load_run
-from analyzers.stats import compare_stat, proportion_test, rank_test
+from analyzers.stats import PERCENTILES, compare_stat, proportion_test, rank_test
 from harness.records import RUN_JSON
 
 LATENCY_METRICS: dict[str, str] = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2e": "E2E"}
 LATENCY_STATS: tuple[str, ...] = ("p50", "p90", "p99", "mean")
+# A percentile is compared only when each side has this many samples beyond it: with
+# fewer, the bootstrap cannot see past the sample's largest values, its interval comes
+# out too narrow, and two runs of one build "differ" (a p99 of 120 requests is their
+# second-slowest one). p99 thus needs 500 requests a side, p90 50.
+MIN_TAIL_SAMPLES = 5
 SLICE_DIMENSIONS: tuple[str, ...] = ("prompt_bucket", "output_bucket", "tenant", "phase")
 DEFAULT_GATES: tuple[str, ...] = ("ttft_p99", "tpot_p99", "e2e_p99", "output_tok_per_s")
 GATE_ALIASES: dict[str, str] = {"throughput": "output_tok_per_s", "tok_per_s": "output_tok_per_s", "rps": "req_per_s"}
@@ -291,6 +298,12 @@ def _latency_results(
             if too_few:
                 results.append(_few(spec, n_b, n_c, min_samples))
                 continue
+            tail_needed = math.ceil(MIN_TAIL_SAMPLES / (1 - PERCENTILES[stat])) if stat in PERCENTILES else 0
+            if min(n_b, n_c) < tail_needed:
+                results.append(_few(spec, n_b, n_c, tail_needed,
+                                    f"{stat} is compared from {tail_needed} samples a side ({MIN_TAIL_SAMPLES} beyond it); "
+                                    "run longer or --repeat more"))
+                continue
             est = compare_stat(b, c, stat, alpha=settings.alpha, n_boot=settings.n_boot, rng=rng)
             results.append(_result(spec, est.base, est.cand, est.change, est.ci_low, est.ci_high, est.p_value,
                                    n_b, n_c, est.significant(settings.alpha), settings.threshold))
@@ -437,11 +450,11 @@ def _result(
     )
 
 
-def _few(spec: MetricSpec, n_b: int, n_c: int, min_samples: int) -> MetricResult:
+def _few(spec: MetricSpec, n_b: int, n_c: int, min_samples: int, note: str | None = None) -> MetricResult:
     return MetricResult(
         name=spec.name, label=spec.label, unit=spec.unit, base=None, cand=None, change=None,
         relative=spec.relative, ci_low=None, ci_high=None, p_value=None, n_base=n_b, n_cand=n_c,
-        verdict=VERDICT_FEW, note=f"fewer than {min_samples} samples on a side (or a run without any)",
+        verdict=VERDICT_FEW, note=note or f"fewer than {min_samples} samples on a side (or a run without any)",
     )
 
 

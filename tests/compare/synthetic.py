@@ -21,7 +21,7 @@ WORKLOAD = {"name": "synthetic", "classes": [{"prompt_tokens": 256, "max_tokens"
 def write_run(
     out: Path,
     *,
-    n: int = 400,
+    n: int = 600,  # p99 is compared from 500 requests a side (analyzers.compare.MIN_TAIL_SAMPLES)
     seed: int = 0,
     arrival_seed: int = 0,
     slowdown: float = 1.0,
