@@ -126,3 +126,13 @@ def test_markdown_and_junit_render_without_regressions(runs: dict[str, Path]) ->
     assert to_markdown(c).startswith("## servescope compare: ✅")
     suite = ET.fromstring(to_junit(c).split("?>", 1)[1])
     assert suite.get("failures") == "0" and len(list(suite.iter("testcase"))) == 4
+
+
+def test_a_percentile_needs_samples_beyond_it(tmp_path: Path) -> None:
+    """120 requests a side: p99 is their second-slowest, so it gets no verdict; p50 still does."""
+    base = write_run(tmp_path / "base", n=120, seed=1)
+    slow = write_run(tmp_path / "slow", n=120, seed=3, slowdown=1.4)
+    c = compare_runs(base, slow)
+    assert c.metric("ttft_p99").verdict == "too few samples" and "500 samples a side" in c.metric("ttft_p99").note
+    assert c.metric("ttft_p90").verdict == VERDICT_REGRESSED  # 50 a side suffice for p90
+    assert c.metric("ttft_p50").verdict == VERDICT_REGRESSED
