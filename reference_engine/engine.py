@@ -257,6 +257,10 @@ class LLMEngine:
                 del self.detokenizers[seq.seq_id]
             outputs.append(StepOutput(seq, tokens, text, seq.finished, seq.finish_reason,
                                       seq.num_output_tokens == len(tokens)))
+        return self._account_step(out, outputs, started)
+
+    def _account_step(self, out: SchedulerOutput, outputs: list[StepOutput], started: float) -> list[StepOutput]:
+        """Step counters and the observer's hook, shared by the plain and the overlapped step."""
         self.num_steps += 1
         self.scheduled_seqs_total += len(out.scheduled)
         self.busy_s += time.perf_counter() - started
@@ -284,12 +288,7 @@ class LLMEngine:
             self._advance(out, launched)
         outputs = self._resolve(self._inflight) if self._inflight is not None else []
         self._inflight = launched
-        self.num_steps += 1
-        self.scheduled_seqs_total += len(out.scheduled)
-        self.busy_s += time.perf_counter() - started
-        if self.observer is not None:
-            self.observer.on_step(self, outputs, time.perf_counter() - started)
-        return outputs
+        return self._account_step(out, outputs, started)
 
     def _launch_sampling(self, out: SchedulerOutput, logits: Tensor | None,
                          requests: list[SampleRequest]) -> _InFlight:
