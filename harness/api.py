@@ -309,7 +309,7 @@ class TargetDownWatch:
     """
 
     TARGET_DOWN_S = 5.0
-    MIN_FAILURES = 20
+    MIN_FAILURES = 10  # closed-loop users back off after refusals (harness/worker.py): few attempts
 
     def __init__(self) -> None:
         self.since: float | None = None

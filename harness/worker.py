@@ -43,6 +43,8 @@ LAG_PROBE_S = 0.01  # the sampler's sleep; lag = how much later than this it wok
 FLUSH_INTERVAL_S = 0.05  # records leave the worker at least this often...
 FLUSH_BATCH = 64  # ...or as soon as this many are waiting
 _END = object()  # end-of-phase marker inside a phase's job queue
+CONNECT_BACKOFF_S = 0.05  # a closed-loop user waits this long after a refused connection, doubling...
+CONNECT_BACKOFF_MAX_S = 1.0  # ...up to this (the run's TargetDownWatch ends a run whose target is gone)
 
 
 @dataclass
@@ -198,19 +200,26 @@ class Worker:
         if not await self._sleep_until(start_at):
             return
         free_since = start_at  # the slot's next send is due now: waiting for a job counts as lag
+        refused = 0  # connection failures in a row: a closed loop must not spin on a dead port
         while (job := await queue.get()) is not _END:
             if self.stopping or (deadline is not None and self.now() >= deadline):
                 self.outbox.put(SessionDone(self.index, job.phase, skipped=True))
                 continue
-            await self._run_session(job.session, job.phase, free_since)
-            free_since = self.now()
+            last = await self._run_session(job.session, job.phase, free_since)
+            refused = refused + 1 if last is not None and last.error_kind == "connect" else 0
+            # Back off after refused connections (50 ms doubling to 1 s). The delay moves the
+            # next send's scheduled time, so it never shows up as the load generator's lag.
+            free_since = self.now() + (min(CONNECT_BACKOFF_MAX_S, CONNECT_BACKOFF_S * 2 ** (refused - 1)) if refused else 0.0)
         queue.put_nowait(_END)  # pass the marker on to the next slot
 
-    async def _run_session(self, session: Session, phase: str, at: float) -> None:
-        """Send the session's turns in order: the first at `at`, each next one its think time after the previous ended."""
+    async def _run_session(self, session: Session, phase: str, at: float) -> RequestRecord | None:
+        """Send the session's turns in order: the first at `at`, each next one its think time after the previous ended.
+
+        Returns the record of the last turn sent (None when none was)."""
         scheduled = at
         previous_end = scheduled
         started = False
+        record = None
         for number, spec in enumerate(session.turns):
             if number > 0:
                 scheduled = previous_end + spec.think_time_s
@@ -221,6 +230,7 @@ class Worker:
             await self._execute(spec, record)
             previous_end = record.end_at if record.end_at is not None else self.now()
         self.outbox.put(SessionDone(self.index, phase, skipped=not started))
+        return record
 
     async def _sleep_until(self, at: float) -> bool:
         """Sleep until run-clock time `at`; False when the run was stopped meanwhile."""

@@ -57,3 +57,24 @@ def test_answers_reset_the_watch_and_only_connection_failures_count() -> None:
     watch.observe([{"status": "cancelled", "error_kind": "connect"}] * 30, now=31.0)
     watch.observe([{"status": "cancelled"}], now=31.5)  # a cancelled request says nothing about the target
     assert watch.verdict(now=40.0) is not None
+
+
+def test_closed_loop_users_back_off_from_a_refusing_port(tmp_path: Path) -> None:
+    """A port nobody listens on: each user retries at 50 ms doubling to 1 s, not thousands of times a second."""
+    import socket
+
+    with socket.socket() as sock:  # a free port, closed again: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = RunConfig(target=f"http://127.0.0.1:{port}", model="m", prompt_tokens=16, max_tokens=4, concurrency=2,
+                       duration_s=3.0, out=str(tmp_path / "run"), show_progress=False, report=False)
+    outcome = execute_run(config)
+    rows = pq.read_table(outcome.run_dir / "requests.parquet").to_pandas()
+    assert set(rows["error_kind"]) == {"connect"}
+    # 2 users x (0 + 0.05 + 0.1 + 0.2 + 0.4 + 0.8 + 1.0 ...) within 3 s: about 7 attempts each.
+    assert 6 <= len(rows) <= 20, len(rows)
+    # The back-off moves the next send's scheduled time (so it never reads as the generator's lateness):
+    # consecutive attempts of a user are scheduled further and further apart.
+    waves = sorted({round(t, 2) for t in rows["scheduled_at"]})
+    gaps = [b - a for a, b in zip(waves, waves[1:])]
+    assert gaps[0] < 0.1 and max(gaps) >= 0.5, waves
