@@ -65,35 +65,35 @@ def test_convoy_silent_with_chunked_prefill(make_sim):
     assert fired(_convoy_run(make_sim, chunked=True), "convoy") is None
 
 
-def test_convoy_silent_when_decodes_keep_flowing(make_sim):
-    """Short requests waiting behind long ones with no decode stall is queueing, not a convoy."""
+LONG_STARTS = np.arange(0.5, 20, 2.0)  # a 4k-token prefill every 2 s, each 0.8 s long
+
+
+def _short_behind_long(make_sim, decode_stalls: bool):
+    """Short requests that wait behind long prefills; their decodes stall at a prefill's end or not."""
     sim = make_sim(seed=4)
-    for start in np.arange(0.5, 20, 2.0):
+    for start in LONG_STARTS:
         sim.add(start, 0.8, prompt=4000)
     t = 0.0
     while t < 20:
         t += sim.rng.exponential(0.1)
-        busy = next((s + 0.8 for s in np.arange(0.5, 20, 2.0) if s <= t < s + 0.8), None)
-        sim.add(t, (busy - t + 0.02) if busy else 0.02, out=100, prompt=100)  # steady 10 ms gaps
-    assert fired(sim.run(), "convoy") is None
-
-
-def test_convoy_sees_decode_stalls(make_sim):
-    sim = make_sim(seed=4)
-    for start in np.arange(0.5, 20, 2.0):
-        sim.add(start, 0.8, prompt=4000)
-    t = 0.0
-    while t < 20:
-        t += sim.rng.exponential(0.1)
-        busy = next((s + 0.8 for s in np.arange(0.5, 20, 2.0) if s <= t < s + 0.8), None)
+        busy = next((s + 0.8 for s in LONG_STARTS if s <= t < s + 0.8), None)
         ttft = (busy - t + 0.02) if busy else 0.02
         gaps, now = [], t + ttft
         for _ in range(99):  # a gap that spans a long prefill's end is stretched by that prefill
-            stall = any(now < s + 0.8 <= now + 0.01 for s in np.arange(0.5, 20, 2.0))
+            stall = decode_stalls and any(now < s + 0.8 <= now + 0.01 for s in LONG_STARTS)
             gaps.append(0.3 if stall else 0.01)
             now += gaps[-1]
         sim.add(t, ttft, gaps=gaps, prompt=100)
-    f = fired(sim.run(), "convoy")
+    return sim.run()
+
+
+def test_convoy_silent_when_decodes_keep_flowing(make_sim):
+    """Short requests waiting behind long ones with no decode stall is queueing, not a convoy."""
+    assert fired(_short_behind_long(make_sim, decode_stalls=False), "convoy") is None
+
+
+def test_convoy_sees_decode_stalls(make_sim):
+    f = fired(_short_behind_long(make_sim, decode_stalls=True), "convoy")
     assert f is not None and f.evidence["itl_gap_ratio"] > 5
 
 
