@@ -177,7 +177,8 @@ def run_requests(engine: LLMEngine, prompts: list[list[int]], outputs: list[int]
     first = [math.nan] * n
     last = [math.nan] * n
     count = [0] * n
-    steps0, busy0, graph0 = engine.num_steps, engine.busy_s, engine.runner.num_graph_steps
+    runner = engine.runner
+    steps0, busy0, graph0, piece0 = engine.num_steps, engine.busy_s, runner.num_graph_steps, runner.num_piecewise_steps
     t0 = time.perf_counter()
     k = 0
     while k < n or engine.has_unfinished():
@@ -204,8 +205,8 @@ def run_requests(engine: LLMEngine, prompts: list[list[int]], outputs: list[int]
     tpot = [(last[i] - first[i]) / (count[i] - 1) for i in range(n) if count[i] > 1]
     return {"elapsed_s": elapsed, "output_tokens": sum(count), "output_tok_per_s": sum(count) / elapsed,
             "req_per_s": n / elapsed, "ttft_s": ttft, "tpot_s": tpot, "first_s": first, "last_s": last,
-            "steps": engine.num_steps - steps0, "graph_steps": engine.runner.num_graph_steps - graph0,
-            "host_busy_s": engine.busy_s - busy0}
+            "steps": engine.num_steps - steps0, "graph_steps": runner.num_graph_steps - graph0,
+            "piecewise_steps": runner.num_piecewise_steps - piece0, "host_busy_s": engine.busy_s - busy0}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -406,6 +407,7 @@ class Bench:
             self.results["engine_build"] = {
                 "seconds": time.perf_counter() - t, "graph_capture_s": self.engine.graph_capture_s,
                 "graph_buckets": sorted(self.engine.runner.graphs), "num_kv_blocks": self.engine.num_blocks,
+                "piecewise_token_buckets": sorted(self.engine.runner.piecewise),
                 "ops": self.engine.ops.name, "async_scheduling": self.engine.async_scheduling}
             print(f"engine: {self.args.preset} built in {self.results['engine_build']['seconds']:.1f} s "
                   f"(graphs {self.engine.graph_capture_s:.1f} s, buckets {sorted(self.engine.runner.graphs)})", flush=True)
@@ -560,30 +562,46 @@ class Bench:
         warm = min(48, len(prompts))
         run_requests(engine, shared_prompts[:warm], outs[:warm], arrivals[:warm])
         rows = []
+        runner = engine.runner
+        # Piecewise graphs off: the eager mixed step of the earlier runs, for the chunked configurations
+        # (the ones made mostly of mixed steps), when the engine has piecewise graphs at all.
+        modes = [True, False] if runner.piecewise else [False]
         for workload, ps in (("mixed (c)", prompts), ("shared prefix", shared_prompts)):
-            for chunked in (True, False):
-                for prefix in (True, False):
-                    engine.reset_scheduling(chunked_prefill=chunked, enable_prefix_caching=prefix,
-                                            max_num_batched_tokens=a.max_num_batched_tokens)
-                    r = run_requests(engine, ps, outs, arrivals)
-                    bm = engine.block_manager
-                    rows.append({"workload": workload, "chunked_prefill": chunked, "prefix_caching": prefix,
-                                 "ttft_p50_s": pct(r["ttft_s"], 0.5), "ttft_p99_s": pct(r["ttft_s"], 0.99),
-                                 "tpot_p50_s": pct(r["tpot_s"], 0.5), "tpot_p99_s": pct(r["tpot_s"], 0.99),
-                                 "output_tok_per_s": r["output_tok_per_s"], "elapsed_s": r["elapsed_s"],
-                                 "prefix_hit_rate": bm.prefix_hits / max(1, bm.prefix_queries)})
+            for piecewise in modes:
+                for chunked in (True, False):
+                    if not piecewise and chunked is False and len(modes) > 1:
+                        continue
+                    for prefix in (True, False):
+                        engine.reset_scheduling(chunked_prefill=chunked, enable_prefix_caching=prefix,
+                                                max_num_batched_tokens=a.max_num_batched_tokens)
+                        runner.piecewise_enabled = piecewise
+                        r = run_requests(engine, ps, outs, arrivals)
+                        bm = engine.block_manager
+                        rows.append({"workload": workload, "chunked_prefill": chunked, "prefix_caching": prefix,
+                                     "piecewise_graphs": piecewise,
+                                     "ttft_p50_s": pct(r["ttft_s"], 0.5), "ttft_p99_s": pct(r["ttft_s"], 0.99),
+                                     "tpot_p50_s": pct(r["tpot_s"], 0.5), "tpot_p99_s": pct(r["tpot_s"], 0.99),
+                                     "output_tok_per_s": r["output_tok_per_s"], "elapsed_s": r["elapsed_s"],
+                                     "steps": r["steps"], "graph_steps": r["graph_steps"],
+                                     "piecewise_steps": r["piecewise_steps"], "host_busy_s": r["host_busy_s"],
+                                     "prefix_hit_rate": bm.prefix_hits / max(1, bm.prefix_queries)})
+        runner.piecewise_enabled = True
         engine.reset_scheduling(chunked_prefill=True, enable_prefix_caching=True)
         self.results["d"] = {"rate_req_per_s": rate, "requests": len(prompts), "shared_prefix_tokens": a.d_prefix,
                              "max_num_batched_tokens": a.max_num_batched_tokens, "rows": rows}
         print(f"\n(d) {len(prompts)} requests, Poisson arrivals at {rate:.1f} req/s, "
               f"token budget {a.max_num_batched_tokens}/step; shared prefix = 4 x {a.d_prefix} tokens")
-        print(f"{'workload':<14} {'chunked':>7} {'prefix$':>7} {'TTFT p50':>9} {'TTFT p99':>9} "
-              f"{'TPOT p50':>9} {'TPOT p99':>9} {'hit rate':>8} {'tok/s':>7}   (ms)")
+        print(f"{'workload':<14} {'chunked':>7} {'prefix$':>7} {'pieces':>6} {'TTFT p50':>9} {'TTFT p99':>9} "
+              f"{'TPOT p50':>9} {'TPOT p99':>9} {'hit rate':>8} {'tok/s':>7} {'steps g/p/e':>15} {'host ms/step':>12}")
         for r in rows:
+            eager = r["steps"] - r["graph_steps"] - r["piecewise_steps"]
             print(f"{r['workload']:<14} {'on' if r['chunked_prefill'] else 'off':>7} "
-                  f"{'on' if r['prefix_caching'] else 'off':>7} {r['ttft_p50_s'] * 1e3:>9.1f} "
+                  f"{'on' if r['prefix_caching'] else 'off':>7} {'on' if r['piecewise_graphs'] else 'off':>6} "
+                  f"{r['ttft_p50_s'] * 1e3:>9.1f} "
                   f"{r['ttft_p99_s'] * 1e3:>9.1f} {r['tpot_p50_s'] * 1e3:>9.2f} {r['tpot_p99_s'] * 1e3:>9.2f} "
-                  f"{r['prefix_hit_rate']:>8.1%} {r['output_tok_per_s']:>7.0f}")
+                  f"{r['prefix_hit_rate']:>8.1%} {r['output_tok_per_s']:>7.0f} "
+                  f"{r['graph_steps']:>5}/{r['piecewise_steps']}/{eager:<5} "
+                  f"{r['host_busy_s'] / max(1, r['steps']) * 1e3:>12.2f}")
 
     def do_profile(self) -> None:
         """Where a decode step's time goes: graph replays alone (no host work) per bucket against the

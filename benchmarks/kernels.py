@@ -498,7 +498,8 @@ def main() -> None:
         save()
     best = result["decode"]["best"]
     base = DecodeConfig(**best["config"]) if best else DecodeConfig()
-    long_configs = [base] + ([DecodeConfig(**{**asdict(base), "num_splits": s}) for s in (1, 4, 8, 16, 32)] if args.sweep else [])
+    # The split count matters most at few sequences: always time a few fixed counts beside the rule's.
+    long_configs = [base] + [DecodeConfig(**{**asdict(base), "num_splits": s}) for s in (8, 16, 17, 32, 33, 64)]
     result["decode_long"] = bench_decode(DECODE_LONG, long_configs, limits, gen, with_sdpa=True)
     save()
     prefill_configs = prefill_sweep() if args.sweep else [PrefillConfig()]

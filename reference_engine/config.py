@@ -226,6 +226,10 @@ class EngineConfig:
     # sizes (Triton backend only); contexts longer than cuda_graph_max_len run eagerly.
     cuda_graph: bool = True
     cuda_graph_max_len: int = 8192
+    # Steps with prefill tokens (and decode steps beyond cuda_graph_max_len) of up to this many
+    # tokens replay piecewise CUDA graphs: everything but attention captured per layer at bucketed
+    # token counts, attention run eagerly between the pieces. 0: such steps run eagerly.
+    piecewise_graph_max_tokens: int = 2048
     # Schedule step N+1 while step N runs on the GPU (sampling on the GPU, sampled ids synced one step
     # late). None: on for CUDA without speculation, off on the CPU (where nothing would overlap).
     async_scheduling: bool | None = None
@@ -247,6 +251,8 @@ class EngineConfig:
             raise ConfigError(f"--attention-backend must be auto, torch or triton, got {self.attention_backend!r}")
         if self.cuda_graph_max_len < self.block_size:
             raise ConfigError(f"--cuda-graph-max-len must be >= the block size, got {self.cuda_graph_max_len}")
+        if self.piecewise_graph_max_tokens < 0:
+            raise ConfigError(f"--piecewise-graph-max-tokens must be >= 0 (0: off), got {self.piecewise_graph_max_tokens}")
         if self.async_scheduling and self.spec is not None:
             raise ConfigError("--async-scheduling cannot be combined with --spec: draft verification needs "
                               "the sampled tokens on the host before the next step is scheduled")

@@ -84,6 +84,16 @@ class DecoderLayer(nn.Module):
 
     def forward(self, ops: Ops, hidden: Tensor, residual: Tensor | None, positions: Tensor,
                 cos_sin: Tensor, kv_cache: tuple[Tensor, Tensor], meta: AttentionMetadata) -> tuple[Tensor, Tensor]:
+        q, residual = self.pre_attention(ops, hidden, residual, positions, cos_sin, kv_cache, meta.slot_mapping)
+        return self.post_attention(ops, self.attend(ops, q, kv_cache, meta), residual)
+
+    # The layer in three pieces: the piecewise CUDA graphs of mixed steps (model_runner.py) capture
+    # post_attention + the next layer's pre_attention as one graph and run `attend`, whose shapes
+    # follow the step's ragged batch, eagerly between them.
+    def pre_attention(self, ops: Ops, hidden: Tensor, residual: Tensor | None, positions: Tensor,
+                      cos_sin: Tensor, kv_cache: tuple[Tensor, Tensor], slot_mapping: Tensor) -> tuple[Tensor, Tensor]:
+        """Input RMSNorm (+ residual add), the fused q|k|v projection, RoPE and the KV write:
+        (q [T, Hq, D], residual)."""
         # Each RMSNorm feeds a projection and SiLU-mul feeds the down projection: the ops may fuse them.
         if residual is None:
             qkv, _ = ops.norm_linear(hidden, self.input_norm, self.eps, None, self.qkv_proj, self.qkv_bias)
@@ -91,15 +101,6 @@ class DecoderLayer(nn.Module):
         else:
             qkv, residual = ops.norm_linear(hidden, self.input_norm, self.eps, residual, self.qkv_proj,
                                             self.qkv_bias)
-        hidden = self.attention(ops, qkv, positions, cos_sin, kv_cache, meta)
-        gate_up, residual = ops.norm_linear(hidden, self.post_attention_norm, self.eps, residual,
-                                            self.gate_up_proj)
-        hidden = ops.silu_mul_linear(gate_up, self.down_proj)
-        return hidden, residual
-
-    def attention(self, ops: Ops, qkv: Tensor, positions: Tensor, cos_sin: Tensor,
-                  kv_cache: tuple[Tensor, Tensor], meta: AttentionMetadata) -> Tensor:
-        """Attention from the fused q|k|v projection [T, q + 2 kv] to the output projection [T, hidden]."""
         tokens = qkv.shape[0]
         parts = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if getattr(ops, "strided_qkv", False):
@@ -111,7 +112,13 @@ class DecoderLayer(nn.Module):
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
-        ops.rope_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
+        ops.rope_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
+        return q, residual
+
+    def attend(self, ops: Ops, q: Tensor, kv_cache: tuple[Tensor, Tensor], meta: AttentionMetadata) -> Tensor:
+        """Paged attention of the step's queries [T, Hq, D] (decode rows first) -> [T, Hq * D]."""
+        tokens = q.shape[0]
+        k_cache, v_cache = kv_cache
         nd = meta.num_decode_tokens
         if nd == tokens:
             out = ops.decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
@@ -128,7 +135,14 @@ class DecoderLayer(nn.Module):
                                       meta.prefill_cu_seqlens_q, meta.prefill_context_lens, self.scale,
                                       max_seqlen_q=meta.prefill_max_seqlen_q),
             ])
-        return ops.linear(out.reshape(tokens, self.q_size), self.o_proj)
+        return out.reshape(tokens, self.q_size)
+
+    def post_attention(self, ops: Ops, attn_out: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """Output projection, post-attention RMSNorm (+ residual add) and the MLP: (hidden, residual)."""
+        hidden = ops.linear(attn_out, self.o_proj)
+        gate_up, residual = ops.norm_linear(hidden, self.post_attention_norm, self.eps, residual,
+                                            self.gate_up_proj)
+        return ops.silu_mul_linear(gate_up, self.down_proj), residual
 
 
 class LlamaModel(nn.Module):

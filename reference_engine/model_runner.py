@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from reference_engine.config import EngineConfig, ModelConfig
@@ -34,16 +35,28 @@ from reference_engine.scheduler import SchedulerOutput
 
 # Decode batch sizes that get a CUDA graph; a batch runs in the smallest bucket that holds it.
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+# Token counts of steps that replay piecewise graphs (prefill chunks beside decodes). Finer where a
+# padded row costs most relative to the step; past a few thousand tokens the step is compute-bound
+# and launches hide behind it anyway.
+PIECEWISE_TOKEN_SIZES = (16, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024,
+                         1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096, 5120, 6144, 7168, 8192)
 
 
-def graph_buckets(max_num_seqs: int) -> list[int]:
-    """Buckets up to the first one that holds max_num_seqs (max_num_seqs itself beyond the table)."""
+def graph_buckets(max_size: int, sizes: tuple[int, ...] = GRAPH_BATCH_SIZES) -> list[int]:
+    """Buckets up to the first one that holds max_size (max_size itself beyond the table)."""
     out: list[int] = []
-    for size in GRAPH_BATCH_SIZES:
+    for size in sizes:
         out.append(size)
-        if size >= max_num_seqs:
+        if size >= max_size:
             return out
-    return out + [max_num_seqs]
+    return out + [max_size]
+
+
+def _smallest_holding(buckets: list[int], size: int) -> int | None:
+    for bucket in buckets:  # ascending
+        if bucket >= size:
+            return bucket
+    return None
 
 
 @dataclass
@@ -96,7 +109,12 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, Tensor]] = {}
         self.graph_max_blocks = 0
         self._buckets: list[int] = []
+        # Piecewise graphs of steps with prefill: {token bucket: [graph or None per piece]} (L + 1 pieces).
+        self.piecewise: dict[int, list[torch.cuda.CUDAGraph | None]] = {}
+        self._piece_buckets: list[int] = []
+        self.piecewise_enabled = True  # benchmarks switch it off to measure the eager mixed step
         self.num_graph_steps = 0
+        self.num_piecewise_steps = 0
         self.num_eager_steps = 0
 
     # -- inputs -----------------------------------------------------------------
@@ -175,12 +193,17 @@ class ModelRunner:
         host.numpy()[:] = values
         return host.to(self.device, non_blocking=True)
 
-    def _packed_tensors(self, s: StepInputs) -> tuple[Tensor, Tensor, AttentionMetadata, Tensor | None]:
-        """The GPU eager path: every input in two packed uploads, sliced on the device."""
+    def _packed_tensors(self, s: StepInputs, pad: int = 0) -> tuple[Tensor, Tensor, AttentionMetadata, Tensor | None]:
+        """The GPU eager path: every input in two packed uploads, sliced on the device.
+
+        With pad > 0 (piecewise graphs) input_ids, positions and the slot mapping get `pad` padding
+        rows (token 0 at position 0, slot -1: no KV write); the attention metadata covers the real rows."""
         tokens = len(s.input_ids)
         rows_needed = len(s.logit_rows) != tokens
-        i64 = s.input_ids + s.positions + s.slots + (s.logit_rows if rows_needed else [])
+        i64 = (s.input_ids + [0] * pad + s.positions + [0] * pad + s.slots + [-1] * pad
+               + (s.logit_rows if rows_needed else []))
         dev64 = self._upload(i64, torch.int64)
+        tokens += pad
         i32: list[int] = []
         nd, npre = len(s.dec_lens), len(s.pre_lens)
         dec_w = max((len(t) for t in s.dec_tables), default=0)
@@ -238,8 +261,10 @@ class ModelRunner:
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
-    def capture_graphs(self, max_num_seqs: int, max_len: int, capture: bool = True) -> float:
-        """Static buffers and one CUDA graph per decode bucket (largest first, one shared memory pool).
+    def capture_graphs(self, max_num_seqs: int, max_len: int, capture: bool = True,
+                       piecewise_max_tokens: int = 0) -> float:
+        """Static buffers and one CUDA graph per decode bucket (largest first, one shared memory pool),
+        then the piecewise graphs of steps with prefill up to piecewise_max_tokens tokens (0: none).
 
         Decode steps of contexts up to max_len tokens replay them. With capture=False (CPU tests)
         the buckets run eagerly over the same static buffers. Returns the seconds it took."""
@@ -257,25 +282,110 @@ class ModelRunner:
         self._g_tables = torch.zeros(largest, self.graph_max_blocks, dtype=torch.int32, device=dev)
         self.graphs.clear()
         self._buckets = buckets
+        self._piece_buckets = graph_buckets(piecewise_max_tokens, PIECEWISE_TOKEN_SIZES) if piecewise_max_tokens else []
+        self.piecewise.clear()
+        if self._piece_buckets:
+            self._piecewise_buffers(self._piece_buckets[-1])
         if not capture:
             for bucket in buckets:
                 self.graphs[bucket] = (None, torch.empty(0))
+            for bucket in self._piece_buckets:
+                self.piecewise[bucket] = [None] * (len(self.model.layers) + 1)
             return time.perf_counter() - started
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(device=dev)
-        for bucket in reversed(buckets):
+
+        def warm_up(run) -> None:  # Triton compiles, cuBLAS picks its kernels, outside any capture
             side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS picks its kernels
+            with torch.cuda.stream(side):
                 for _ in range(2):
-                    self._graph_forward(bucket)
+                    run()
             torch.cuda.current_stream(dev).wait_stream(side)
             torch.cuda.synchronize(dev)
+
+        for bucket in reversed(buckets):
+            warm_up(lambda: self._graph_forward(bucket))
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 logits = self._graph_forward(bucket)
             self.graphs[bucket] = (graph, logits)
+        for bucket in reversed(self._piece_buckets):
+            pieces: list[torch.cuda.CUDAGraph | None] = []
+            for index in range(len(self.model.layers) + 1):
+                warm_up(lambda: self._piece(bucket, index))
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._piece(bucket, index)
+                pieces.append(graph)
+            self.piecewise[bucket] = pieces
         torch.cuda.synchronize(dev)
         return time.perf_counter() - started
+
+    # -- piecewise CUDA graphs (steps with prefill) -------------------------------
+    def _piecewise_buffers(self, tokens: int) -> None:
+        """Static inputs and the tensors handed between pieces and the eager attention."""
+        cfg, dev = self.model.config, self.device
+        dtype = self.model.embed_tokens.dtype
+        self._p_ids = torch.zeros(tokens, dtype=torch.int64, device=dev)
+        self._p_pos = torch.zeros(tokens, dtype=torch.int64, device=dev)
+        self._p_slots = torch.full((tokens,), -1, dtype=torch.int64, device=dev)
+        self._p_q = torch.zeros(tokens, cfg.num_heads, cfg.head_dim, dtype=dtype, device=dev)
+        self._p_attn = torch.zeros(tokens, cfg.num_heads * cfg.head_dim, dtype=dtype, device=dev)
+        self._p_res = torch.zeros(tokens, cfg.hidden_size, dtype=dtype, device=dev)
+        self._p_hidden = torch.zeros(tokens, cfg.hidden_size, dtype=dtype, device=dev)
+
+    def _piece(self, bucket: int, index: int) -> None:
+        """Piece `index` of a step of `bucket` tokens: the end of layer index-1 (output projection,
+        MLP; the embedding for index 0) and the start of layer `index` (norm, q|k|v, RoPE, KV write),
+        or the final norm after the last layer. Reads and writes only the static buffers."""
+        model, ops, t = self.model, self.ops, bucket
+        if index == 0:
+            hidden, residual = F.embedding(self._p_ids[:t], model.embed_tokens), None
+        else:
+            hidden, residual = model.layers[index - 1].post_attention(ops, self._p_attn[:t], self._p_res[:t])
+        if index < len(model.layers):
+            q, residual = model.layers[index].pre_attention(ops, hidden, residual, self._p_pos[:t],
+                                                            model.cos_sin_cache, self.kv_caches[index],
+                                                            self._p_slots[:t])
+            self._p_q[:t].copy_(q)
+            self._p_res[:t].copy_(residual)
+        else:
+            normed, _ = ops.rms_norm(hidden, model.norm, model.config.rms_norm_eps, residual)
+            self._p_hidden[:t].copy_(normed)
+
+    def _run_piecewise(self, s: StepInputs, bucket: int, prev_ids: Tensor | None) -> Tensor | None:
+        """Logits of the sampling rows of a step through its token bucket's pieces, attention eager."""
+        n = len(s.input_ids)
+        if self.on_gpu:
+            input_ids, positions, meta, rows = self._packed_tensors(s, pad=bucket - n)
+        else:  # CPU tests of this path: the same padding, plain tensors
+            pad = bucket - n
+            input_ids = self._tensor(s.input_ids + [0] * pad, torch.int64)
+            positions = self._tensor(s.positions + [0] * pad, torch.int64)
+            _, _, meta = self._host_tensors(s)
+            meta.slot_mapping = self._tensor(s.slots + [-1] * pad, torch.int64)
+            rows = self._tensor(s.logit_rows, torch.int64) if len(s.logit_rows) != n else None
+        if s.pending:
+            input_ids = self._resolve_pending(input_ids, prev_ids)
+        self._p_ids[:bucket].copy_(input_ids)
+        self._p_pos[:bucket].copy_(positions)
+        self._p_slots[:bucket].copy_(meta.slot_mapping)
+        pieces = self.piecewise[bucket]
+        layers = self.model.layers
+        for index, graph in enumerate(pieces):
+            if graph is None:
+                self._piece(bucket, index)
+            else:
+                graph.replay()
+            if index < len(layers):
+                self._p_attn[:n].copy_(layers[index].attend(self.ops, self._p_q[:n], self.kv_caches[index], meta))
+        self.num_piecewise_steps += 1
+        if not s.logit_rows:
+            return None
+        hidden = self._p_hidden[:n]
+        if rows is not None:
+            hidden = hidden.index_select(0, rows)
+        return self.model.compute_logits(hidden)
 
     def _graph_bucket(self, s: StepInputs) -> int | None:
         if not self.graphs or s.pre_tables or s.num_decode == 0:
@@ -284,10 +394,7 @@ class ModelRunner:
             return None
         if max(len(t) for t in s.dec_tables) > self.graph_max_blocks:
             return None
-        for bucket in self._buckets:  # ascending
-            if bucket >= s.num_decode:
-                return bucket
-        return None
+        return _smallest_holding(self._buckets, s.num_decode)
 
     def _run_graph(self, s: StepInputs, bucket: int, prev_ids: Tensor | None) -> Tensor:
         """Logits [len(logit_rows), V] of a decode-only step through its bucket's graph."""
@@ -344,6 +451,10 @@ class ModelRunner:
         bucket = self._graph_bucket(s)
         if bucket is not None:
             return self._run_graph(s, bucket, prev_ids), s.requests
+        if self.piecewise and self.piecewise_enabled:
+            bucket = _smallest_holding(self._piece_buckets, len(s.input_ids))
+            if bucket is not None:
+                return self._run_piecewise(s, bucket, prev_ids), s.requests
         return self._forward_eager(s, prev_ids), s.requests
 
     @torch.inference_mode()

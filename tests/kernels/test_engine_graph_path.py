@@ -54,3 +54,24 @@ def test_static_decode_path_matches_torch(async_scheduling: bool) -> None:
     assert got == expected
     assert engine.runner.num_graph_steps > 0 and engine.runner.num_eager_steps > 0
     assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_piecewise_path_of_mixed_steps_matches_torch(async_scheduling: bool) -> None:
+    """Prefill chunks beside decodes through the piecewise pieces (padded to a token bucket, slot -1
+    rows writing no KV, attention run between the pieces), plus a prefix-cache hit, against torch."""
+    torch.set_num_threads(1)
+    prompts_params = GREEDY + [SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)]
+    reference = _engine(async_scheduling=False, max_num_batched_tokens=40)
+    prompts = _prompts(reference)
+    prompts.append(prompts[2] + prompts[0])  # shares the 59-token prompt's full blocks: a cache hit
+    expected = [s.output_token_ids for s in reference.generate(prompts, prompts_params)]
+    engine = _engine(attention_backend="triton", async_scheduling=async_scheduling, max_num_batched_tokens=40)
+    engine.runner.capture_graphs(max_num_seqs=6, max_len=32, capture=DEVICE == "cuda", piecewise_max_tokens=40)
+    assert engine.runner._piece_buckets == [16, 32, 48]
+    got = [s.output_token_ids for s in engine.generate(prompts, prompts_params)]
+    assert got == expected
+    runner = engine.runner
+    assert runner.num_piecewise_steps > 0 and runner.num_graph_steps > 0
+    assert engine.block_manager.prefix_hits > 0
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
