@@ -444,6 +444,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also try launch configurations and report the best")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter: checks this script, times nothing")
+    parser.add_argument("--long-sweep", action="store_true", help="try every decode tile config on the 2 x 32k shape")
     parser.add_argument("--gemv", action="store_true", help="only the decode projections (kernels/gemv.py) against cuBLAS")
     parser.add_argument("--gemv-table", default=str(TUNED_PATH), help="where --gemv writes the tuned table")
     parser.add_argument("--budget-s", type=float, default=240.0, help="--gemv: skip row counts after this many seconds")
@@ -498,8 +499,11 @@ def main() -> None:
         save()
     best = result["decode"]["best"]
     base = DecodeConfig(**best["config"]) if best else DecodeConfig()
-    # The split count matters most at few sequences: always time a few fixed counts beside the rule's.
+    # The split count matters most at few sequences: always time a few fixed counts beside the rule's;
+    # --long-sweep also tries tile shapes at the rule's split count.
     long_configs = [base] + [DecodeConfig(**{**asdict(base), "num_splits": s}) for s in (8, 16, 17, 32, 33, 64)]
+    if args.long_sweep:
+        long_configs += [c for c in decode_sweep() if c != base]
     result["decode_long"] = bench_decode(DECODE_LONG, long_configs, limits, gen, with_sdpa=True)
     save()
     prefill_configs = prefill_sweep() if args.sweep else [PrefillConfig()]

@@ -22,6 +22,7 @@ Softmax runs in the exp2 domain with float32 statistics and accumulators.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -192,18 +193,15 @@ def _multiprocessor_count(device: torch.device) -> int:
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, config: DecodeConfig, device: torch.device) -> int:
-    """As many splits as fit the grid into one wave of two programs per SM (what the default tile's
-    shared memory allows), each split at least min_tokens_per_split long.
+    """Enough splits that the grid covers the GPU about twice, each split at least min_tokens_per_split long.
 
-    Rounded down, not up: 2 x 32k with 8 KV heads is 16 (sequence, head) pairs, and 17 splits (272
-    programs) would leave 8 programs for a second wave after 264 ran, nearly doubling the time.
     Bounded by the block table's capacity rather than the actual lengths so that
     choosing needs no device-to-host copy (and the launch stays graph-capturable).
     """
     if config.num_splits is not None:
         return config.num_splits
     programs = batch * num_kv_heads
-    wanted = (2 * _multiprocessor_count(device)) // max(programs, 1)
+    wanted = math.ceil(2 * _multiprocessor_count(device) / max(programs, 1))
     longest = max(1, max_context // config.min_tokens_per_split)
     return max(1, min(wanted, longest, 64))
 
