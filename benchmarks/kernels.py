@@ -51,6 +51,7 @@ from triton.testing import do_bench  # noqa: E402
 from kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
 from kernels.gemv import TUNED_PATH, GemvConfig, gemv  # noqa: E402
 from kernels.kv_write import write_kv, write_kv_ref  # noqa: E402
+from kernels.paged_decode_attention import DEFAULT_CONFIG as DECODE_DEFAULT  # noqa: E402
 from kernels.paged_decode_attention import DecodeConfig, decode_attention, decode_attention_ref  # noqa: E402
 from kernels.paged_prefill_attention import PrefillConfig, prefill_attention, prefill_attention_ref  # noqa: E402
 from kernels.rmsnorm import rms_norm, rms_norm_ref  # noqa: E402
@@ -241,6 +242,7 @@ def bench_elementwise(limits: dict, gen) -> list[dict]:
 
 
 def decode_sweep() -> list[DecodeConfig]:
+    """Tile configs, each used whether or not the launch splits the context."""
     return [DecodeConfig(block_n=n, num_warps=w, num_stages=s)
             for n in (32, 64, 128) for w in (4, 8) for s in (1, 2, 3, 4)]
 
@@ -487,7 +489,7 @@ def main() -> None:
     save()
     result["elementwise"] = bench_elementwise(limits, gen)
     save()
-    decode_configs = decode_sweep() if args.sweep else [DecodeConfig()]
+    decode_configs = decode_sweep() if args.sweep else [DECODE_DEFAULT]
     if args.smoke:
         decode_configs = [DecodeConfig(block_n=16, num_splits=s) for s in (None, 2)]
     result["decode"] = bench_decode(DECODE, decode_configs, limits, gen, with_sdpa=True)
@@ -498,7 +500,7 @@ def main() -> None:
         result["decode_splits"] = bench_decode(DECODE, split_configs, limits, gen, with_sdpa=False)
         save()
     best = result["decode"]["best"]
-    base = DecodeConfig(**best["config"]) if best else DecodeConfig()
+    base = DecodeConfig(**best["config"]) if best else DECODE_DEFAULT
     # The split count matters most at few sequences: always time a few fixed counts beside the rule's;
     # --long-sweep also tries tile shapes at the rule's split count.
     long_configs = [base] + [DecodeConfig(**{**asdict(base), "num_splits": s}) for s in (8, 16, 17, 32, 33, 64)]

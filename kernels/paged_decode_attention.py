@@ -54,17 +54,28 @@ class DecodeConfig:
     num_stages: int = 3
     num_splits: int | None = None  # None: choose from the grid size (see choose_num_splits)
     min_tokens_per_split: int = 256
+    # Tiles of launches that split the context (few sequences, long contexts); None: as above.
+    split_block_n: int | None = None
+    split_num_stages: int | None = None
 
     def __post_init__(self) -> None:
-        if self.block_n < 16 or self.block_n & (self.block_n - 1):
-            raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
+        for name in ("block_n", "split_block_n"):
+            n = getattr(self, name)
+            if n is not None and (n < 16 or n & (n - 1)):
+                raise ValueError(f"{name} must be a power of two >= 16, got {n}")
         if self.num_splits is not None and self.num_splits < 1:
             raise ValueError(f"num_splits must be >= 1 or None, got {self.num_splits}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be a power of two up to 16, got {self.num_warps}")
 
 
-DEFAULT_CONFIG = DecodeConfig()
+# Split launches whose splits are long (at least SPLIT_TILES_MIN split tiles each) give each program
+# a long range to stream, and there bigger tiles with fewer stages keep more bytes in flight: 2 x 32k
+# on the H200 took 82-121 us at 128/2 against 120-148 us at 64/3 over three runs (`python
+# benchmarks/kernels.py --long-sweep`). Short splits (batch-1 decode graphs sized for 8k: 32 splits
+# of 256) keep the 64/3 tile, which measured faster there (128 against 149 us per token, 32 layers).
+DEFAULT_CONFIG = DecodeConfig(split_block_n=128, split_num_stages=2)
+SPLIT_TILES_MIN = 4
 
 
 def decode_attention_ref(
@@ -247,6 +258,10 @@ def decode_attention(
         part_out = torch.empty((batch, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
     block_d = triton.next_power_of_2(head_dim)
+    block_n, num_stages = config.block_n, config.num_stages
+    split_block_n = config.split_block_n or block_n
+    if not direct and max_context // num_splits >= SPLIT_TILES_MIN * split_block_n:
+        block_n, num_stages = split_block_n, config.split_num_stages or num_stages
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens,
         out, part_out, part_lse,
@@ -255,9 +270,9 @@ def decode_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         num_q_heads, num_splits,
         GROUP=group, BLOCK_H=max(MIN_GROUP_ROWS, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size, BLOCK_N=config.block_n,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE_SIZE=page_size, BLOCK_N=block_n,
         DIRECT_OUTPUT=direct, UPCAST_DOT=upcast_dots(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=num_stages,
     )
     if not direct:
         _decode_reduce_kernel[(batch, num_q_heads)](

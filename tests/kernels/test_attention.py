@@ -113,3 +113,22 @@ def test_prefill_single_token_extend_equals_decode(paged_batch, generator, devic
     extend = prefill_attention(*args, config=PrefillConfig(block_m=16, block_n=16))
     decode = decode_attention(q, k_cache, v_cache, tables, context_lens, scale, DecodeConfig(block_n=16, num_splits=1))
     assert_close(extend, decode.float())
+
+
+def test_default_config_split_tiles_match_reference(paged_batch, generator, device, assert_close) -> None:
+    """The default config streams long splits in its bigger split tiles (128 tokens, 2 stages):
+    contexts ending mid-page and mid-tile, one shorter than a tile, against the reference."""
+    from kernels.paged_decode_attention import DEFAULT_CONFIG
+
+    from dataclasses import replace
+
+    from kernels.paged_decode_attention import SPLIT_TILES_MIN
+
+    assert DEFAULT_CONFIG.split_block_n == 128 and DEFAULT_CONFIG.block_n == 64
+    batch = paged_batch([1500, 95, 2000], 2, 64, 16, torch.bfloat16, generator)
+    q = torch.randn(3, 8, 64, generator=generator).to(torch.bfloat16).to(device)
+    args = (q, batch.k_cache, batch.v_cache, batch.block_tables, batch.context_lens, 0.125)
+    # Two splits of ~1k tokens: long enough for the split tile; the rule's own choice uses short ones.
+    assert batch.block_tables.shape[1] * 16 // 2 >= SPLIT_TILES_MIN * 128
+    for config in (replace(DEFAULT_CONFIG, num_splits=2), DEFAULT_CONFIG):
+        assert_close(decode_attention(*args, config=config), decode_attention_ref(*args))
