@@ -778,23 +778,30 @@ class Bench:
             torch.cuda.empty_cache()
 
     def do_e(self) -> None:
+        """The HTTP path, once per engine mode in --e-modes: `process` (the step loop in its own
+        process, results under "e") and `thread` (the loop in a thread of the HTTP process, "e_thread")."""
         self.drop_engine()
+        for mode in self.args.e_modes.split(","):
+            self.serve_and_drive(mode)
+
+    def serve_and_drive(self, mode: str) -> None:
         a = self.args
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "reference_engine", "--preset", a.preset, "--device", self.device,
                "--port", str(port), "--max-model-len", str(a.max_model_len), "--max-num-seqs", str(a.max_num_seqs),
-               "--max-num-batched-tokens", str(a.offline_batched_tokens)]
+               "--max-num-batched-tokens", str(a.offline_batched_tokens),
+               "--engine-process" if mode == "process" else "--no-engine-process"]
         cmd += ["--kv-cache-memory", f"{a.kv_gib}GB"] if self.device.startswith("cuda") else ["--num-kv-blocks", "2048"]
         log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
         t = time.perf_counter()
         server = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        e: dict = {"server_cmd": cmd}
-        self.results["e"] = e
+        e: dict = {"server_cmd": cmd, "engine_mode": mode}
+        self.results["e" if mode == "process" else "e_" + mode] = e
         try:
             wait_health(url, server, a.e_start_timeout)
             e["server_start_s"] = time.perf_counter() - t
-            print(f"\n(e) server up in {e['server_start_s']:.0f} s: {' '.join(cmd[1:])}", flush=True)
+            print(f"\n(e, engine {mode}) server up in {e['server_start_s']:.0f} s: {' '.join(cmd[1:])}", flush=True)
             rows = []
             runs_dir = Path(tempfile.mkdtemp(prefix="engine_gpu_e_"))
             plans = [("closed", ["--concurrency", str(a.b_batch), "--requests", str(a.e_requests),
@@ -808,7 +815,8 @@ class Bench:
                 steps = after["steps"] - before["steps"]
                 engine_side = {"steps": steps, "busy_s": after["busy_s"] - before["busy_s"],
                                "mean_batch": (after["scheduled_seqs_total"] - before["scheduled_seqs_total"]) / max(1, steps),
-                               "graph_steps": after["graph_steps"] - before["graph_steps"]}
+                               "graph_steps": after["graph_steps"] - before["graph_steps"],
+                               "piecewise_steps": after.get("piecewise_steps", 0) - before.get("piecewise_steps", 0)}
                 for phase in summary["phases"]:
                     if phase["phase"] == "warmup":
                         continue
@@ -831,7 +839,8 @@ class Bench:
                 if "engine_side_of_run" in r:
                     s = r["engine_side_of_run"]
                     print(f"engine side of the {r['kind']} run: {s['steps']} steps, mean batch {s['mean_batch']:.1f}, "
-                          f"{s['graph_steps']} graphed, host busy in step() {s['busy_s']:.1f} s")
+                          f"{s['graph_steps']} graphed, {s['piecewise_steps']} piecewise, "
+                          f"host busy in step() {s['busy_s']:.1f} s")
         finally:
             server.terminate()
             try:
@@ -907,6 +916,7 @@ def main() -> None:
     p.add_argument("--d-prefix", type=int, default=1024)
     p.add_argument("--e-requests", type=int, default=384)
     p.add_argument("--e-rates", default="8,16,32,64")
+    p.add_argument("--e-modes", default="process", help="engine modes of (e): process, thread, or both (process,thread)")
     p.add_argument("--e-duration", default="10s")
     p.add_argument("--e-start-timeout", type=float, default=240.0)
     p.add_argument("--e-run-timeout", type=float, default=240.0)
