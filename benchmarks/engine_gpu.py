@@ -209,6 +209,42 @@ def run_requests(engine: LLMEngine, prompts: list[list[int]], outputs: list[int]
             "piecewise_steps": runner.num_piecewise_steps - piece0, "host_busy_s": engine.busy_s - busy0}
 
 
+def run_closed_loop(engine: LLMEngine, prompts: list[list[int]], outputs: list[int], concurrency: int) -> dict:
+    """In-process closed loop: `concurrency` requests in flight, a new one added as soon as one
+    finishes (what `servescope run --concurrency N` does over HTTP, without the HTTP path)."""
+    n = len(prompts)
+    first, last, count, start = [math.nan] * n, [math.nan] * n, [0] * n, [0.0] * n
+    seq_index: dict[int, int] = {}
+    t0 = time.perf_counter()
+    next_i = 0
+
+    def add() -> None:
+        nonlocal next_i
+        start[next_i] = time.perf_counter() - t0
+        seq = engine.add_request(prompts[next_i], greedy(outputs[next_i]))
+        seq_index[seq.seq_id] = next_i
+        next_i += 1
+
+    while next_i < min(concurrency, n):
+        add()
+    while engine.has_unfinished():
+        outs = engine.step()
+        t = time.perf_counter() - t0
+        for out in outs:
+            i = seq_index[out.seq.seq_id]
+            if count[i] == 0:
+                first[i] = t
+            last[i] = t
+            count[i] += len(out.token_ids)
+            if out.finished and next_i < n:
+                add()
+    elapsed = time.perf_counter() - t0
+    assert count == outputs, "every request must produce exactly its output length"
+    return {"elapsed_s": elapsed, "req_per_s": n / elapsed, "output_tok_per_s": sum(count) / elapsed,
+            "ttft_s": [first[i] - start[i] for i in range(n)],
+            "tpot_s": [(last[i] - first[i]) / (count[i] - 1) for i in range(n) if count[i] > 1]}
+
+
 def pct(values: list[float], q: float) -> float:
     vals = sorted(v for v in values if not math.isnan(v))
     if not vals:
@@ -584,7 +620,10 @@ class Bench:
                                      "output_tok_per_s": r["output_tok_per_s"], "elapsed_s": r["elapsed_s"],
                                      "steps": r["steps"], "graph_steps": r["graph_steps"],
                                      "piecewise_steps": r["piecewise_steps"], "host_busy_s": r["host_busy_s"],
-                                     "prefix_hit_rate": bm.prefix_hits / max(1, bm.prefix_queries)})
+                                     "prefix_hit_rate": bm.prefix_hits / max(1, bm.prefix_queries),
+                                     # The slowest first tokens: (prompt tokens, arrival s, TTFT s).
+                                     "slowest_ttft": sorted(((len(ps[i]), arrivals[i], r["ttft_s"][i])
+                                                             for i in range(len(ps))), key=lambda x: -x[2])[:5]})
         runner.piecewise_enabled = True
         engine.reset_scheduling(chunked_prefill=True, enable_prefix_caching=True)
         self.results["d"] = {"rate_req_per_s": rate, "requests": len(prompts), "shared_prefix_tokens": a.d_prefix,
@@ -777,6 +816,27 @@ class Bench:
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
+    def do_e0(self) -> None:
+        """(e)'s closed loop in-process (same requests, same concurrency, same step budget): the
+        baseline that leaves only the HTTP path between it and (e)'s closed run."""
+        engine = self.get_engine()
+        a = self.args
+        engine.reset_scheduling(max_num_batched_tokens=a.offline_batched_tokens, enable_prefix_caching=False)
+        prompts = random_prompts([a.b_prompt] * a.e_requests, engine.model_config.vocab_size, seed=7)
+        outs = [a.b_tokens] * a.e_requests
+        run_closed_loop(engine, prompts[:64], outs[:64], a.b_batch)  # warm-up, as (e) has 2 s of it
+        r = run_closed_loop(engine, prompts, outs, a.b_batch)
+        engine.reset_scheduling(max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=True)
+        row = {"requests": a.e_requests, "concurrency": a.b_batch, "elapsed_s": r["elapsed_s"],
+               "req_per_s": r["req_per_s"], "output_tok_per_s": r["output_tok_per_s"],
+               "ttft_p50_s": pct(r["ttft_s"], 0.5), "ttft_p99_s": pct(r["ttft_s"], 0.99),
+               "tpot_p50_s": pct(r["tpot_s"], 0.5), "tpot_p99_s": pct(r["tpot_s"], 0.99)}
+        self.results["e0"] = row
+        print(f"\n(e0) in-process closed loop, {a.b_batch} in flight, {a.e_requests} x ({a.b_prompt} / {a.b_tokens}): "
+              f"{row['req_per_s']:.1f} req/s, {row['output_tok_per_s']:.0f} out tok/s, TTFT p50/p99 "
+              f"{row['ttft_p50_s'] * 1e3:.0f}/{row['ttft_p99_s'] * 1e3:.0f} ms, TPOT p50/p99 "
+              f"{row['tpot_p50_s'] * 1e3:.2f}/{row['tpot_p99_s'] * 1e3:.2f} ms")
+
     def do_e(self) -> None:
         """The HTTP path, once per engine mode in --e-modes: `process` (the step loop in its own
         process, results under "e") and `thread` (the loop in a thread of the HTTP process, "e_thread")."""
@@ -890,7 +950,7 @@ class Bench:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="llama3-8b")
-    p.add_argument("--parts", default="limits,a,b,c,d,e,hf", help="also: profile")
+    p.add_argument("--parts", default="limits,a,b,c,d,e0,e,hf", help="also: profile")
     p.add_argument("--hf-parts", default="b,c,a", help="which HF baselines to run (a: static-cache compile is slow)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--tag", default="", help="suffix of the results file name")
@@ -946,6 +1006,7 @@ def main() -> None:
     bench.part("b", bench.do_b, 20)
     bench.part("c", bench.do_c, 20)
     bench.part("d", bench.do_d, 60)
+    bench.part("e0", bench.do_e0, 30)
     bench.part("e", bench.do_e, 90)
     bench.part("hf", bench.do_hf, 200)
     bench.summary()
