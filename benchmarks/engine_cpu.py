@@ -1,12 +1,17 @@
 """Tokens/s of the reference engine's tiny preset on the CPU: in-process vs through its HTTP server.
 
-    python benchmarks/engine_cpu.py [--max-tokens 128] [--threads 1] [--concurrency 1,32] [--repeat 3]
+    python benchmarks/engine_cpu.py [--max-tokens 128] [--threads 1] [--concurrency 1,32] [--repeat 5]
+                                    [--engine-mode thread|process|both]
 
 In-process: `LLMEngine.generate` on N prompts at once (no HTTP, no detokenizer
 streaming). HTTP: the same prompts sent concurrently by an aiohttp streaming
 client to `python -m reference_engine` in its own process, as the harness runs
-it. Output tokens come from each response's usage. The overhead column is the
-throughput lost to HTTP + SSE + the engine thread hand-off.
+it, and the same load through `servescope run`. The server runs its step loop
+in a thread of the HTTP process (`--no-engine-process`) or in an engine process
+of its own (`--engine-process`); `--engine-mode both` (the default) measures
+each, the two servers taking turns run by run. Output tokens come from each
+response's usage. The overhead column is the throughput lost (best against
+best) to HTTP + SSE + the hand-off between the HTTP loop and the step loop.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import asyncio
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -96,10 +102,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(threads: int, engine_mode: str = "thread") -> tuple[subprocess.Popen, str]:
+    """`python -m reference_engine` with its step loop in a thread or in its own process (`engine_mode`)."""
     port = _free_port()
+    mode_flag = "--engine-process" if engine_mode == "process" else "--no-engine-process"
     proc = subprocess.Popen([sys.executable, "-m", "reference_engine", "--port", str(port), "--device", "cpu",
-                             "--threads", str(threads)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                             "--threads", str(threads), mode_flag], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
 
     async def wait() -> None:
@@ -123,42 +132,60 @@ def main() -> None:
     parser.add_argument("--prompt-words", type=int, default=16, help="prompt length in words (~4 tokens each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (in-process and server)")
     parser.add_argument("--concurrency", default="1,32")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="runs per row; the best is kept (other processes on a shared CPU only ever slow a run)")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="runs per row; the best and the median are printed (other processes on a shared CPU "
+                             "only ever slow a run)")
+    parser.add_argument("--engine-mode", choices=("thread", "process", "both"), default="both",
+                        help="where the server runs its step loop: a thread of the HTTP process, its own "
+                             "process, or each in turn")
     args = parser.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
+    engine_modes = ("thread", "process") if args.engine_mode == "both" else (args.engine_mode,)
     try:
         import uvloop
         uvloop.install()
     except ImportError:
         pass
 
-    rows = []
-    proc, url = start_server(args.threads)
+    rows = []  # (client, engine mode, concurrency, tokens, seconds)
+    # Both servers stay up (an idle one uses no CPU) and take turns run by run, so a slow spell of a
+    # shared machine hits both modes alike instead of whichever was measured then.
+    servers = {}
     try:
+        for engine_mode in engine_modes:
+            servers[engine_mode] = start_server(args.threads, engine_mode)
         for n in levels:
             prompts = _prompts(n, args.prompt_words)
-            runs = [asyncio.run(_http_run(url, prompts, args.max_tokens)) for _ in range(args.repeat)]
-            rows.append(("http", n, *max(runs, key=lambda r: r[0] / r[1])))
-            runs = [_servescope_run(url, n, args.max_tokens, args.prompt_words) for _ in range(args.repeat)]
-            rows.append(("servescope run", n, *max(runs, key=lambda r: r[0] / r[1])))
+            runs: dict[tuple[str, str], list[tuple[int, float]]] = {}
+            for _ in range(args.repeat):
+                for engine_mode, (_, url) in servers.items():
+                    runs.setdefault(("http", engine_mode), []).append(
+                        asyncio.run(_http_run(url, prompts, args.max_tokens)))
+                for engine_mode, (_, url) in servers.items():
+                    runs.setdefault(("servescope run", engine_mode), []).append(
+                        _servescope_run(url, n, args.max_tokens, args.prompt_words))
+            for (client, engine_mode), results in runs.items():
+                rows.append((client, engine_mode, n, results))
     finally:
-        proc.terminate()
-        proc.wait(15)
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(15)
     for n in levels:
         runs = [bench_in_process(n, args.max_tokens, args.prompt_words, args.threads) for _ in range(args.repeat)]
-        rows.append(("in-process", n, *max(runs, key=lambda r: r[0] / r[1])))
+        rows.append(("in-process", "", n, runs))
 
     print(f"reference engine, preset tiny, CPU ({os.cpu_count()} cores, {args.threads} torch thread(s)), "
           f"{args.max_tokens} output tokens per request, ~{args.prompt_words * 4}-token prompts, "
-          f"best of {args.repeat}")
-    print(f"{'mode':<14} {'concurrency':>11} {'tokens':>7} {'seconds':>8} {'tok/s':>9} {'HTTP overhead':>14}")
-    in_proc = {n: t / s for mode, n, t, s in rows if mode == "in-process"}
+          f"{args.repeat} runs per row: the best, and the median (a shared machine's noise moves the best)")
+    print(f"{'client':<14} {'step loop':<9} {'concurrency':>11} {'tokens':>7} {'best tok/s':>10} "
+          f"{'median tok/s':>12} {'HTTP overhead':>14}")
+    best = {(client, mode, n): max(r[0] / r[1] for r in runs) for client, mode, n, runs in rows}
     order = {"in-process": 0, "http": 1, "servescope run": 2}
-    for mode, n, tokens, seconds in sorted(rows, key=lambda r: (r[1], order[r[0]])):
-        rate = tokens / seconds
-        overhead = "" if mode == "in-process" else f"{(1 - rate / in_proc[n]) * 100:13.1f}%"
-        print(f"{mode:<14} {n:>11} {tokens:>7} {seconds:>8.2f} {rate:>9.0f} {overhead:>14}")
+    for client, engine_mode, n, runs in sorted(rows, key=lambda r: (r[2], order[r[0]], r[1])):
+        rate = best[client, engine_mode, n]
+        median = statistics.median(r[0] / r[1] for r in runs)
+        overhead = "" if client == "in-process" else f"{(1 - rate / best['in-process', '', n]) * 100:13.1f}%"
+        print(f"{client:<14} {engine_mode:<9} {n:>11} {runs[0][0]:>7} {rate:>10.0f} {median:>12.0f} {overhead:>14}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
-"""Runs `LLMEngine` in its own thread and streams its outputs to asyncio handlers.
+"""Thread mode: runs `LLMEngine` in a thread of the server's own process and streams its outputs to asyncio handlers.
 
 The HTTP event loop never runs a model step: it posts commands (add, abort)
 to a thread-safe inbox, and the engine thread hands each step's outputs back
 in ONE `loop.call_soon_threadsafe` call. torch releases the GIL inside its
-ops, so the event loop keeps serving while a step computes.
+ops, so the event loop keeps serving while a step computes; but the engine's
+Python bookkeeping and the event loop's SSE writing still share one GIL, which
+is why process mode (`engine_process.py`) exists. This is the other
+`EngineClient`: no start-up cost, and the engine object stays reachable
+(tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -15,9 +19,15 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
-from reference_engine.engine import LLMEngine, StepOutput
+from reference_engine.engine import LLMEngine
+from reference_engine.engine_client import EngineClient, EngineFacts, EngineFailed, RequestOutput
+from reference_engine.metrics import EngineMetrics
+from reference_engine.protocol import usage
 from reference_engine.sequence import SamplingParams, Sequence
+
+__all__ = ["AsyncEngine", "EngineFailed", "RequestStream"]
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +46,14 @@ class RequestStream:
     aborted: bool = False
 
 
-class EngineFailed(RuntimeError):
-    """The engine thread hit an unexpected error while serving this request."""
+class AsyncEngine(EngineClient):
+    mode = "thread"
 
-
-class AsyncEngine:
-    def __init__(self, engine: LLMEngine, on_idle=None) -> None:
+    def __init__(self, engine: LLMEngine, metrics: EngineMetrics | None = None) -> None:
+        super().__init__(EngineFacts.of(engine), engine.tokenizer)
         self.engine = engine
-        self.on_idle = on_idle  # called in the engine thread after aborts (metrics refresh)
+        self.metrics = metrics if metrics is not None else EngineMetrics(engine.config.served_model_name)
+        engine.observer = self.metrics
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         # Adds posted (event loop writes) and taken (engine thread writes): each counter has one
         # writer, so their difference is a race-free count of requests not yet seen by the engine.
@@ -55,12 +65,16 @@ class AsyncEngine:
         self._stopping = False
 
     # -- lifecycle ----------------------------------------------------------
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.metrics.refresh_idle(self.engine)
         self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.stop_blocking)
+
+    def stop_blocking(self) -> None:
         self._stopping = True
         self._inbox.put(("stop", None))
         if self._thread is not None:
@@ -72,10 +86,16 @@ class AsyncEngine:
         fine for admission control)."""
         return self._adds_posted - self._adds_taken + len(self.engine.scheduler.waiting)
 
+    async def render_metrics(self) -> bytes:
+        return self.metrics.render()  # prometheus_client's values are thread-safe
+
+    async def engine_state(self) -> dict[str, Any]:
+        return {**self.engine.snapshot(), "mode": self.mode}
+
     # -- the asyncio side ---------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, tenant: str = "",
-                       request_id: str = "", arrival_time: float | None = None) -> AsyncIterator[StepOutput]:
-        """Yield this request's step outputs until it finishes; aborts it if the consumer goes away."""
+                       request_id: str = "", arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield this request's outputs until it finishes; aborts it if the consumer goes away."""
         stream = RequestStream(prompt_token_ids, params, tenant, request_id,
                                arrival_time if arrival_time is not None else time.perf_counter())
         self._adds_posted += 1
@@ -113,8 +133,7 @@ class AsyncEngine:
             if seq is not None and not seq.finished:
                 self.engine.abort(seq)
                 self._streams.pop(seq.seq_id, None)
-                if self.on_idle is not None:
-                    self.on_idle(self.engine)
+                self.metrics.refresh_idle(self.engine)
 
     def _add(self, stream: RequestStream) -> None:
         if stream.aborted:
@@ -134,6 +153,7 @@ class AsyncEngine:
 
     def _run(self) -> None:
         engine = self.engine
+        with_spec = self.facts.with_spec
         while not self._stopping:
             if not engine.has_unfinished():
                 command, stream = self._inbox.get()  # idle: sleep until a request or abort arrives
@@ -164,5 +184,7 @@ class AsyncEngine:
                     continue
                 if out.finished:
                     del self._streams[out.seq.seq_id]
-                batch.append((stream, out))
+                    batch.append((stream, RequestOutput(out.text, True, out.finish_reason, usage(out.seq, with_spec))))
+                else:
+                    batch.append((stream, RequestOutput(out.text, False, None, None)))
             self._post(batch)

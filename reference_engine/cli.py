@@ -1,17 +1,24 @@
 """`servescope serve` (and `python -m reference_engine`): parse engine flags, build the engine, serve.
 
-Thin on purpose: options become an `EngineConfig`, `LLMEngine.build` makes the
-engine and `server.serve` runs it; all three are tested without the CLI.
+Thin on purpose: options become an `EngineConfig`; `LLMEngine.build` makes the
+engine here (thread mode) or `engine_process.start_engine_process` makes it in
+a child process (process mode), and `server.serve` serves it; all are tested
+without the CLI.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 
 import click
 
 from reference_engine.config import PRESETS, SpecConfig, parse_size
 from reference_engine.errors import ConfigError
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _resolve_device(device: str) -> str:
@@ -62,12 +69,18 @@ def _resolve_device(device: str) -> str:
 @click.option("--async-scheduling/--no-async-scheduling", default=None,
               help="Schedule step N+1 while step N runs, sampling on the device "
                    "(default: on for CUDA without --spec, off on the CPU).")
+@click.option("--engine-process/--no-engine-process", default=True, show_default=True,
+              help="Run the engine (model, scheduler, detokenizer, metrics) in its own process, apart from the "
+                   "HTTP server's event loop, as vLLM's EngineCore does. On CUDA the host-bound step loop must not "
+                   "share a GIL with the SSE writing; on the CPU process mode measured as fast or faster "
+                   "(benchmarks/engine_cpu.py). --no-engine-process runs it in a thread of the server.")
 def serve(preset: str | None, model_path: str | None, served_model_name: str | None, tokenizer_dir: str | None,
           host: str, port: int, device: str, dtype: str, attention_backend: str, kv_cache_memory: str | None,
           num_kv_blocks: int | None, block_size: int, max_num_batched_tokens: int, max_num_seqs: int,
           max_model_len: int | None, chunked_prefill: bool, enable_prefix_caching: bool, max_waiting: int | None,
           spec: str | None, seed: int, api_key: str | None, threads: int | None, cuda_graph: bool,
-          enforce_eager: bool, cuda_graph_max_len: int, async_scheduling: bool | None) -> None:
+          enforce_eager: bool, cuda_graph_max_len: int, async_scheduling: bool | None,
+          engine_process: bool) -> None:
     """Start the bundled reference engine (OpenAI-compatible server)."""
     try:
         import torch
@@ -77,7 +90,7 @@ def serve(preset: str | None, model_path: str | None, served_model_name: str | N
             "`pip install torch==2.13.0 -e '.[engine]'` (the harness alone runs without it)") from None
 
     from reference_engine.config import EngineConfig
-    from reference_engine.engine import LLMEngine
+    from reference_engine.engine_process import EngineLaunch, start_engine_process
     from reference_engine.server import serve as run_server
 
     if preset and model_path:
@@ -85,7 +98,7 @@ def serve(preset: str | None, model_path: str | None, served_model_name: str | N
     # The tiny model's ops are too small to split; one thread also stays fast when the load
     # generator shares the cores (a spinning thread pool under contention is many times slower).
     tiny = model_path is None and (preset or "tiny") == "tiny"
-    torch.set_num_threads(threads or (1 if tiny else max(1, min(4, os.cpu_count() or 1))))
+    torch_threads = threads or (1 if tiny else max(1, min(4, os.cpu_count() or 1)))
     name = served_model_name or (os.path.basename(os.path.normpath(model_path)) if model_path else preset or "tiny")
     try:
         config = EngineConfig(
@@ -97,8 +110,20 @@ def serve(preset: str | None, model_path: str | None, served_model_name: str | N
             device=_resolve_device(device), dtype=dtype, attention_backend=attention_backend, seed=seed,
             served_model_name=name, cuda_graph=cuda_graph and not enforce_eager,
             cuda_graph_max_len=cuda_graph_max_len, async_scheduling=async_scheduling)
-        engine = LLMEngine.build(config, preset_name=preset or "tiny", model_path=model_path,
-                                 tokenizer_dir=tokenizer_dir)
+        if engine_process:  # built in the child; a ConfigError there comes back as one
+            launch = EngineLaunch(config, preset or "tiny", model_path, tokenizer_dir, name, torch_threads)
+            # A SIGTERM while the engine loads must still reap the child: make it an interrupt until then.
+            previous = signal.signal(signal.SIGTERM, _interrupt)
+            try:
+                engine = start_engine_process(launch)
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+        else:
+            from reference_engine.engine import LLMEngine
+
+            torch.set_num_threads(torch_threads)
+            engine = LLMEngine.build(config, preset_name=preset or "tiny", model_path=model_path,
+                                     tokenizer_dir=tokenizer_dir)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     run_server(engine, host, port, name, api_key)

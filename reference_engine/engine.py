@@ -1,23 +1,26 @@
 """The engine and its step loop: schedule, forward, sample, postprocess, detokenize.
 
-`LLMEngine` is synchronous and single-threaded on purpose; `async_engine.py`
-runs it in its own thread for the server, and tests and benchmarks drive it
-directly with `add_request()` / `step()` or `generate()`.
+`LLMEngine` is synchronous and single-threaded on purpose; the server runs it
+in its own thread (`async_engine.py`) or its own process (`engine_process.py`),
+and tests and benchmarks drive it directly with `add_request()` / `step()` or
+`generate()`.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from reference_engine.block_manager import BlockManager
 from reference_engine.config import EngineConfig, ModelConfig, preset, model_config_from_hf
-from reference_engine.errors import ConfigError, InvalidRequest
+from reference_engine.errors import ConfigError
+from reference_engine.limits import PromptLimits
 from reference_engine.model import LlamaModel, _mm_out_dtype_works, rope_cos_sin_cache
 from reference_engine.model_runner import ModelRunner
 from reference_engine.ops import build_ops
@@ -25,7 +28,7 @@ from reference_engine.sampler import DeviceSampler, SampleRequest, Sampler
 from reference_engine.scheduler import Scheduler, SchedulerOutput
 from reference_engine.sequence import SamplingParams, Sequence, SequenceStatus
 from reference_engine.spec_decode import NgramProposer
-from reference_engine.tokenization import EngineTokenizer, IncrementalDetokenizer
+from reference_engine.tokenization import EngineTokenizer, IncrementalDetokenizer, tokenizer_dir_for
 from reference_engine.weights import DEVICE_INIT_MIN_PARAMS, init_random_weights, load_hf_weights
 
 DEFAULT_CPU_KV_MEMORY = 256 << 20
@@ -60,7 +63,7 @@ class _InFlight:
 
 
 class EngineObserver(Protocol):
-    """Hooks the metrics module implements; called from the engine thread."""
+    """Hooks the metrics module implements; called from the thread (or process) that runs the steps."""
 
     def on_step(self, engine: "LLMEngine", outputs: list[StepOutput], step_s: float) -> None: ...
 
@@ -168,14 +171,10 @@ class LLMEngine:
     def build(cls, config: EngineConfig, preset_name: str | None = "tiny", model_path: str | Path | None = None,
               tokenizer_dir: str | Path | None = None, observer: EngineObserver | None = None) -> LLMEngine:
         """A preset with random weights (bundled tokenizer), or a local HF checkpoint (its own tokenizer)."""
+        tokenizer = EngineTokenizer(tokenizer_dir_for(model_path, tokenizer_dir))
         if model_path is not None:
             model_config = model_config_from_hf(model_path)
-            tokenizer = EngineTokenizer(tokenizer_dir or model_path)
         else:
-            if tokenizer_dir is None:
-                from reference_engine.tokenizer import TOKENIZER_DIR
-                tokenizer_dir = TOKENIZER_DIR
-            tokenizer = EngineTokenizer(tokenizer_dir)
             model_config = preset(preset_name or "tiny", vocab_size=tokenizer.vocab_size)
         return cls(model_config, config, tokenizer, checkpoint_dir=model_path, observer=observer)
 
@@ -190,23 +189,28 @@ class LLMEngine:
         self.scheduler.add(seq)
         return seq
 
+    @property
+    def limits(self) -> PromptLimits:
+        """What a request may ask for (also checked by the HTTP front end, which may be in another process)."""
+        return PromptLimits(self.model_config.vocab_size, self.max_model_len, self.num_blocks, self.config.block_size)
+
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_token_ids:
-            raise InvalidRequest("the prompt is empty", "prompt")
-        vocab = self.model_config.vocab_size
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
-            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", "prompt")
-        if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
-            raise InvalidRequest(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{len(prompt_token_ids) + params.max_tokens} tokens ({len(prompt_token_ids)} in the prompt, "
-                f"{params.max_tokens} for the completion). Reduce the prompt or max_tokens.",
-                "prompt", "context_length_exceeded")
-        blocks = self.config.blocks_needed(len(prompt_token_ids) + params.max_tokens)
-        if blocks > self.num_blocks:
-            raise InvalidRequest(f"the request needs {blocks} KV blocks but the whole cache has "
-                                 f"{self.num_blocks}; shorten it or start the engine with more KV memory",
-                                 "prompt", "kv_cache_too_small")
+        self.limits.check(prompt_token_ids, params)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Block-pool and scheduler figures for `/internal/engine` (tests and debugging), with this
+        process's pid: in process mode that is the engine child, which a test must see exit."""
+        bm, sched = self.block_manager, self.scheduler
+        return {
+            "num_blocks": bm.num_blocks, "free_blocks": bm.num_free_blocks, "kv_usage": bm.usage,
+            "running": len(sched.running), "waiting": len(sched.waiting), "preemptions": sched.num_preemptions,
+            "steps": self.num_steps, "device": str(self.device), "ops": type(self.ops).__name__,
+            "busy_s": self.busy_s, "scheduled_seqs_total": self.scheduled_seqs_total,
+            "graph_steps": self.runner.num_graph_steps, "eager_steps": self.runner.num_eager_steps,
+            "piecewise_steps": self.runner.num_piecewise_steps,
+            "async_scheduling": self.async_scheduling,
+            "generation_tokens_total": self.generation_tokens_total, "pid": os.getpid(),
+        }
 
     def abort(self, seq: Sequence) -> None:
         self.scheduler.finish(seq, "abort")

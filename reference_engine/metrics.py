@@ -3,8 +3,10 @@
 Counters are declared without `_total` (prometheus_client appends it on
 export, as vLLM's do) and every series carries `model_name` and `engine`
 labels. Prefix-cache queries and hits are counted in tokens, as vLLM does.
-The engine thread calls `on_step` after each step; the HTTP thread only reads
-(`render`), and prometheus_client's values are thread-safe.
+The step loop calls `on_step` after each step, in whichever thread or process
+runs it; the registry lives there too. In thread mode the HTTP thread reads it
+(`render`; prometheus_client's values are thread-safe), in process mode the
+HTTP process asks the engine process for the rendered text.
 """
 
 from __future__ import annotations

@@ -1,10 +1,14 @@
 """The OpenAI-compatible HTTP server (aiohttp.web): completions, chat, models, health, metrics.
 
-aiohttp is a mature, fast asyncio server that is already a dependency; the
-model loop runs in its own thread (`AsyncEngine`), so a long prefill never
-blocks accepting connections or streaming other requests' tokens. Handlers
-are cancelled when their client disconnects (`handler_cancellation=True`),
-which aborts the request and frees its KV blocks at once.
+aiohttp is a mature, fast asyncio server that is already a dependency. The
+model loop never runs on the event loop: it runs in a thread of this process
+(thread mode, `async_engine.AsyncEngine`) or in a child process (process mode,
+`engine_process.ProcessEngineClient`, like vLLM's EngineCore, so the loop and
+the SSE writing do not share a GIL). Handlers see only the `EngineClient`
+interface, so they do not care which. A long prefill never blocks accepting
+connections or streaming other requests' tokens. Handlers are cancelled when
+their client disconnects (`handler_cancellation=True`), which aborts the
+request and frees its KV blocks at once.
 """
 
 from __future__ import annotations
@@ -12,24 +16,47 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 from aiohttp import web
 
-from reference_engine.async_engine import AsyncEngine, EngineFailed
-from reference_engine.engine import LLMEngine
+from reference_engine.engine_client import EngineClient, EngineFailed
+from reference_engine.engine_process import EngineLaunch, EngineProcessHandle, ProcessEngineClient, start_engine_process
 from reference_engine.errors import InvalidRequest
-from reference_engine.metrics import CONTENT_TYPE, EngineMetrics
-from reference_engine.protocol import ParsedRequest, ResponseBuilder, error_body, parse_request, usage
+from reference_engine.metrics import CONTENT_TYPE
+from reference_engine.protocol import ParsedRequest, ResponseBuilder, error_body, parse_request
+from reference_engine.tokenization import EngineTokenizer
+
+if TYPE_CHECKING:
+    from reference_engine.engine import LLMEngine
 
 log = logging.getLogger(__name__)
 
-ENGINE_KEY = web.AppKey("engine", AsyncEngine)
-METRICS_KEY = web.AppKey("metrics", EngineMetrics)
+ENGINE_KEY = web.AppKey("engine", EngineClient)
 SETTINGS_KEY = web.AppKey("settings", dict)
+
+# What a server can be started from: an engine built here (thread mode), a launch description or an
+# already started engine process (process mode), or a ready-made client.
+EngineSource = Union["LLMEngine", EngineLaunch, EngineProcessHandle, EngineClient]
+
+
+def engine_client(source: EngineSource, model_name: str) -> EngineClient:
+    """The front end's client for `source`. A launch is started here (blocking until the engine is built)."""
+    if isinstance(source, EngineClient):
+        return source
+    if isinstance(source, EngineLaunch):
+        source = start_engine_process(source)
+    if isinstance(source, EngineProcessHandle):
+        return ProcessEngineClient(source)
+    from reference_engine.async_engine import AsyncEngine  # imports torch: only thread mode needs it here
+    from reference_engine.metrics import EngineMetrics
+
+    return AsyncEngine(source, EngineMetrics(model_name))
 
 
 def _json_error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -51,19 +78,18 @@ async def _api_key_middleware(request: web.Request, handler):
     return await handler(request)
 
 
-def _tokenize(engine: LLMEngine, parsed: ParsedRequest) -> list[int]:
+def _tokenize(tokenizer: EngineTokenizer, parsed: ParsedRequest) -> list[int]:
     if parsed.messages is not None:
-        return engine.tokenizer.apply_chat_template(parsed.messages)
+        return tokenizer.apply_chat_template(parsed.messages)
     if isinstance(parsed.prompt, str):
-        return engine.tokenizer.encode(parsed.prompt)
+        return tokenizer.encode(parsed.prompt)
     return list(parsed.prompt or [])
 
 
 async def _generate(request: web.Request, api: str) -> web.StreamResponse:
     arrival = time.perf_counter()
-    async_engine = request.app[ENGINE_KEY]
+    engine = request.app[ENGINE_KEY]
     settings = request.app[SETTINGS_KEY]
-    engine = async_engine.engine
     try:
         body = await request.json(loads=json.loads)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -73,18 +99,17 @@ async def _generate(request: web.Request, api: str) -> web.StreamResponse:
         if parsed.model and parsed.model != settings["model_name"]:
             raise InvalidRequest(f"The model `{parsed.model}` does not exist; this server serves "
                                  f"`{settings['model_name']}` (see GET /v1/models)", "model", "model_not_found")
-        prompt_ids = _tokenize(engine, parsed)
+        prompt_ids = _tokenize(engine.tokenizer, parsed)
         engine.validate_prompt(prompt_ids, parsed.params)
     except InvalidRequest as exc:
         return _json_error(400, exc.message, param=exc.param, code=exc.code)
-    max_waiting = engine.config.max_waiting
-    if max_waiting is not None and async_engine.num_waiting >= max_waiting:
+    max_waiting = engine.max_waiting
+    if max_waiting is not None and engine.num_waiting >= max_waiting:
         return _json_error(429, f"the engine's waiting queue is full ({max_waiting} requests); retry later",
                            "rate_limit_exceeded", code="queue_full", headers={"Retry-After": "1"})
 
     builder = ResponseBuilder(api, settings["model_name"])
-    outputs = async_engine.generate(prompt_ids, parsed.params, parsed.tenant, builder.id, arrival)
-    with_spec = engine.config.spec is not None
+    outputs = engine.generate(prompt_ids, parsed.params, parsed.tenant, builder.id, arrival)
     if not parsed.stream:
         texts: list[str] = []
         last = None
@@ -95,7 +120,7 @@ async def _generate(request: web.Request, api: str) -> web.StreamResponse:
         except EngineFailed as exc:
             return _json_error(500, f"the engine failed: {exc}", "server_error")
         assert last is not None
-        return web.json_response(builder.full_response("".join(texts), last.finish_reason, usage(last.seq, with_spec)))
+        return web.json_response(builder.full_response("".join(texts), last.finish_reason, last.usage))
 
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     response.enable_chunked_encoding()
@@ -109,7 +134,7 @@ async def _generate(request: web.Request, api: str) -> web.StreamResponse:
             elif out.text:
                 await response.write(builder.sse_text_chunk(out.text))
             if out.finished and parsed.include_usage:
-                await response.write(_sse(builder.usage_chunk(usage(out.seq, with_spec))))
+                await response.write(_sse(builder.usage_chunk(out.usage)))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
     except EngineFailed as exc:
@@ -131,44 +156,40 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def models(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS_KEY]
-    engine = request.app[ENGINE_KEY].engine
+    engine = request.app[ENGINE_KEY]
     return web.json_response({"object": "list", "data": [{
         "id": settings["model_name"], "object": "model", "created": settings["created"], "owned_by": "servescope",
         "max_model_len": engine.max_model_len}]})
 
 
 async def health(request: web.Request) -> web.Response:
+    if not request.app[ENGINE_KEY].alive:
+        return web.Response(status=503, text="the engine process is gone")
     return web.Response(text="ok")
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[METRICS_KEY].render()
+    try:
+        body = await request.app[ENGINE_KEY].render_metrics()
+    except EngineFailed as exc:
+        return _json_error(503, str(exc), "server_error")
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def engine_state(request: web.Request) -> web.Response:
-    """Internal: block-pool and scheduler figures (tests and debugging; not part of the OpenAI API)."""
-    engine = request.app[ENGINE_KEY].engine
-    bm, sched = engine.block_manager, engine.scheduler
-    return web.json_response({
-        "num_blocks": bm.num_blocks, "free_blocks": bm.num_free_blocks, "kv_usage": bm.usage,
-        "running": len(sched.running), "waiting": len(sched.waiting), "preemptions": sched.num_preemptions,
-        "steps": engine.num_steps, "device": str(engine.device), "ops": type(engine.ops).__name__,
-        "busy_s": engine.busy_s, "scheduled_seqs_total": engine.scheduled_seqs_total,
-        "graph_steps": engine.runner.num_graph_steps, "eager_steps": engine.runner.num_eager_steps,
-        "async_scheduling": engine.async_scheduling,
-        "generation_tokens_total": engine.generation_tokens_total,
-    })
+    """Internal: block-pool and scheduler figures, the engine's pid and mode (tests and debugging; not
+    part of the OpenAI API)."""
+    try:
+        return web.json_response(await request.app[ENGINE_KEY].engine_state())
+    except EngineFailed as exc:
+        return _json_error(503, str(exc), "server_error")
 
 
-def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None) -> web.Application:
-    """The aiohttp application; the engine thread starts with the app and stops with it."""
-    metrics_ = EngineMetrics(model_name)
-    engine.observer = metrics_
-    async_engine = AsyncEngine(engine, on_idle=metrics_.refresh_idle)
+def build_app(engine: EngineSource, model_name: str, api_key: str | None = None) -> web.Application:
+    """The aiohttp application; the engine client starts with the app and stops with it."""
+    client = engine_client(engine, model_name)
     app = web.Application(middlewares=[_api_key_middleware], client_max_size=64 << 20)
-    app[ENGINE_KEY] = async_engine
-    app[METRICS_KEY] = metrics_
+    app[ENGINE_KEY] = client
     app[SETTINGS_KEY] = {"model_name": model_name, "api_key": api_key, "created": int(time.time())}
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -178,11 +199,10 @@ def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None) ->
     app.router.add_get("/internal/engine", engine_state)
 
     async def start_engine(app_: web.Application) -> None:
-        async_engine.start(asyncio.get_running_loop())
-        metrics_.refresh_idle(engine)
+        await client.start()
 
     async def stop_engine(app_: web.Application) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, async_engine.stop)
+        await client.stop()
 
     app.on_startup.append(start_engine)
     app.on_cleanup.append(stop_engine)
@@ -190,20 +210,30 @@ def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None) ->
 
 
 class ServerThread:
-    """The server on its own event loop in a background thread (tests, benchmarks). Stop with `stop()`."""
+    """The server on its own event loop in a background thread (tests, benchmarks). Stop with `stop()`.
 
-    def __init__(self, engine: LLMEngine, model_name: str, host: str = "127.0.0.1", port: int = 0,
+    `engine` picks the mode: an `LLMEngine` runs in a thread of this process, an `EngineLaunch` is
+    started as an engine process first (blocking until its engine is built). The engine process is
+    spawned, which re-imports the calling script: a script that starts one needs the usual
+    `if __name__ == "__main__":` guard.
+    """
+
+    def __init__(self, engine: EngineSource, model_name: str, host: str = "127.0.0.1", port: int = 0,
                  api_key: str | None = None) -> None:
-        self.app = build_app(engine, model_name, api_key)
+        self.client = engine_client(engine, model_name)
+        self.app = build_app(self.client, model_name, api_key)
         self.host = host
         self.port = port
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="engine-http", daemon=True)
         self._runner: web.AppRunner | None = None
         self._thread.start()
-        if not self._ready.wait(30):
-            raise RuntimeError("the server thread did not start within 30 s")
+        if not self._ready.wait(30) or self._error is not None:
+            if isinstance(self.client, ProcessEngineClient):
+                self.client.handle.shutdown()
+            raise RuntimeError(f"the server thread did not start: {self._error or 'no answer within 30 s'}")
 
     @property
     def url(self) -> str:
@@ -219,7 +249,17 @@ class ServerThread:
             await site.start()
             self.port = site._server.sockets[0].getsockname()[1]  # the port the OS chose for port 0
 
-        self._loop.run_until_complete(start())
+        try:
+            self._loop.run_until_complete(start())
+        except BaseException as exc:  # noqa: BLE001 - reported by the constructor
+            self._error = exc
+            if self._runner is not None:  # e.g. the port was taken: stop the engine the app started
+                try:
+                    self._loop.run_until_complete(self._runner.cleanup())
+                except Exception:  # noqa: BLE001 - the first error is the one to report
+                    log.exception("cleanup after a failed start")
+            self._ready.set()
+            return
         self._ready.set()
         self._loop.run_forever()
 
@@ -230,18 +270,41 @@ class ServerThread:
         self._thread.join(30)
 
 
-def serve(engine: LLMEngine, host: str, port: int, model_name: str, api_key: str | None = None) -> None:
-    """Serve until SIGINT/SIGTERM (blocking)."""
+def serve(engine: LLMEngine | EngineProcessHandle, host: str, port: int, model_name: str,
+          api_key: str | None = None) -> None:
+    """Serve until SIGINT/SIGTERM (blocking).
+
+    Process mode: `engine` is an engine process that is already built and ready, so the port is bound
+    only once requests can be served (a harness waiting for /health waits for the engine). The engine
+    process is stopped and reaped however the server ends; if it dies on its own, the server exits too
+    (status 1) rather than answering 500s that look like a live target.
+    """
     try:
         import uvloop
         uvloop.install()
     except ImportError:  # optional: the standard loop works, a bit slower
         pass
-    # The engine thread and the event loop share the GIL: a shorter switch interval lets a ready
-    # token reach its socket without waiting out the engine's Python bookkeeping (measured in
-    # benchmarks/engine_cpu.py: lower HTTP overhead at batch 1).
-    sys.setswitchinterval(0.0005)
-    app = build_app(engine, model_name, api_key)
+    client = engine_client(engine, model_name)
+    engine_lost: list[str] = []
+    if isinstance(client, ProcessEngineClient):
+        def exit_server(reason: str) -> None:
+            engine_lost.append(reason)
+            os.kill(os.getpid(), signal.SIGTERM)  # run_app's handler: a graceful exit
+
+        client.on_lost = exit_server
+    else:
+        # The engine thread and the event loop share the GIL: a shorter switch interval lets a ready
+        # token reach its socket without waiting out the engine's Python bookkeeping (measured in
+        # benchmarks/engine_cpu.py: lower HTTP overhead at batch 1).
+        sys.setswitchinterval(0.0005)
+    app = build_app(client, model_name, api_key)
+    facts = client.facts
     print(f"servescope reference engine: serving {model_name!r} on http://{host}:{port} "
-          f"({engine.device}, {engine.num_blocks} KV blocks of {engine.config.block_size})", flush=True)
-    web.run_app(app, host=host, port=port, print=None, handler_cancellation=True, access_log=None)
+          f"({facts.device}, {facts.num_blocks} KV blocks of {facts.block_size})", flush=True)
+    try:
+        web.run_app(app, host=host, port=port, print=None, handler_cancellation=True, access_log=None)
+    finally:
+        if isinstance(client, ProcessEngineClient):
+            client.handle.shutdown()  # a no-op when the app's cleanup stopped it already
+    if engine_lost:
+        sys.exit(f"servescope reference engine: {engine_lost[0]}")

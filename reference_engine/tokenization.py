@@ -117,3 +117,15 @@ class IncrementalDetokenizer:
         delta = self.text[self.emitted:]
         self.emitted = len(self.text)
         return delta
+
+
+def tokenizer_dir_for(model_path: str | Path | None, tokenizer_dir: str | Path | None) -> Path:
+    """The tokenizer an engine uses: the one given, else the checkpoint's own, else the bundled one
+    (presets). One rule for the engine and for a front end that tokenizes in another process."""
+    if tokenizer_dir is not None:
+        return Path(tokenizer_dir)
+    if model_path is not None:
+        return Path(model_path)
+    from reference_engine.tokenizer import TOKENIZER_DIR
+
+    return TOKENIZER_DIR

@@ -7,7 +7,10 @@ The engine gets its own session (process group), so the user's Ctrl-C stops
 the load, not the server that in-flight requests are waiting on; the harness
 stops it at the end (SIGINT, then SIGTERM, then SIGKILL). On Linux the engine
 is also told to die with the harness (PR_SET_PDEATHSIG), so a harness killed
-by a CI timeout or SIGKILL never leaves a model-sized orphan behind.
+by a CI timeout or SIGKILL never leaves a model-sized orphan behind. With
+`--engine-process` (the default) the server has a child of its own, the
+engine process: the server stops and reaps it on SIGINT/SIGTERM, and it exits
+by itself when the server is killed outright (end of file on its socket).
 """
 
 from __future__ import annotations

@@ -44,18 +44,34 @@ def hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+SMALL_ENGINE = {"num_kv_blocks": 256, "max_num_batched_tokens": 256}  # fast on 2 CPU cores
+
+
 def make_engine(**overrides):
     """The tiny preset (random weights, bundled tokenizer) with engine overrides; fast on 2 CPU cores."""
     from reference_engine.config import EngineConfig
     from reference_engine.engine import LLMEngine
 
-    fields = {"num_kv_blocks": 256, "max_num_batched_tokens": 256, **overrides}
-    return LLMEngine.build(EngineConfig(**fields), preset_name="tiny")
+    return LLMEngine.build(EngineConfig(**{**SMALL_ENGINE, **overrides}), preset_name="tiny")
 
 
-@pytest.fixture
+def make_launch(**overrides):
+    """The same engine as `make_engine`, described for an engine process (process mode)."""
+    from reference_engine.config import EngineConfig
+    from reference_engine.engine_process import EngineLaunch
+
+    return EngineLaunch(EngineConfig(**{**SMALL_ENGINE, **overrides}), preset_name="tiny", model_name="tiny",
+                        torch_threads=1)
+
+
+@pytest.fixture(scope="session")
 def engine_factory():
     return make_engine
+
+
+@pytest.fixture(scope="session")
+def launch_factory():
+    return make_launch
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,8 @@
-"""The HTTP server: the official openai client streams from it; errors, 429, disconnects and metrics."""
+"""The HTTP server: the official openai client streams from it; errors, 429, disconnects and metrics.
+
+Every server test runs in both modes: the step loop in a thread of the server's process, and in an
+engine process of its own (`--engine-process`); the handlers must not be able to tell.
+"""
 
 from __future__ import annotations
 
@@ -22,12 +26,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def cli_server():
-    """`python -m reference_engine` as a real subprocess (what the harness starts)."""
+@pytest.fixture(scope="module", params=["--no-engine-process", "--engine-process"])
+def cli_server(request):
+    """`python -m reference_engine` as a real subprocess (what the harness starts), in each mode."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "reference_engine", "--port", str(port), "--device", "cpu",
-                             "--num-kv-blocks", "256", "--spec", "ngram:k=3"],
+                             "--num-kv-blocks", "256", "--spec", "ngram:k=3", request.param],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -46,12 +50,13 @@ def cli_server():
     proc.wait(15)
 
 
-@pytest.fixture
-def server(engine_factory):
+@pytest.fixture(params=["thread", "process"])
+def server(request, engine_factory, launch_factory):
     servers = []
 
     def start(api_key: str | None = None, **overrides) -> ServerThread:
-        srv = ServerThread(engine_factory(**overrides), "tiny", api_key=api_key)
+        source = engine_factory(**overrides) if request.param == "thread" else launch_factory(**overrides)
+        srv = ServerThread(source, "tiny", api_key=api_key)
         servers.append(srv)
         return srv
 
