@@ -527,7 +527,10 @@ class Bench:
             rows["graphs+async, cuBLAS projections"] = self.best_decode(engine, prompt)
         finally:
             ops.gemv_policy = keep
-            engine.graph_capture_s = runner.capture_graphs(engine.config.max_num_seqs, max_len, capture=runner.on_gpu)
+            if runner.on_gpu:  # back to the engine's own graphs, piecewise ones included
+                engine.capture_graphs()
+            else:
+                runner.capture_graphs(engine.config.max_num_seqs, max_len, capture=False)
         return info
 
     def do_b(self) -> None:

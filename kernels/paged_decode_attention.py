@@ -99,7 +99,12 @@ def decode_attention_ref(
     return out
 
 
-@triton.jit
+# Per-step values (table width, split count, and the metadata tensors, which the engine slices out of
+# one packed upload at offsets that vary step to step) are not specialized on: each new value class or
+# pointer alignment would otherwise compile a new variant in the middle of serving (0.5-1.5 s stalls of
+# every request, seen as TTFT tails in benchmarks/engine_gpu.py part (d) before this).
+@triton.jit(do_not_specialize=["stride_table", "num_splits"],
+            do_not_specialize_on_alignment=["block_tables_ptr", "context_lens_ptr"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_out_ptr, part_lse_ptr,
@@ -175,7 +180,7 @@ def _decode_split_kernel(
         tl.store(part_lse_ptr + part_row, lse, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     part_out_ptr, part_lse_ptr, out_ptr,
     stride_ob, stride_oh, num_q_heads, num_splits,

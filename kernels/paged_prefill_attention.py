@@ -127,7 +127,10 @@ def _attend_tile(
     return m_new, l_i, acc
 
 
-@triton.jit
+# Not specialized on per-step values (see the note in paged_decode_attention.py): the table width,
+# the query-block count and the packed metadata's alignment change from step to step.
+@triton.jit(do_not_specialize=["stride_table", "num_m_blocks"],
+            do_not_specialize_on_alignment=["block_tables_ptr", "cu_seqlens_ptr", "context_lens_ptr"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_ptr, context_lens_ptr, out_ptr,
     qk_scale,

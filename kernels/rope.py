@@ -56,7 +56,7 @@ def _cos_sin(positions_ptr, cache_ptr, token, cols, stride_cache, HALF: tl.const
     return cos, sin
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["positions_ptr"])
 def _rope_kernel(
     q_ptr, k_ptr, positions_ptr, cache_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
@@ -107,7 +107,8 @@ def rope_write_kv_ref(
     write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
 
 
-@triton.jit
+# positions and slots are slices of the engine's packed per-step upload: their alignment varies.
+@triton.jit(do_not_specialize_on_alignment=["positions_ptr", "slot_ptr"])
 def _rope_write_kv_kernel(
     q_ptr, k_ptr, v_ptr, positions_ptr, cache_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cache,

@@ -66,6 +66,9 @@ def _resolve_device(device: str) -> str:
 @click.option("--enforce-eager", is_flag=True, default=False, help="Same as --no-cuda-graph.")
 @click.option("--cuda-graph-max-len", type=int, default=8192, show_default=True,
               help="Longest context a graphed decode step serves; longer ones run eagerly.")
+@click.option("--piecewise-graph-max-tokens", type=click.IntRange(min=0), default=2048, show_default=True,
+              help="CUDA: steps with prefill chunks of up to this many tokens replay piecewise CUDA graphs "
+                   "(all but attention, per layer, at bucketed token counts); 0 runs them eagerly.")
 @click.option("--async-scheduling/--no-async-scheduling", default=None,
               help="Schedule step N+1 while step N runs, sampling on the device "
                    "(default: on for CUDA without --spec, off on the CPU).")
@@ -79,7 +82,8 @@ def serve(preset: str | None, model_path: str | None, served_model_name: str | N
           num_kv_blocks: int | None, block_size: int, max_num_batched_tokens: int, max_num_seqs: int,
           max_model_len: int | None, chunked_prefill: bool, enable_prefix_caching: bool, max_waiting: int | None,
           spec: str | None, seed: int, api_key: str | None, threads: int | None, cuda_graph: bool,
-          enforce_eager: bool, cuda_graph_max_len: int, async_scheduling: bool | None,
+          enforce_eager: bool, cuda_graph_max_len: int, piecewise_graph_max_tokens: int,
+          async_scheduling: bool | None,
           engine_process: bool) -> None:
     """Start the bundled reference engine (OpenAI-compatible server)."""
     try:
@@ -109,7 +113,8 @@ def serve(preset: str | None, model_path: str | None, served_model_name: str | N
             spec=SpecConfig.parse(spec), enable_prefix_caching=enable_prefix_caching,
             device=_resolve_device(device), dtype=dtype, attention_backend=attention_backend, seed=seed,
             served_model_name=name, cuda_graph=cuda_graph and not enforce_eager,
-            cuda_graph_max_len=cuda_graph_max_len, async_scheduling=async_scheduling)
+            cuda_graph_max_len=cuda_graph_max_len, piecewise_graph_max_tokens=piecewise_graph_max_tokens,
+            async_scheduling=async_scheduling)
         if engine_process:  # built in the child; a ConfigError there comes back as one
             launch = EngineLaunch(config, preset or "tiny", model_path, tokenizer_dir, name, torch_threads)
             # A SIGTERM while the engine loads must still reap the child: make it an interrupt until then.

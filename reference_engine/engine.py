@@ -122,11 +122,19 @@ class LLMEngine:
         # lengths back to the host) and the overlapped step loop with on-device sampling.
         self.graph_capture_s = 0.0
         if self.device.type == "cuda" and config.cuda_graph and self.ops.name == "triton":
-            self.graph_capture_s = self.runner.capture_graphs(
-                config.max_num_seqs, min(config.cuda_graph_max_len, self.max_model_len))
+            self.capture_graphs()
         self.async_scheduling = config.use_async_scheduling
         self.device_sampler = DeviceSampler(self.eos_token_ids, self.device, seed=config.seed)
         self._inflight: _InFlight | None = None
+
+    def capture_graphs(self) -> float:
+        """(Re)capture the decode graphs and the piecewise graphs of steps with prefill, as the config
+        says (benchmarks recapture after changing the kernels' policy); returns the seconds it took."""
+        cfg = self.config
+        self.graph_capture_s = self.runner.capture_graphs(
+            cfg.max_num_seqs, min(cfg.cuda_graph_max_len, self.max_model_len),
+            piecewise_max_tokens=min(cfg.piecewise_graph_max_tokens, cfg.max_num_batched_tokens))
+        return self.graph_capture_s
 
     def _build_on_device(self, model_config: ModelConfig, checkpoint_dir: str | Path | None) -> LlamaModel:
         """Parameters made on the GPU in the serving dtype (no float32 copy in host memory); random

@@ -75,3 +75,15 @@ def test_piecewise_path_of_mixed_steps_matches_torch(async_scheduling: bool) -> 
     assert runner.num_piecewise_steps > 0 and runner.num_graph_steps > 0
     assert engine.block_manager.prefix_hits > 0
     assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def test_piecewise_setting_is_validated_and_reaches_the_cli() -> None:
+    from click.testing import CliRunner
+
+    from reference_engine.cli import serve
+    from reference_engine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="piecewise-graph-max-tokens"):
+        EngineConfig(piecewise_graph_max_tokens=-1)
+    result = CliRunner().invoke(serve, ["--piecewise-graph-max-tokens", "-5"])
+    assert result.exit_code == 2 and "--piecewise-graph-max-tokens" in result.output
