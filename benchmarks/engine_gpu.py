@@ -167,6 +167,30 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
 
+class TokenTimes:
+    """Per request, from the engine's step outputs: when its first and last tokens came, and how many."""
+
+    def __init__(self, n: int) -> None:
+        self.first = [math.nan] * n
+        self.last = [math.nan] * n
+        self.count = [0] * n
+
+    def record(self, i: int, t: float, tokens: int) -> None:
+        if self.count[i] == 0:
+            self.first[i] = t
+        self.last[i] = t
+        self.count[i] += tokens
+
+    def check(self, outputs: list[int]) -> None:
+        assert self.count == outputs, "every request must produce exactly its output length"
+
+    def ttft(self, starts: list[float]) -> list[float]:
+        return [f - s for f, s in zip(self.first, starts)]
+
+    def tpot(self) -> list[float]:
+        return [(l - f) / (c - 1) for f, l, c in zip(self.first, self.last, self.count) if c > 1]
+
+
 def run_requests(engine: LLMEngine, prompts: list[list[int]], outputs: list[int],
                  arrivals: list[float] | None = None) -> dict:
     """All at t=0 (offline) or at the given arrival offsets; per-request token times from the step outputs."""
@@ -174,9 +198,7 @@ def run_requests(engine: LLMEngine, prompts: list[list[int]], outputs: list[int]
     arrivals = arrivals or [0.0] * n
     order = sorted(range(n), key=lambda i: arrivals[i])
     seq_index: dict[int, int] = {}
-    first = [math.nan] * n
-    last = [math.nan] * n
-    count = [0] * n
+    times = TokenTimes(n)
     runner = engine.runner
     steps0, busy0, graph0, piece0 = engine.num_steps, engine.busy_s, runner.num_graph_steps, runner.num_piecewise_steps
     t0 = time.perf_counter()
@@ -194,17 +216,13 @@ def run_requests(engine: LLMEngine, prompts: list[list[int]], outputs: list[int]
         outs = engine.step()
         t = time.perf_counter() - t0
         for out in outs:
-            i = seq_index[out.seq.seq_id]
-            if count[i] == 0:
-                first[i] = t
-            last[i] = t
-            count[i] += len(out.token_ids)
+            times.record(seq_index[out.seq.seq_id], t, len(out.token_ids))
     elapsed = time.perf_counter() - t0
-    assert count == outputs, "every request must produce exactly its output length"
-    ttft = [first[i] - arrivals[i] for i in range(n)]
-    tpot = [(last[i] - first[i]) / (count[i] - 1) for i in range(n) if count[i] > 1]
-    return {"elapsed_s": elapsed, "output_tokens": sum(count), "output_tok_per_s": sum(count) / elapsed,
-            "req_per_s": n / elapsed, "ttft_s": ttft, "tpot_s": tpot, "first_s": first, "last_s": last,
+    times.check(outputs)
+    total = sum(times.count)
+    return {"elapsed_s": elapsed, "output_tokens": total, "output_tok_per_s": total / elapsed,
+            "req_per_s": n / elapsed, "ttft_s": times.ttft(arrivals), "tpot_s": times.tpot(),
+            "first_s": times.first, "last_s": times.last,
             "steps": engine.num_steps - steps0, "graph_steps": runner.num_graph_steps - graph0,
             "piecewise_steps": runner.num_piecewise_steps - piece0, "host_busy_s": engine.busy_s - busy0}
 
@@ -213,7 +231,7 @@ def run_closed_loop(engine: LLMEngine, prompts: list[list[int]], outputs: list[i
     """In-process closed loop: `concurrency` requests in flight, a new one added as soon as one
     finishes (what `servescope run --concurrency N` does over HTTP, without the HTTP path)."""
     n = len(prompts)
-    first, last, count, start = [math.nan] * n, [math.nan] * n, [0] * n, [0.0] * n
+    times, start = TokenTimes(n), [0.0] * n
     seq_index: dict[int, int] = {}
     t0 = time.perf_counter()
     next_i = 0
@@ -231,18 +249,13 @@ def run_closed_loop(engine: LLMEngine, prompts: list[list[int]], outputs: list[i
         outs = engine.step()
         t = time.perf_counter() - t0
         for out in outs:
-            i = seq_index[out.seq.seq_id]
-            if count[i] == 0:
-                first[i] = t
-            last[i] = t
-            count[i] += len(out.token_ids)
+            times.record(seq_index[out.seq.seq_id], t, len(out.token_ids))
             if out.finished and next_i < n:
                 add()
     elapsed = time.perf_counter() - t0
-    assert count == outputs, "every request must produce exactly its output length"
-    return {"elapsed_s": elapsed, "req_per_s": n / elapsed, "output_tok_per_s": sum(count) / elapsed,
-            "ttft_s": [first[i] - start[i] for i in range(n)],
-            "tpot_s": [(last[i] - first[i]) / (count[i] - 1) for i in range(n) if count[i] > 1]}
+    times.check(outputs)
+    return {"elapsed_s": elapsed, "req_per_s": n / elapsed, "output_tok_per_s": sum(times.count) / elapsed,
+            "ttft_s": times.ttft(start), "tpot_s": times.tpot()}
 
 
 def pct(values: list[float], q: float) -> float:
