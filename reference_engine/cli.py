@@ -86,12 +86,14 @@ def serve(preset: str | None, model_path: str | None, served_model_name: str | N
           async_scheduling: bool | None,
           engine_process: bool) -> None:
     """Start the bundled reference engine (OpenAI-compatible server)."""
-    try:
-        import torch
-    except ImportError:
-        raise click.ClickException(
-            "the reference engine needs torch, which is not installed; install the engine extra with "
-            "`pip install torch==2.13.0 -e '.[engine]'` (the harness alone runs without it)") from None
+    for module in ("torch", "aiohttp"):  # the engine extra: the model, and the HTTP server
+        try:
+            __import__(module)
+        except ImportError:
+            raise click.ClickException(
+                f"the reference engine needs {module}, which is not installed; install the engine extra with "
+                "`pip install torch==2.13.0 -e '.[engine]'` (the harness alone runs without it)") from None
+    import torch
 
     from reference_engine.config import EngineConfig
     from reference_engine.engine_process import EngineLaunch, start_engine_process
