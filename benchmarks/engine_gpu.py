@@ -335,6 +335,61 @@ def http_get_json(url: str) -> dict:
         return json.loads(resp.read())
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process so far (/proc; 0 where it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of a process (the engine process under `serve --engine-process`)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def server_side(url: str, server_pid: int) -> dict:
+    """Counters to difference around one run: the engine's own TTFT and queue-time histograms
+    (sum, count) from /metrics, and the CPU seconds of the HTTP process and its engine child."""
+    from prometheus_client.parser import text_string_to_metric_families
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    hist = {}
+    for family in text_string_to_metric_families(text):
+        if family.name in ("vllm:time_to_first_token_seconds", "vllm:request_queue_time_seconds"):
+            for sample in family.samples:
+                if sample.name.endswith(("_sum", "_count")):
+                    hist[sample.name] = hist.get(sample.name, 0.0) + sample.value
+    children = child_pids(server_pid)
+    return {"hist": hist, "http_cpu_s": process_cpu_s(server_pid), "engine_cpu_s": sum(map(process_cpu_s, children)),
+            "t": time.perf_counter()}
+
+
+def server_side_delta(before: dict, after: dict) -> dict:
+    """Means over one run of the engine's TTFT (its arrival to first token) and queue time (arrival
+    to first scheduling), and each server process's CPU use as a fraction of one core."""
+    def mean(name: str) -> float:
+        count = after["hist"].get(name + "_count", 0.0) - before["hist"].get(name + "_count", 0.0)
+        total = after["hist"].get(name + "_sum", 0.0) - before["hist"].get(name + "_sum", 0.0)
+        return total / count if count else math.nan
+
+    wall = after["t"] - before["t"]
+    return {"engine_ttft_mean_s": mean("vllm:time_to_first_token_seconds"),
+            "engine_queue_mean_s": mean("vllm:request_queue_time_seconds"),
+            "http_process_cpu_frac": (after["http_cpu_s"] - before["http_cpu_s"]) / wall,
+            "engine_process_cpu_frac": (after["engine_cpu_s"] - before["engine_cpu_s"]) / wall}
+
+
 def wait_health(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     import urllib.request
 
@@ -368,7 +423,7 @@ def phase_row(phase: dict) -> dict:
 
     return {"phase": phase["phase"], "requests": phase.get("requests"), "ok": phase.get("ok"),
             "req_per_s": phase.get("req_per_s"), "output_tok_per_s": phase.get("output_tok_per_s"),
-            "ttft_p50_s": q("ttft_s", "p50"), "ttft_p99_s": q("ttft_s", "p99"),
+            "ttft_p50_s": q("ttft_s", "p50"), "ttft_p99_s": q("ttft_s", "p99"), "ttft_mean_s": q("ttft_s", "mean"),
             "tpot_p50_s": q("tpot_s", "p50"), "tpot_p99_s": q("tpot_s", "p99")}
 
 
@@ -879,20 +934,23 @@ class Bench:
             e["server_start_s"] = time.perf_counter() - t
             print(f"\n(e, engine {mode}) server up in {e['server_start_s']:.0f} s: {' '.join(cmd[1:])}", flush=True)
             rows = []
-            runs_dir = Path(tempfile.mkdtemp(prefix="engine_gpu_e_"))
+            runs_dir = (Path(a.e_runs_dir) / mode) if a.e_runs_dir else Path(tempfile.mkdtemp(prefix="engine_gpu_e_"))
             plans = [("closed", ["--concurrency", str(a.b_batch), "--requests", str(a.e_requests),
                                  "--warmup", "2s"])]
             plans += [("open", ["--sweep", "rate:" + ",".join(str(r) for r in a.e_rates), "--duration", a.e_duration])]
             for kind, extra in plans:
                 before = http_get_json(url + "/internal/engine")
+                server_before = server_side(url, server.pid)
                 summary = harness_run(url, runs_dir / kind, ["--prompt-tokens", str(a.b_prompt), "--max-tokens",
                                                              str(a.b_tokens), *extra], timeout_s=a.e_run_timeout)
                 after = http_get_json(url + "/internal/engine")
+                server_after = server_side(url, server.pid)
                 steps = after["steps"] - before["steps"]
                 engine_side = {"steps": steps, "busy_s": after["busy_s"] - before["busy_s"],
                                "mean_batch": (after["scheduled_seqs_total"] - before["scheduled_seqs_total"]) / max(1, steps),
                                "graph_steps": after["graph_steps"] - before["graph_steps"],
-                               "piecewise_steps": after.get("piecewise_steps", 0) - before.get("piecewise_steps", 0)}
+                               "piecewise_steps": after.get("piecewise_steps", 0) - before.get("piecewise_steps", 0),
+                               **server_side_delta(server_before, server_after)}
                 for phase in summary["phases"]:
                     if phase["phase"] == "warmup":
                         continue
@@ -916,7 +974,11 @@ class Bench:
                     s = r["engine_side_of_run"]
                     print(f"engine side of the {r['kind']} run: {s['steps']} steps, mean batch {s['mean_batch']:.1f}, "
                           f"{s['graph_steps']} graphed, {s['piecewise_steps']} piecewise, "
-                          f"host busy in step() {s['busy_s']:.1f} s")
+                          f"host busy in step() {s['busy_s']:.1f} s; engine-side TTFT mean "
+                          f"{s['engine_ttft_mean_s'] * 1e3:.0f} ms (queued {s['engine_queue_mean_s'] * 1e3:.0f} ms)"
+                          + (f" against the client's {r['ttft_mean_s'] * 1e3:.0f} ms" if r["kind"] == "closed" else "")
+                          + f"; CPU: HTTP process "
+                          f"{s['http_process_cpu_frac']:.0%}, engine process {s['engine_process_cpu_frac']:.0%} of a core")
         finally:
             server.terminate()
             try:
@@ -994,6 +1056,7 @@ def main() -> None:
     p.add_argument("--e-rates", default="8,16,32,64")
     p.add_argument("--e-modes", default="process", help="engine modes of (e): process, thread, or both (process,thread)")
     p.add_argument("--e-duration", default="10s")
+    p.add_argument("--e-runs-dir", default=None, help="keep (e)'s run directories here (report them with `servescope report`)")
     p.add_argument("--e-start-timeout", type=float, default=240.0)
     p.add_argument("--e-run-timeout", type=float, default=240.0)
     p.add_argument("--smoke", action="store_true", help="CPU dry run: tiny preset, small sizes")

@@ -58,6 +58,20 @@ class EngineTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def text_id(self, token_id: int) -> int:
+        """The id whose text stands for `token_id`: itself, or for an id past this tokenizer's
+        vocabulary, id mod vocabulary size.
+
+        A model can have more rows than its tokenizer has tokens: the presets keep llama3's 128,256
+        (the real cost of the LM head) beside the 8,192-token bundled tokenizer, and checkpoints pad
+        their embeddings. The tokenizer has no text for those ids, and a token without text streams
+        nothing: with random weights 15 of 16 sampled ids were such, so a client saw its first text
+        ~16 tokens after the engine's first token (TTFT inflated by 16 x TPOT) and text in bursts.
+        A stand-in text makes every token stream as a real model's would; usage still counts the
+        real ids.
+        """
+        return token_id if token_id < self.vocab_size else token_id % self.vocab_size
+
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
         """Render messages with the generation prompt and encode them (no extra special tokens)."""
         if self._chat_template is None:
@@ -80,7 +94,8 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: EngineTokenizer, prompt_ids: list[int], stop: tuple[str, ...]) -> None:
         self.tokenizer = tokenizer
-        self.ids: list[int] = list(prompt_ids[-6:])
+        self.text_id = tokenizer.text_id
+        self.ids: list[int] = [self.text_id(t) for t in prompt_ids[-6:]]
         self.prefix_offset = max(len(self.ids) - 5, 0)
         self.read_offset = len(self.ids)
         self.stop = stop
@@ -91,7 +106,7 @@ class IncrementalDetokenizer:
     def push(self, token_ids: list[int]) -> tuple[str, bool]:
         """Add tokens; returns (text now safe to send, whether a stop string ended the output)."""
         for token in token_ids:
-            self.ids.append(token)
+            self.ids.append(self.text_id(token))
             prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
             full = self.tokenizer.decode(self.ids[self.prefix_offset:])
             if len(full) > len(prefix) and not full.endswith("\ufffd"):
