@@ -113,6 +113,17 @@ class ServerMetrics:
         window = total[(total.index >= (t0 if t0 is not None else -np.inf)) & (total.index <= (t1 if t1 is not None else np.inf))]
         return float(window.iloc[-1] - window.iloc[0]) if len(window) > 1 else 0.0
 
+    def counter_rate_in(self, key: str, t0: float | None = None, t1: float | None = None) -> float | None:
+        """Mean increase per second over [t0, t1]: between the first and last scrapes inside it, over
+        their own span (the increase between two scrapes divided by the whole window understated
+        every rate by up to two scrape intervals of the window). None with fewer than two scrapes."""
+        total = self.counter_total(key)
+        window = total[(total.index >= (t0 if t0 is not None else -np.inf)) & (total.index <= (t1 if t1 is not None else np.inf))]
+        if len(window) < 2:
+            return None
+        span = float(window.index[-1] - window.index[0])
+        return float(window.iloc[-1] - window.iloc[0]) / span if span > 0 else None
+
     def histogram_quantile(self, key: str, q: float, t0: float | None = None, t1: float | None = None) -> float | None:
         """q-quantile of observations made between t0 and t1, from bucket count deltas (linear within a bucket).
 
@@ -185,11 +196,11 @@ def server_view(frame: pd.DataFrame, t0: float | None, t1: float | None) -> dict
     metrics = ServerMetrics.from_frame(frame)
     if metrics.samples.empty:
         return None
-    duration = (t1 - t0) if t0 is not None and t1 is not None and t1 > t0 else None
     rates = {}
     for key in ("prompt_tokens", "generation_tokens", "preemptions"):
-        if metrics.has(key) and duration:
-            rates[f"{key}_per_s"] = metrics.counter_increase(key, t0, t1) / duration
+        rate = metrics.counter_rate_in(key, t0, t1) if metrics.has(key) else None
+        if rate is not None:
+            rates[f"{key}_per_s"] = rate
     view: dict = {"rates": rates, "histograms": {}, "gauges": {}}
     queries = metrics.counter_increase("prefix_queries", t0, t1)
     if queries > 0:

@@ -52,6 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from harness.config import parse_duration  # noqa: E402
 from reference_engine.config import EngineConfig, ModelConfig, preset  # noqa: E402
 from reference_engine.engine import LLMEngine  # noqa: E402
 from reference_engine.sequence import SamplingParams  # noqa: E402
@@ -174,12 +175,25 @@ class TokenTimes:
         self.first = [math.nan] * n
         self.last = [math.nan] * n
         self.count = [0] * n
+        self.timeline: list[tuple[float, int]] = []  # (t, tokens so far), one point per step
 
     def record(self, i: int, t: float, tokens: int) -> None:
         if self.count[i] == 0:
             self.first[i] = t
         self.last[i] = t
         self.count[i] += tokens
+        total = (self.timeline[-1][1] if self.timeline else 0) + tokens
+        if self.timeline and self.timeline[-1][0] == t:
+            self.timeline[-1] = (t, total)
+        else:
+            self.timeline.append((t, total))
+
+    def rate_between(self, t0: float, t1: float) -> float:
+        """Output tokens per second between the first and last steps inside [t0, t1]."""
+        inside = [(t, n) for t, n in self.timeline if t0 <= t <= t1]
+        if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+            return math.nan
+        return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
 
     def check(self, outputs: list[int]) -> None:
         assert self.count == outputs, "every request must produce exactly its output length"
@@ -201,6 +215,7 @@ def run_requests(engine: LLMEngine, prompts: list[list[int]], outputs: list[int]
     times = TokenTimes(n)
     runner = engine.runner
     steps0, busy0, graph0, piece0 = engine.num_steps, engine.busy_s, runner.num_graph_steps, runner.num_piecewise_steps
+    seqs0, seqs = engine.scheduled_seqs_total, []
     t0 = time.perf_counter()
     k = 0
     while k < n or engine.has_unfinished():
@@ -209,6 +224,7 @@ def run_requests(engine: LLMEngine, prompts: list[list[int]], outputs: list[int]
             i = order[k]
             seq = engine.add_request(prompts[i], greedy(outputs[i]), arrival_time=t0 + arrivals[i])
             seq_index[seq.seq_id] = i
+            seqs.append(seq)
             k += 1
         if not engine.has_unfinished():
             time.sleep(min(0.002, max(0.0, arrivals[order[k]] - now)))
@@ -222,9 +238,16 @@ def run_requests(engine: LLMEngine, prompts: list[list[int]], outputs: list[int]
     total = sum(times.count)
     return {"elapsed_s": elapsed, "output_tokens": total, "output_tok_per_s": total / elapsed,
             "req_per_s": n / elapsed, "ttft_s": times.ttft(arrivals), "tpot_s": times.tpot(),
-            "first_s": times.first, "last_s": times.last,
+            "first_s": times.first, "last_s": times.last, "queue_s": queue_times(seqs),
+            "steady_tok_per_s": times.rate_between((arrivals[order[0]] + arrivals[order[-1]]) / 2, arrivals[order[-1]]),
             "steps": engine.num_steps - steps0, "graph_steps": runner.num_graph_steps - graph0,
-            "piecewise_steps": runner.num_piecewise_steps - piece0, "host_busy_s": engine.busy_s - busy0}
+            "piecewise_steps": runner.num_piecewise_steps - piece0, "host_busy_s": engine.busy_s - busy0,
+            "mean_batch": (engine.scheduled_seqs_total - seqs0) / max(1, engine.num_steps - steps0)}
+
+
+def queue_times(seqs: list) -> list[float]:
+    """Each request's wait from arrival to its first scheduling (the engine's queue-time metric)."""
+    return [s.first_scheduled_time - s.arrival_time for s in seqs if s.first_scheduled_time is not None]
 
 
 def run_closed_loop(engine: LLMEngine, prompts: list[list[int]], outputs: list[int], concurrency: int) -> dict:
@@ -233,6 +256,7 @@ def run_closed_loop(engine: LLMEngine, prompts: list[list[int]], outputs: list[i
     n = len(prompts)
     times, start = TokenTimes(n), [0.0] * n
     seq_index: dict[int, int] = {}
+    steps0, seqs0, seqs = engine.num_steps, engine.scheduled_seqs_total, []
     t0 = time.perf_counter()
     next_i = 0
 
@@ -241,6 +265,7 @@ def run_closed_loop(engine: LLMEngine, prompts: list[list[int]], outputs: list[i
         start[next_i] = time.perf_counter() - t0
         seq = engine.add_request(prompts[next_i], greedy(outputs[next_i]))
         seq_index[seq.seq_id] = next_i
+        seqs.append(seq)
         next_i += 1
 
     while next_i < min(concurrency, n):
@@ -255,7 +280,9 @@ def run_closed_loop(engine: LLMEngine, prompts: list[list[int]], outputs: list[i
     elapsed = time.perf_counter() - t0
     times.check(outputs)
     return {"elapsed_s": elapsed, "req_per_s": n / elapsed, "output_tok_per_s": sum(times.count) / elapsed,
-            "ttft_s": times.ttft(start), "tpot_s": times.tpot()}
+            "ttft_s": times.ttft(start), "tpot_s": times.tpot(), "queue_s": queue_times(seqs),
+            "steady_tok_per_s": times.rate_between(start[-1] / 2, start[-1]),
+            "mean_batch": (engine.scheduled_seqs_total - seqs0) / max(1, engine.num_steps - steps0)}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -388,6 +415,38 @@ def server_side_delta(before: dict, after: dict) -> dict:
             "engine_queue_mean_s": mean("vllm:request_queue_time_seconds"),
             "http_process_cpu_frac": (after["http_cpu_s"] - before["http_cpu_s"]) / wall,
             "engine_process_cpu_frac": (after["engine_cpu_s"] - before["engine_cpu_s"]) / wall}
+
+
+def steady_state(run_dir: Path) -> dict[str, dict]:
+    """Per phase, the second half of its throughput window: output tokens per second as the client
+    received them (each chunk's tokens at its arrival) and the engine's mean running batch (scraped
+    /metrics). The whole window includes the ramp to a saturated batch; its second half is the
+    steady state it ramps to, the figure to set beside an in-process run's."""
+    import numpy as np
+    import pandas as pd
+
+    from analyzers.server_metrics import server_view
+
+    records = pd.read_parquet(run_dir / "requests.parquet", columns=["phase", "first_token_at", "itl_s", "chunk_tokens"])
+    frame = pd.read_parquet(run_dir / "server_metrics.parquet")
+    out = {}
+    for phase in json.loads((run_dir / "summary.json").read_text())["phases"]:
+        window = phase.get("window") or {}
+        t0, t1 = window.get("start_s"), window.get("end_s")
+        if t0 is None or t1 is None or t1 <= t0:
+            continue
+        mid, tokens = (t0 + t1) / 2, 0.0
+        for first, gaps, counts in records.loc[records["phase"] == phase["phase"],
+                                               ["first_token_at", "itl_s", "chunk_tokens"]].itertuples(index=False):
+            if counts is None or not np.isfinite(first):
+                continue
+            at = first + np.concatenate([[0.0], np.cumsum(gaps)]) if gaps is not None else np.array([first])
+            counts = np.asarray(counts, dtype=float)[: len(at)]
+            tokens += float(counts[(at[: len(counts)] >= mid) & (at[: len(counts)] <= t1)].sum())
+        view = server_view(frame, mid, t1) or {}
+        out[phase["phase"]] = {"steady_tok_per_s": tokens / (t1 - mid),
+                               "engine_running_mean": view.get("gauges", {}).get("running", {}).get("mean", math.nan)}
+    return out
 
 
 def wait_health(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
@@ -888,25 +947,45 @@ class Bench:
             torch.cuda.empty_cache()
 
     def do_e0(self) -> None:
-        """(e)'s closed loop in-process (same requests, same concurrency, same step budget): the
-        baseline that leaves only the HTTP path between it and (e)'s closed run."""
+        """(e)'s loads in-process (same requests, concurrency, top rate and step budget): the baseline
+        that leaves only the HTTP path between it and (e). The closed loop here stays in lockstep
+        (every request of a wave starts and ends together); the open loop at (e)'s top rate has
+        (e)'s Poisson arrivals, the control for what arrival jitter alone costs."""
         engine = self.get_engine()
         a = self.args
         engine.reset_scheduling(max_num_batched_tokens=a.offline_batched_tokens, enable_prefix_caching=False)
         prompts = random_prompts([a.b_prompt] * a.e_requests, engine.model_config.vocab_size, seed=7)
         outs = [a.b_tokens] * a.e_requests
         run_closed_loop(engine, prompts[:64], outs[:64], a.b_batch)  # warm-up, as (e) has 2 s of it
-        r = run_closed_loop(engine, prompts, outs, a.b_batch)
+        rate = float(max(a.e_rates))
+        # As many arrivals as (e)'s open phase at this rate sends (rate x phase duration).
+        n_open = max(1, round(rate * parse_duration(a.e_duration)))
+        open_prompts = random_prompts([a.b_prompt] * n_open, engine.model_config.vocab_size, seed=9)
+        gen = torch.Generator().manual_seed(8)
+        arrivals = torch.cumsum(torch.empty(n_open).exponential_(generator=gen) / rate, 0).tolist()
+        runs = {f"closed concurrency={a.b_batch}": run_closed_loop(engine, prompts, outs, a.b_batch),
+                f"open rate={rate}": run_requests(engine, open_prompts, [a.b_tokens] * n_open, arrivals)}
         engine.reset_scheduling(max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=True)
-        row = {"requests": a.e_requests, "concurrency": a.b_batch, "elapsed_s": r["elapsed_s"],
-               "req_per_s": r["req_per_s"], "output_tok_per_s": r["output_tok_per_s"],
-               "ttft_p50_s": pct(r["ttft_s"], 0.5), "ttft_p99_s": pct(r["ttft_s"], 0.99),
-               "tpot_p50_s": pct(r["tpot_s"], 0.5), "tpot_p99_s": pct(r["tpot_s"], 0.99)}
-        self.results["e0"] = row
-        print(f"\n(e0) in-process closed loop, {a.b_batch} in flight, {a.e_requests} x ({a.b_prompt} / {a.b_tokens}): "
-              f"{row['req_per_s']:.1f} req/s, {row['output_tok_per_s']:.0f} out tok/s, TTFT p50/p99 "
-              f"{row['ttft_p50_s'] * 1e3:.0f}/{row['ttft_p99_s'] * 1e3:.0f} ms, TPOT p50/p99 "
-              f"{row['tpot_p50_s'] * 1e3:.2f}/{row['tpot_p99_s'] * 1e3:.2f} ms")
+        b = (self.results.get("b") or {}).get("engine", {}).get("output_tok_per_s")
+        rows = []
+        print(f"\n(e0) in-process, {a.e_requests} x ({a.b_prompt} / {a.b_tokens}), step budget {a.offline_batched_tokens}")
+        for phase, r in runs.items():
+            row = {"phase": phase, "requests": len(r["ttft_s"]), "elapsed_s": r["elapsed_s"],
+                   "req_per_s": r["req_per_s"], "output_tok_per_s": r["output_tok_per_s"],
+                   "ttft_p50_s": pct(r["ttft_s"], 0.5), "ttft_p99_s": pct(r["ttft_s"], 0.99),
+                   "ttft_mean_s": sum(r["ttft_s"]) / len(r["ttft_s"]),
+                   "queue_mean_s": sum(r["queue_s"]) / max(1, len(r["queue_s"])), "mean_batch": r["mean_batch"],
+                   "steady_tok_per_s": r["steady_tok_per_s"],
+                   "tpot_p50_s": pct(r["tpot_s"], 0.5), "tpot_p99_s": pct(r["tpot_s"], 0.99)}
+            rows.append(row)
+            vs = f" ({row['output_tok_per_s'] / b:.0%} of (b))" if b else ""
+            print(f"  {phase}: {row['req_per_s']:.1f} req/s, {row['output_tok_per_s']:.0f} out tok/s{vs} "
+                  f"({row['steady_tok_per_s']:.0f} in the 2nd half of the sends), mean batch "
+                  f"{row['mean_batch']:.1f}, TTFT p50/p99/mean {row['ttft_p50_s'] * 1e3:.0f}/"
+                  f"{row['ttft_p99_s'] * 1e3:.0f}/{row['ttft_mean_s'] * 1e3:.0f} ms (queued "
+                  f"{row['queue_mean_s'] * 1e3:.0f}), TPOT p50/p99 {row['tpot_p50_s'] * 1e3:.2f}/"
+                  f"{row['tpot_p99_s'] * 1e3:.2f} ms")
+        self.results["e0"] = {"rows": rows, "concurrency": a.b_batch, "rate": rate}
 
     def do_e(self) -> None:
         """The HTTP path, once per engine mode in --e-modes: `process` (the step loop in its own
@@ -951,10 +1030,12 @@ class Bench:
                                "graph_steps": after["graph_steps"] - before["graph_steps"],
                                "piecewise_steps": after.get("piecewise_steps", 0) - before.get("piecewise_steps", 0),
                                **server_side_delta(server_before, server_after)}
+                steady = steady_state(runs_dir / kind)
                 for phase in summary["phases"]:
                     if phase["phase"] == "warmup":
                         continue
                     row = phase_row(phase)
+                    row.update(steady.get(phase["phase"], {}))
                     row["kind"] = kind
                     rows.append(row)
                 rows[-1]["engine_side_of_run"] = engine_side
@@ -963,12 +1044,13 @@ class Bench:
             b = (self.results.get("b") or {}).get("engine", {}).get("output_tok_per_s")
             e["in_process_b_tok_per_s"] = b
             print(f"{'phase':<18} {'req/s':>6} {'out tok/s':>9} {'vs (b)':>7} {'TTFT p50':>9} {'TTFT p99':>9} "
-                  f"{'TPOT p50':>9} {'TPOT p99':>9}   (ms)")
+                  f"{'TPOT p50':>9} {'TPOT p99':>9} {'2nd half tok/s':>14} {'running':>7}   (ms)")
             for r in rows:
                 vs = f"{r['output_tok_per_s'] / b:>6.0%}" if b else "     -"
                 print(f"{r['kind'] + ' ' + r['phase']:<18} {r['req_per_s']:>6.1f} {r['output_tok_per_s']:>9.0f} "
                       f"{vs:>7} {r['ttft_p50_s'] * 1e3:>9.1f} {r['ttft_p99_s'] * 1e3:>9.1f} "
-                      f"{r['tpot_p50_s'] * 1e3:>9.2f} {r['tpot_p99_s'] * 1e3:>9.2f}")
+                      f"{r['tpot_p50_s'] * 1e3:>9.2f} {r['tpot_p99_s'] * 1e3:>9.2f} "
+                      f"{r.get('steady_tok_per_s', math.nan):>14.0f} {r.get('engine_running_mean', math.nan):>7.1f}")
             for r in rows:
                 if "engine_side_of_run" in r:
                     s = r["engine_side_of_run"]

@@ -91,7 +91,21 @@ def test_server_view_from_counters_and_histograms(sim):
         sim.metric(second, "vllm:prefix_cache_queries_total", 100.0 * second)
         sim.metric(second, "vllm:prefix_cache_hits_total", 25.0 * second)
     server = summarize(sim.run())["server"]
-    assert server["rates"]["generation_tokens_per_s"] == pytest.approx(200.0, rel=0.15)
+    assert server["rates"]["generation_tokens_per_s"] == pytest.approx(200.0, rel=1e-9)
     assert server["gauges"]["waiting"] == {"mean": 3.0, "max": 3.0}
     assert server["prefix_cache_hit_rate"] == pytest.approx(0.25)
     assert summarize(type(sim)().steady(n=10).run())["server"] is None
+
+
+def test_server_rates_are_exact_when_the_window_falls_between_scrapes() -> None:
+    """A window that starts and ends mid-interval: the rate is the increase between the scrapes
+    inside it over their own span, not over the whole window (which read 4/4.7 of the truth)."""
+    import pandas as pd
+
+    from analyzers.server_metrics import server_view
+
+    rows = [{"t": float(s), "name": "vllm:generation_tokens_total", "labels": "{}", "value": 100.0 * s}
+            for s in range(10)]
+    view = server_view(pd.DataFrame(rows), 0.5, 5.2)
+    assert view["rates"]["generation_tokens_per_s"] == pytest.approx(100.0, rel=1e-9)
+    assert "generation_tokens_per_s" not in server_view(pd.DataFrame(rows), 0.5, 1.2)["rates"]
