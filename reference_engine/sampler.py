@@ -29,13 +29,20 @@ class SampleRequest:
 class Sampler:
     def __init__(self, eos_token_ids: tuple[int, ...], seed: int = 0) -> None:
         self.eos_token_ids = list(eos_token_ids)
-        self.generator = torch.Generator().manual_seed(seed)  # for requests without their own seed
+        self.seed = seed
+        # One generator per device, for requests without their own seed. torch draws only with a
+        # generator on the tensor's device: a CPU one failed every sampled step on CUDA (the path
+        # of --no-async-scheduling and of speculative decoding there).
+        self._shared: dict[torch.device, torch.Generator] = {}
 
-    def _generator(self, seq: Sequence) -> torch.Generator:
+    def _generator(self, seq: Sequence, device: torch.device) -> torch.Generator:
         if seq.params.seed is None:
-            return self.generator
-        if seq.generator is None:
-            seq.generator = torch.Generator().manual_seed(seq.params.seed)
+            gen = self._shared.get(device)
+            if gen is None:
+                gen = self._shared[device] = torch.Generator(device=device).manual_seed(self.seed)
+            return gen
+        if seq.generator is None or seq.generator.device != device:
+            seq.generator = torch.Generator(device=device).manual_seed(seq.params.seed)
         return seq.generator
 
     def _mask_eos(self, logits: Tensor, requests: list[SampleRequest]) -> None:
@@ -83,9 +90,10 @@ class Sampler:
             else:
                 results[i] = self._verify_sampled(logits, req)
         for members in groups.values():
-            rows = torch.tensor([requests[i].first_row for i in members])
-            probs = self._probs(logits.index_select(0, rows), requests[members[0]].seq)
-            tokens = torch.multinomial(probs, 1, generator=self.generator).view(-1).tolist()
+            rows = torch.tensor([requests[i].first_row for i in members], device=logits.device)
+            first = requests[members[0]].seq
+            probs = self._probs(logits.index_select(0, rows), first)
+            tokens = torch.multinomial(probs, 1, generator=self._generator(first, logits.device)).view(-1).tolist()
             for i, token in zip(members, tokens):
                 results[i] = [token]
         return results  # type: ignore[return-value]
@@ -102,13 +110,13 @@ class Sampler:
         return out
 
     def _verify_sampled(self, logits: Tensor, req: SampleRequest) -> list[int]:
-        gen = self._generator(req.seq)
+        gen = self._generator(req.seq, logits.device)
         rows = len(req.drafts) + 1
         probs = self._probs(logits[req.first_row:req.first_row + rows], req.seq)
         out: list[int] = []
         for i, draft in enumerate(req.drafts):
             p = probs[i]
-            if torch.rand((), generator=gen).item() < p[draft].item():
+            if torch.rand((), generator=gen, device=gen.device).item() < p[draft].item():
                 out.append(draft)
                 continue
             residual = p.clone()

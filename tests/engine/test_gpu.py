@@ -49,6 +49,25 @@ def test_cuda_bfloat16_serves_the_1b_shape(engine_factory) -> None:
     assert all(s.num_output_tokens >= 1 for s in seqs)
 
 
+@pytest.mark.parametrize("overrides", [{"async_scheduling": False}, {"spec": SpecConfig(k=3)}],
+                         ids=["no-overlap", "speculative"])
+def test_cuda_host_sampler_samples_on_the_device(engine_factory, overrides) -> None:
+    """Without overlapped scheduling (and with speculative decoding, which runs without it) the
+    host-side sampler draws on CUDA logits: unseeded and seeded requests together, the seeded ones
+    reproducible. It used CPU generators, so every sampled step failed there."""
+    def run() -> list[list[int]]:
+        engine = engine_factory(device="cuda", dtype="float32", **overrides)
+        assert not engine.async_scheduling
+        prompts = _prompts(engine)
+        params = [SamplingParams(max_tokens=12, temperature=0.8, ignore_eos=True, seed=7 if i % 2 else None)
+                  for i in range(len(prompts))]
+        seqs = engine.generate(prompts, params)
+        assert all(s.num_output_tokens == 12 for s in seqs)
+        return [s.output_token_ids for i, s in enumerate(seqs) if i % 2]
+
+    assert run() == run()
+
+
 def _hook_sampling(engine, logits: dict, forced: list[list[int]] | None = None) -> None:
     """Keep every sampled row's logits (float32, on the CPU) under (request_id, output position);
     with `forced`, return those tokens instead of sampling (teacher forcing through the real path)."""
