@@ -30,9 +30,8 @@ class Sampler:
     def __init__(self, eos_token_ids: tuple[int, ...], seed: int = 0) -> None:
         self.eos_token_ids = list(eos_token_ids)
         self.seed = seed
-        # One generator per device, for requests without their own seed. torch draws only with a
-        # generator on the tensor's device: a CPU one failed every sampled step on CUDA (the path
-        # of --no-async-scheduling and of speculative decoding there).
+        # One generator per device, for requests without their own seed: torch draws only with a
+        # generator on the tensor's device, and on a GPU the logits stay there (ModelRunner.run).
         self._shared: dict[torch.device, torch.Generator] = {}
 
     def _generator(self, seq: Sequence, device: torch.device) -> torch.Generator:

@@ -53,8 +53,8 @@ def test_cuda_bfloat16_serves_the_1b_shape(engine_factory) -> None:
                          ids=["no-overlap", "speculative"])
 def test_cuda_host_sampler_samples_on_the_device(engine_factory, overrides) -> None:
     """Without overlapped scheduling (and with speculative decoding, which runs without it) the
-    host-side sampler draws on CUDA logits: unseeded and seeded requests together, the seeded ones
-    reproducible. It used CPU generators, so every sampled step failed there."""
+    host-side sampler draws on the CUDA logits, which stay on the device: unseeded and seeded
+    requests together, the seeded ones reproducible."""
     def run() -> list[list[int]]:
         engine = engine_factory(device="cuda", dtype="float32", **overrides)
         assert not engine.async_scheduling
