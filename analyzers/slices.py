@@ -38,6 +38,7 @@ def _time_window(frame: pd.DataFrame) -> pd.Series:
         return pd.Series([None] * len(frame), index=frame.index, dtype=object)
     lo, hi = np.nanmin(sent), np.nanmax(sent)
     width = (hi - lo) / TIME_WINDOWS or 1.0
+    # Left-padded so that sorting the labels as text keeps them in time order (titles strip it).
     names = np.array([f"{lo + i * width:7.1f}-{lo + (i + 1) * width:.1f}s" for i in range(TIME_WINDOWS)] + [None], dtype=object)
     idx = np.where(np.isfinite(sent), np.clip((sent - lo) // width, 0, TIME_WINDOWS - 1), TIME_WINDOWS).astype(np.int64)
     return pd.Series(names[idx], index=frame.index, dtype=object)

@@ -11,6 +11,11 @@ with more slots than the server runs at once it keeps a standing queue: when
 the server's waiting gauge stays at 1 or more and its queue-time histogram
 says requests spent at least half of their TTFT waiting, that is reported too
 (medium: latency is set by the offered concurrency, not by the engine's speed).
+The share is of means (the histogram's exact _sum / _count against the
+client's mean TTFT) where the server exports them: a closed loop whose requests
+come back in waves queues only the tail of each wave, so its median queue time
+is small while the waves still cost most of the mean TTFT (an H200 run: mean
+479 of 766 ms). Without _sum / _count, the medians.
 """
 
 from __future__ import annotations
@@ -81,17 +86,28 @@ def _standing_finding(best: dict) -> Finding:
         title=f"A standing queue: requests spend {best['queue_share_of_ttft'] * 100:.0f}% of their TTFT waiting in the server",
         summary=(
             f"In phase {best['phase'] or 'run'}, the server kept {best['server_waiting_mean']:.1f} requests waiting on average "
-            f"(at most {best['server_waiting_max']:.0f}); its median queue time was {ms(best['server_queue_time_p50_s'])} "
-            f"of a median TTFT of {ms(best['ttft_p50_s'])}. More requests are offered at once than the server runs together."
+            f"(at most {best['server_waiting_max']:.0f}); {_queue_sentence(best)} More requests arrive at once than "
+            "the server admits in a step or runs together."
         ),
         evidence=best,
         slices=[{"dimension": "phase", "value": best["phase"]}],
         suggestion=(
             "Lower the concurrency to what the server runs at once, or raise its batch limits (max-num-seqs, KV cache "
-            "size) if memory allows; otherwise the extra concurrency only adds queue time."
+            "size) if memory allows; otherwise the extra concurrency only adds queue time. When the median queue is "
+            "short and the mean long, requests arrive in waves (a closed loop with equal lengths stays in lockstep): a "
+            "larger step token budget (max-num-batched-tokens) admits a wave's prompts sooner, and mixed lengths or a "
+            "ramp break the lockstep."
         ),
         chart=chart,
     )
+
+
+def _queue_sentence(best: dict) -> str:
+    median_part = f"median queue time {ms(best['server_queue_time_p50_s'])} of a median TTFT of {ms(best['ttft_p50_s'])}"
+    if best["share_of"] == "means":
+        return (f"its mean queue time was {ms(best['server_queue_time_mean_s'])} of a mean TTFT of "
+                f"{ms(best['ttft_mean_s'])} ({median_part}).")
+    return f"its {median_part}."
 
 
 def _standing_queue(ctx: DiagnosisContext, phase: str, group: pd.DataFrame) -> dict | None:
@@ -102,10 +118,12 @@ def _standing_queue(ctx: DiagnosisContext, phase: str, group: pd.DataFrame) -> d
     waiting = ctx.metrics.gauge("waiting")
     waiting = waiting[(waiting.index >= start) & (waiting.index <= stop)]
     queue_p50 = ctx.metrics.histogram_quantile("queue_hist", 0.5, start, stop)
-    ttft_p50 = median(ok["ttft_s"])
+    queue_mean = ctx.metrics.histogram_mean("queue_hist", start, stop)
+    ttft_p50, ttft_mean = median(ok["ttft_s"]), float(ok["ttft_s"].mean())
     if len(waiting) < 2 or queue_p50 is None or not ttft_p50:
         return None
-    share = queue_p50 / ttft_p50
+    by_mean = queue_mean is not None and ttft_mean > 0
+    share = queue_mean / ttft_mean if by_mean else queue_p50 / ttft_p50
     if waiting.mean() < STANDING_WAITING or share < QUEUE_SHARE_OF_TTFT:
         return None
     running = ctx.metrics.gauge("running")
@@ -117,7 +135,10 @@ def _standing_queue(ctx: DiagnosisContext, phase: str, group: pd.DataFrame) -> d
         "server_waiting_mean": float(waiting.mean()),
         "server_waiting_max": float(waiting.max()),
         "server_queue_time_p50_s": queue_p50,
+        "server_queue_time_mean_s": queue_mean,
         "ttft_p50_s": ttft_p50,
+        "ttft_mean_s": ttft_mean,
+        "share_of": "means" if by_mean else "medians",
         "queue_share_of_ttft": min(share, 1.0),
         "n": int(len(ok)),
         "_chart": charts.figure(traces, f"Server queue, phase {phase or 'run'}", "time in run (s)", "requests"),

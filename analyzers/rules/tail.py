@@ -52,10 +52,10 @@ def tail(ctx: DiagnosisContext) -> Finding | None:
     return Finding(
         rule="tail",
         severity="low",
-        title=f"The slowest {top['metric_name']} requests are mostly {DIMENSIONS[top['dimension']][0].lower()} = {top['value']}",
+        title=f"The slowest {top['metric_name']} requests are mostly {DIMENSIONS[top['dimension']][0].lower()} = {top['value'].strip()}",
         summary=(
             f"{pct(top['tail_share'])} of the p99 {top['metric_name']} requests have "
-            f"{top['dimension']} = {top['value']}, against {pct(top['mid_share'])} of the median ones "
+            f"{top['dimension']} = {top['value'].strip()}, against {pct(top['mid_share'])} of the median ones "
             f"({_ratio_text(top)}, Fisher p = {top['p_value']:.1e})."
             + (f" {len(found) - 1} other slice(s) are over-represented too." if len(found) > 1 else "")
         ),
@@ -67,7 +67,7 @@ def tail(ctx: DiagnosisContext) -> Finding | None:
 
 
 def _chart(entries: list[dict]) -> dict:
-    names = [f"{e['metric_name']}: {e['dimension']}={e['value']}" for e in entries]
+    names = [f"{e['metric_name']}: {e['dimension']}={e['value'].strip()}" for e in entries]
     return charts.figure(
         [charts.bar(names, [100 * e["tail_share"] for e in entries], "share of the p99 requests (%)"),
          charts.bar(names, [100 * e["mid_share"] for e in entries], "share of the median requests (%)")],

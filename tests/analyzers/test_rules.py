@@ -267,6 +267,18 @@ def test_tail_names_the_over_represented_slice(make_sim):
     assert any(s["dimension"] == "tenant" and s["value"] == "b" for s in f.evidence["over_represented"])
 
 
+def test_tail_names_a_time_window_without_its_padding(make_sim):
+    """Time-window labels are padded to sort in time order; a finding's text shows them plain."""
+    sim = make_sim(seed=17)
+    for i in range(400):
+        t = i * 0.05
+        sim.add(t, (0.3 if 2.0 <= t < 3.0 else 0.02) * sim.rng.uniform(0.9, 1.1))
+    f = fired(sim.run(), "tail")
+    assert f is not None and f.evidence["over_represented"][0]["dimension"] == "time_window", f
+    assert "  " not in f.title and "= " in f.title and f.title.endswith("s"), f.title
+    assert "  " not in f.summary
+
+
 def test_tail_silent_when_labels_do_not_matter(make_sim):
     sim = make_sim(seed=12)
     t = 0.0
@@ -305,6 +317,38 @@ def test_queueing_reports_a_standing_queue_in_a_closed_loop(make_sim):
 
 def test_queueing_silent_without_a_standing_queue(make_sim):
     assert fired(_closed_loop_run(make_sim, waiting=0, queue_s=0.0), "queueing") is None
+
+
+def _wave_run(make_sim, queued_share: float):
+    """A closed loop in waves: most requests are admitted at once (TTFT 50 ms, no queue), each
+    wave's tail waits 1.2 s. The histogram has _sum / _count, so the rule can use means."""
+    sim = make_sim(seed=16)
+    n, waited = 100, int(100 * queued_share)
+    for i in range(n):
+        sim.add(i * 0.1, 0.05 + (1.2 if i % (n // max(waited, 1)) == 0 and waited else 0.0), phase="concurrency=16")
+    queued = sum(1 for r in sim.rows if r["ttft_s"] > 1.0)
+    base = "vllm:request_queue_time_seconds"
+    for t, done in ((0.0, 0), (10.0, n)):
+        k = queued if done else 0
+        sim.metric(t, base + "_bucket", done - k, le="0.01")
+        sim.metric(t, base + "_bucket", done, le="2.5")
+        sim.metric(t, base + "_bucket", done, le="+Inf")
+        sim.metric(t, base + "_sum", 1.2 * k)
+        sim.metric(t, base + "_count", done)
+    for second in range(11):
+        sim.metric(second, "vllm:num_requests_waiting", 6.0 if second % 3 == 0 else 0.0)
+    return sim.run()
+
+
+def test_queueing_sees_waves_by_their_mean_queue_time(make_sim):
+    """A quarter of the requests wait 1.2 s: the median queue time is ~0 but waiting is 86% of the
+    mean TTFT. Judged by medians, nothing fired."""
+    f = fired(_wave_run(make_sim, 0.25), "queueing")
+    assert f is not None and "standing queue" in f.title, f
+    assert f.evidence["share_of"] == "means" and f.evidence["server_queue_time_p50_s"] < 0.05
+    assert f.evidence["queue_share_of_ttft"] > 0.8
+    assert "mean queue time" in f.summary and "waves" in f.suggestion
+    assert fired(_wave_run(make_sim, 0.0), "queueing") is None
 
 
 def test_sglang_metric_names_drive_the_same_rules(make_sim):
