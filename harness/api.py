@@ -65,7 +65,12 @@ class RunOutcome:
 
 
 def execute_run(config: RunConfig, console: RunConsole | None = None) -> RunOutcome:
-    """Run `config` (repeated `config.repeat` times into OUT/run-1..N) and return the outcome."""
+    """Run `config` (repeated `config.repeat` times into OUT/run-1..N) and return the outcome.
+
+    Repetition i runs with seed `config.seed + i - 1`: the same seed would send the same prompts
+    again, and a server that keeps its prefix cache (vLLM's default, the reference engine's) would
+    serve every repetition after the first from it. The seeds are the same for the same
+    `--seed` and `--repeat`, so nightly runs still pair up prompt for prompt."""
     console = console or RunConsole(config.show_progress)
     out = Path(config.out) if config.out else default_out_dir()
     if config.repeat == 1:
@@ -73,7 +78,8 @@ def execute_run(config: RunConfig, console: RunConsole | None = None) -> RunOutc
     outcomes: list[RunOutcome] = []
     for i in range(1, config.repeat + 1):
         console.info(f"repeat {i}/{config.repeat}")
-        outcome = _execute_once(replace(config, repeat=1, out=str(out / f"run-{i}")), out / f"run-{i}", console)
+        outcome = _execute_once(replace(config, repeat=1, seed=config.seed + i - 1, out=str(out / f"run-{i}")),
+                                out / f"run-{i}", console)
         outcomes.append(outcome)
         if outcome.status != "complete":
             break  # interrupted or failed: the remaining repetitions would not be comparable

@@ -178,6 +178,8 @@ def test_repeat_writes_numbered_runs(tmp_path, slow_server_factory):
     outcome = execute_run(config, _quiet())
     assert outcome.exit_code == 0 and [o.run_dir.name for o in outcome.runs] == ["run-1", "run-2"]
     assert all(len(_requests(o.run_dir)) == 4 for o in outcome.runs)
+    # Each repetition its own seed (the same prompts again would be prefix-cache hits on a real server).
+    assert [_run_json(o.run_dir)["seed"] for o in outcome.runs] == [0, 1]
 
 
 def test_the_bundled_engine_is_started_measured_and_stopped(tmp_path):
