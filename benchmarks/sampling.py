@@ -1,0 +1,111 @@
+"""What sampling costs per decode step on the GPU, to decide where a sampling kernel pays (issue 9).
+
+The engine samples with `DeviceSampler` (reference_engine/sampler.py): plain torch ops on the
+device, no host sync. Greedy is one argmax; temperature adds a softmax, an exponential draw and a
+second argmax; top-k and top-p sort every row of the vocabulary first. This script times each
+mode at the batch sizes the decode graphs use, over llama3's 128,256-token vocabulary, and sets
+the time beside a decode step of `llama3-8b` at that batch (the graph replay times measured by
+`benchmarks/engine_gpu.py --parts profile`; pass your own with --step-ms). A kernel pays where the
+sampler is a visible share of the step.
+
+    python -m benchmarks.sampling                # on a GPU
+    python -m benchmarks.sampling --smoke        # CPU: small vocabulary, checks the script only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from reference_engine.sampler import DeviceSampler, SampleRequest  # noqa: E402
+from reference_engine.sequence import SamplingParams, Sequence  # noqa: E402
+
+VOCAB = 128256
+BATCHES = (1, 8, 32, 128, 256)
+# llama3-8b decode graph replay per step on an H200 (engine_gpu_nvidia_h200_s12b.json, profile).
+H200_STEP_MS = "1:4.27,8:4.57,64:5.40,128:6.33,256:8.64"
+MODES: dict[str, dict] = {
+    "greedy": dict(temperature=0.0),
+    "temperature 0.8": dict(temperature=0.8),
+    "top-k 50": dict(temperature=0.8, top_k=50),
+    "top-p 0.9": dict(temperature=0.8, top_p=0.9),
+    "top-k 50 + top-p 0.9": dict(temperature=0.8, top_k=50, top_p=0.9),
+}
+
+
+def time_us(fn, device: str) -> float:
+    """Median of timed calls: CUDA events on a GPU, the host clock on the CPU (--smoke)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(20):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e6)
+    return sorted(times)[len(times) // 2]
+
+
+def step_ms_at(table: dict[int, float], batch: int) -> float | None:
+    """The decode step of the smallest measured bucket holding `batch` (None past the table)."""
+    held = [b for b in sorted(table) if b >= batch]
+    return table[held[0]] if held else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab", type=int, default=VOCAB)
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--step-ms", default=H200_STEP_MS, help="batch:ms,... decode step times to compare with")
+    parser.add_argument("--out", default=os.environ.get("OUT", str(REPO / "benchmarks" / "results")))
+    parser.add_argument("--smoke", action="store_true", help="CPU, vocabulary 4096: checks this script, times nothing")
+    args = parser.parse_args()
+    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    vocab = 4096 if args.smoke else args.vocab
+    batches = [int(b) for b in args.batches.split(",")]
+    steps = {int(b): float(ms) for b, ms in (item.split(":") for item in args.step_ms.split(","))}
+    sampler = DeviceSampler((), torch.device(device), seed=0)
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    print(f"sampling on {name}, vocabulary {vocab}; 'share' is of a llama3-8b decode step at that batch")
+    print(f"{'mode':<22} " + " ".join(f"{'B=' + str(b):>16}" for b in batches))
+    for mode, knobs in MODES.items():
+        cells = []
+        for batch in batches:
+            logits = torch.randn(batch, vocab, generator=gen, device=device, dtype=torch.float32) * 3
+            requests = [SampleRequest(Sequence([1], SamplingParams(max_tokens=16, **knobs)), i, []) for i in range(batch)]
+            us = time_us(lambda: sampler.sample(logits.clone(), requests), device)
+            step = step_ms_at(steps, batch)
+            share = us / (step * 1e3) if step and device == "cuda" else None
+            rows.append({"mode": mode, "batch": batch, "us": us, "step_ms": step, "share_of_step": share})
+            cells.append(f"{us:>8.0f} us" + (f" {share:>5.1%}" if share is not None else "      "))
+        print(f"{mode:<22} " + " ".join(f"{c:>16}" for c in cells))
+    result = {"device": name, "vocab": vocab, "torch": torch.__version__, "step_ms": steps, "rows": rows,
+              "note": "us includes one logits clone (the sampler masks in place)"}
+    if not args.smoke and device == "cuda":
+        out = Path(args.out) / f"sampling_{name.lower().replace(' ', '_')}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()
