@@ -250,33 +250,43 @@ def queue_times(seqs: list) -> list[float]:
     return [s.first_scheduled_time - s.arrival_time for s in seqs if s.first_scheduled_time is not None]
 
 
-def run_closed_loop(engine: LLMEngine, prompts: list[list[int]], outputs: list[int], concurrency: int) -> dict:
+def run_closed_loop(engine: LLMEngine, prompts: list[list[int]], outputs: list[int], concurrency: int,
+                    late_steps: int = 0) -> dict:
     """In-process closed loop: `concurrency` requests in flight, a new one added as soon as one
-    finishes (what `servescope run --concurrency N` does over HTTP, without the HTTP path)."""
+    finishes (what `servescope run --concurrency N` does over HTTP, without the HTTP path).
+
+    `late_steps`: each replacement reaches the engine only after that many more steps, as one sent
+    over HTTP does (a round trip, and overlapped scheduling has planned the next step already).
+    With 0 the loop paces itself: a finished group's replacements join the very next step. TTFT
+    counts from the finish that freed the slot (when a client would send)."""
     n = len(prompts)
     times, start = TokenTimes(n), [0.0] * n
     seq_index: dict[int, int] = {}
     steps0, seqs0, seqs = engine.num_steps, engine.scheduled_seqs_total, []
     t0 = time.perf_counter()
-    next_i = 0
+    next_i, step_no = 0, 0
+    due: list[tuple[int, float]] = []  # (step after which to add, the finish time that freed the slot)
 
-    def add() -> None:
+    def add(sent: float) -> None:
         nonlocal next_i
-        start[next_i] = time.perf_counter() - t0
+        start[next_i] = sent
         seq = engine.add_request(prompts[next_i], greedy(outputs[next_i]))
         seq_index[seq.seq_id] = next_i
         seqs.append(seq)
         next_i += 1
 
     while next_i < min(concurrency, n):
-        add()
-    while engine.has_unfinished():
+        add(time.perf_counter() - t0)
+    while engine.has_unfinished() or due:
+        while due and (due[0][0] <= step_no or not engine.has_unfinished()):
+            add(due.pop(0)[1])
         outs = engine.step()
+        step_no += 1
         t = time.perf_counter() - t0
         for out in outs:
             times.record(seq_index[out.seq.seq_id], t, len(out.token_ids))
-            if out.finished and next_i < n:
-                add()
+            if out.finished and next_i + len(due) < n:
+                due.append((step_no + late_steps, t))
     elapsed = time.perf_counter() - t0
     times.check(outputs)
     return {"elapsed_s": elapsed, "req_per_s": n / elapsed, "output_tok_per_s": sum(times.count) / elapsed,
@@ -964,6 +974,8 @@ class Bench:
         gen = torch.Generator().manual_seed(8)
         arrivals = torch.cumsum(torch.empty(n_open).exponential_(generator=gen) / rate, 0).tolist()
         runs = {f"closed concurrency={a.b_batch}": run_closed_loop(engine, prompts, outs, a.b_batch),
+                f"closed concurrency={a.b_batch}, replacements 1 step late":
+                    run_closed_loop(engine, prompts, outs, a.b_batch, late_steps=1),
                 f"open rate={rate}": run_requests(engine, open_prompts, [a.b_tokens] * n_open, arrivals)}
         engine.reset_scheduling(max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=True)
         b = (self.results.get("b") or {}).get("engine", {}).get("output_tok_per_s")
