@@ -26,6 +26,7 @@ CORPUS_FILE = Path(__file__).resolve().parent / "corpus" / "prose.txt"
 ANCHOR = "This is an anchor."  # measured context: a unit's count is taken after it
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _MAX_TAIL_TRIES = 64
+OPENING_TOKENS = 8  # prompts from distinct openings differ within their first 8 tokens
 
 
 def corpus_sentences(path: Path = CORPUS_FILE) -> list[str]:
@@ -67,6 +68,7 @@ class CorpusIndex:
         self.cum: list[int] = list(itertools.accumulate((len(ids) for ids in unit_ids), initial=0))
         self.total_tokens = self.cum[-1]
         self.starters = self._distinct_starters()
+        self.openings = self._distinct_openings()
 
     def _distinct_starters(self) -> list[int]:
         """Units whose first token differs from every other starter's, both with and without the leading space."""
@@ -79,6 +81,24 @@ class CorpusIndex:
                 seen_lead.add(lead[0])
                 starters.append(i)
         return starters
+
+    def _distinct_openings(self, tokens: int = OPENING_TOKENS) -> list[int]:
+        """Units whose text opens, over its first `tokens` tokens (running into the next units), unlike
+        every earlier one: the starts of prompts that must not share a first prefix-cache block. The
+        corpus repeats some sentences and some openings ("If the logger has no handlers, ...")."""
+        seen: set[tuple[int, ...]] = set()
+        openings = []
+        n = len(self.units)
+        for i in range(n):
+            ids, j = list(self.lead_ids[i]), i + 1
+            while len(ids) < tokens:
+                ids += self.unit_ids[j % n]
+                j += 1
+            key = tuple(ids[:tokens])
+            if key not in seen:
+                seen.add(key)
+                openings.append(i)
+        return openings
 
     def __len__(self) -> int:
         return len(self.units)

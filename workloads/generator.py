@@ -62,6 +62,18 @@ class _SessionFactory:
         self.rng = random.Random(seed)
         self.cum_weights = list(itertools.accumulate(c.weight for c in spec.classes))
         self.members: dict[str, int] = defaultdict(int)
+        self._starts: list[int] = []
+
+    def draw_start(self) -> int:
+        """Where a prompt's own text starts in the corpus: one of the distinct openings, drawn without
+        replacement (a new shuffle once all are used). Drawn with replacement from every sentence,
+        512 prompts shared a start ~25 times, and two prompts from one start share all their text:
+        a server's prefix cache then served ~5% of a "no shared prefix" workload almost whole (a
+        reference-engine run on an H200)."""
+        if not self._starts:
+            self._starts = list(self.builder.index.openings)
+            self.rng.shuffle(self._starts)
+        return self._starts.pop()
 
     def pick_class(self) -> RequestClass:
         x = self.rng.random() * self.cum_weights[-1]
@@ -80,7 +92,7 @@ class _SessionFactory:
             new_tokens = cls.prompt_tokens.sample_int(rng, 1)
             out_tokens = cls.output_tokens.sample_int(rng, 1)
             think = cls.session.think_time_s.sample(rng) if t else 0.0
-            start = rng.randrange(len(self.builder.index))
+            start = self.draw_start()
             if state is None or not cls.session.history:
                 body, total, state = self._first_prompt(cls, api, new_tokens, start)
             else:
