@@ -3,7 +3,8 @@
 The engine samples with `DeviceSampler` (reference_engine/sampler.py): plain torch ops on the
 device, no host sync. Greedy is one argmax; temperature adds a softmax, an exponential draw and a
 second argmax; top-k and top-p sort every row of the vocabulary first. This script times each
-mode at the batch sizes the decode graphs use, over llama3's 128,256-token vocabulary, and sets
+mode, and kernels/sampling.py's sort-free top-p kernel beside it, at the batch sizes the decode
+graphs use, over llama3's 128,256-token vocabulary, and sets
 the time beside a decode step of `llama3-8b` at that batch (the graph replay times measured by
 `benchmarks/engine_gpu.py --parts profile`; pass your own with --step-ms). A kernel pays where the
 sampler is a visible share of the step.
@@ -22,11 +23,15 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+if "--smoke" in sys.argv:  # CPU dry run of this script's own logic, the kernel on Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from kernels.sampling import top_p_sample  # noqa: E402
 from reference_engine.sampler import DeviceSampler, SampleRequest  # noqa: E402
 from reference_engine.sequence import SamplingParams, Sequence  # noqa: E402
 
@@ -41,6 +46,7 @@ MODES: dict[str, dict] = {
     "top-p 0.9": dict(temperature=0.8, top_p=0.9),
     "top-k 50 + top-p 0.9": dict(temperature=0.8, top_k=50, top_p=0.9),
 }
+KERNEL_MODE = "top-p 0.9, Triton kernel"  # kernels/sampling.py on the same logits as "top-p 0.9"
 
 
 def time_us(fn, device: str) -> float:
@@ -87,12 +93,19 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     print(f"sampling on {name}, vocabulary {vocab}; 'share' is of a llama3-8b decode step at that batch")
     print(f"{'mode':<22} " + " ".join(f"{'B=' + str(b):>16}" for b in batches))
-    for mode, knobs in MODES.items():
+    seed = torch.tensor([0], device=device)
+    for mode, knobs in {**MODES, KERNEL_MODE: MODES["top-p 0.9"]}.items():
         cells = []
         for batch in batches:
             logits = torch.randn(batch, vocab, generator=gen, device=device, dtype=torch.float32) * 3
-            requests = [SampleRequest(Sequence([1], SamplingParams(max_tokens=16, **knobs)), i, []) for i in range(batch)]
-            us = time_us(lambda: sampler.sample(logits.clone(), requests), device)
+            if mode == KERNEL_MODE:
+                temps = torch.full((batch,), knobs["temperature"], device=device)
+                tops = torch.full((batch,), knobs["top_p"], device=device)
+                us = time_us(lambda: top_p_sample(logits.clone(), temps, tops, seed), device)
+            else:
+                requests = [SampleRequest(Sequence([1], SamplingParams(max_tokens=16, **knobs)), i, [])
+                            for i in range(batch)]
+                us = time_us(lambda: sampler.sample(logits.clone(), requests), device)
             step = step_ms_at(steps, batch)
             share = us / (step * 1e3) if step and device == "cuda" else None
             rows.append({"mode": mode, "batch": batch, "us": us, "step_ms": step, "share_of_step": share})

@@ -1,0 +1,85 @@
+"""kernels/sampling.py: rejection top-p sampling draws exactly the reference's nucleus distribution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from kernels.sampling import BLOCK, top_p_probs_ref, top_p_sample
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs the kernel on Triton's interpreter
+
+
+def _draws(logits_row: torch.Tensor, temperature: float, top_p: float, n: int, seed: int) -> torch.Tensor:
+    """n independent draws for one row: the row repeated n times in one launch (each row its own
+    random stream)."""
+    logits = logits_row.to(DEVICE).expand(n, -1).contiguous()
+    temps = torch.full((n,), temperature, device=DEVICE)
+    tops = torch.full((n,), top_p, device=DEVICE)
+    return top_p_sample(logits, temps, tops, torch.tensor([seed], device=DEVICE)).cpu()
+
+
+@pytest.mark.parametrize("vocab,temperature,top_p", [(48, 0.7, 0.8), (300, 1.3, 0.5), (BLOCK + 37, 1.0, 0.9)])
+def test_draws_follow_the_nucleus_distribution(vocab, temperature, top_p):
+    """Against the reference distribution: nothing outside the nucleus, and frequencies inside it
+    pass a chi-square test. Vocabularies below, across and beyond one block."""
+    gen = torch.Generator().manual_seed(vocab)
+    row = torch.randn(vocab, generator=gen) * 2.0
+    probs = top_p_probs_ref(row[None], torch.tensor([temperature]), torch.tensor([top_p]))[0].double()
+    n = 1000
+    draws = _draws(row, temperature, top_p, n, seed=7)
+    counts = torch.bincount(draws, minlength=vocab).double()
+    support = probs > 0
+    assert counts[~support].sum() == 0, "a token outside the nucleus was drawn"
+    expected = probs[support] * n
+    # Merge the rarest tokens into one bin so every expected count is at least 5.
+    order = expected.argsort()
+    merged_exp, merged_obs, acc_e, acc_o = [], [], 0.0, 0.0
+    for i in order.tolist():
+        acc_e += expected[i].item()
+        acc_o += counts[support][i].item()
+        if acc_e >= 5:
+            merged_exp.append(acc_e)
+            merged_obs.append(acc_o)
+            acc_e = acc_o = 0.0
+    if acc_e and merged_exp:
+        merged_exp[-1] += acc_e
+        merged_obs[-1] += acc_o
+    assert len(merged_exp) >= 3, "the test needs a nucleus of several tokens"
+    scale = sum(merged_obs) / sum(merged_exp)  # equal totals to the last bit, as chisquare demands
+    assert chisquare(merged_obs, [e * scale for e in merged_exp]).pvalue > 1e-3, (merged_obs, merged_exp)
+
+
+def test_extreme_settings():
+    """top_p near 0 keeps only the argmax; top_p = 1 keeps every token (all get drawn when flat)."""
+    gen = torch.Generator().manual_seed(3)
+    row = torch.randn(64, generator=gen)
+    assert (_draws(row, 1.0, 1e-6, 100, seed=1) == row.argmax()).all()
+    flat = torch.zeros(8)
+    assert set(_draws(flat, 1.0, 1.0, 200, seed=2).tolist()) == set(range(8))
+
+
+def test_rows_keep_their_own_settings():
+    """One launch, rows with different temperatures and top_p: each row stays in its own nucleus."""
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(6, 200, generator=gen) * 3
+    temps = torch.tensor([0.5, 1.0, 2.0, 0.8, 1.5, 1.0])
+    tops = torch.tensor([0.3, 0.9, 0.6, 1.0, 0.05, 0.75])
+    probs = top_p_probs_ref(logits, temps, tops)
+    for seed in range(20):
+        ids = top_p_sample(logits.to(DEVICE), temps.to(DEVICE), tops.to(DEVICE),
+                           torch.tensor([seed], device=DEVICE)).cpu()
+        assert (probs[torch.arange(6), ids] > 0).all(), (seed, ids)
+
+
+def test_same_seed_same_draws_and_bad_input():
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 100, generator=gen).to(DEVICE)
+    t, p = torch.ones(4, device=DEVICE), torch.full((4,), 0.9, device=DEVICE)
+    seed = torch.tensor([11], device=DEVICE)
+    assert torch.equal(top_p_sample(logits, t, p, seed), top_p_sample(logits, t, p, seed))
+    with pytest.raises(ValueError, match="temperature"):
+        top_p_sample(logits, t[:3], p, seed)
+    with pytest.raises(ValueError, match="rows, vocab"):
+        top_p_sample(logits[0], t, p, seed)
