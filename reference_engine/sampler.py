@@ -138,11 +138,15 @@ class DeviceSampler:
     exponential-race form of sampling (argmax of p / E with E ~ Exp(1)), which needs no host sync.
     """
 
-    def __init__(self, eos_token_ids: tuple[int, ...], device: torch.device, seed: int = 0) -> None:
+    def __init__(self, eos_token_ids: tuple[int, ...], device: torch.device, seed: int = 0,
+                 top_p_kernel: bool = False) -> None:
         self.eos_token_ids = list(eos_token_ids)
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self._eos = torch.tensor(self.eos_token_ids, dtype=torch.int64, device=device)
+        # Top-p without top-k through kernels/sampling.py (no sort) instead of the sorting path.
+        # Off until benchmarks/sampling.py shows it pays on the GPU at hand.
+        self.top_p_kernel = top_p_kernel
 
     @staticmethod
     def supports(requests: list[SampleRequest]) -> bool:
@@ -171,9 +175,15 @@ class DeviceSampler:
         rows = self._upload(sampled_rows, torch.int64)
         sub = logits.index_select(0, rows)
         temps = self._upload([p.temperature for p in params], torch.float32)
-        sub = sub / temps[:, None]
         top_k = [p.top_k if p.top_k > 0 else 0 for p in params]
         top_p = [p.top_p for p in params]
+        if self.top_p_kernel and not any(top_k) and any(p < 1.0 for p in top_p):
+            from kernels.sampling import top_p_sample
+
+            seed = torch.randint(0, 2**31 - 1, (1,), generator=self.generator, device=self.device)
+            choice = top_p_sample(sub.float().contiguous(), temps, self._upload(top_p, torch.float32), seed)
+            return greedy.index_copy(0, rows, choice)
+        sub = sub / temps[:, None]
         if any(top_k) or any(p < 1.0 for p in top_p):
             sorted_logits, order = sub.sort(dim=-1, descending=True)
             vocab = sub.shape[-1]

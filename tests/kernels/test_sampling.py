@@ -83,3 +83,31 @@ def test_same_seed_same_draws_and_bad_input():
         top_p_sample(logits, t[:3], p, seed)
     with pytest.raises(ValueError, match="rows, vocab"):
         top_p_sample(logits[0], t, p, seed)
+
+
+def test_device_sampler_routes_top_p_rows_through_the_kernel():
+    """DeviceSampler(top_p_kernel=True): top-p rows come from the kernel (inside their nucleus, and
+    different draws from the sorting path's), greedy rows stay argmax, min_tokens still masks EOS."""
+    from reference_engine.sampler import DeviceSampler, SampleRequest
+    from reference_engine.sequence import SamplingParams, Sequence
+
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(4, 300, generator=gen) * 2
+    logits[:, 7] = 50.0  # EOS would win every row without the min_tokens mask
+    params = [SamplingParams(max_tokens=8, temperature=0.0, min_tokens=2),
+              SamplingParams(max_tokens=8, temperature=0.9, top_p=0.7, min_tokens=2),
+              SamplingParams(max_tokens=8, temperature=1.2, top_p=0.3, min_tokens=2),
+              SamplingParams(max_tokens=8, temperature=0.8, min_tokens=2)]
+    requests = [SampleRequest(Sequence([1], p), i, []) for i, p in enumerate(params)]
+    masked = logits.clone()
+    masked[:, 7] = float("-inf")
+    nucleus = top_p_probs_ref(masked[1:3], torch.tensor([0.9, 1.2]), torch.tensor([0.7, 0.3]))
+    kernel_path = DeviceSampler((7,), torch.device(DEVICE), seed=0, top_p_kernel=True)
+    torch_path = DeviceSampler((7,), torch.device(DEVICE), seed=0)
+    differs = False
+    for _ in range(5):
+        ids = kernel_path.sample(logits.clone().to(DEVICE), requests).cpu()
+        assert ids[0] == masked[0].argmax() and ids[3] != 7
+        assert (nucleus[torch.arange(2), ids[1:3]] > 0).all(), ids
+        differs |= not torch.equal(ids, torch_path.sample(logits.clone().to(DEVICE), requests).cpu())
+    assert differs  # the kernel did run: its random stream is not the sorting path's
