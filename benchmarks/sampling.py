@@ -31,7 +31,6 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kernels.sampling import top_p_sample  # noqa: E402
 from reference_engine.sampler import DeviceSampler, SampleRequest  # noqa: E402
 from reference_engine.sequence import SamplingParams, Sequence  # noqa: E402
 
@@ -46,7 +45,7 @@ MODES: dict[str, dict] = {
     "top-p 0.9": dict(temperature=0.8, top_p=0.9),
     "top-k 50 + top-p 0.9": dict(temperature=0.8, top_k=50, top_p=0.9),
 }
-KERNEL_MODE = "top-p 0.9, Triton kernel"  # kernels/sampling.py on the same logits as "top-p 0.9"
+KERNEL_MODE = "top-p 0.9, Triton kernel"  # DeviceSampler(top_p_kernel=True), the same requests as "top-p 0.9"
 
 
 def time_us(fn, device: str) -> float:
@@ -93,19 +92,15 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     print(f"sampling on {name}, vocabulary {vocab}; 'share' is of a llama3-8b decode step at that batch")
     print(f"{'mode':<22} " + " ".join(f"{'B=' + str(b):>16}" for b in batches))
-    seed = torch.tensor([0], device=device)
+    kernel_sampler = DeviceSampler((), torch.device(device), seed=0, top_p_kernel=True)
     for mode, knobs in {**MODES, KERNEL_MODE: MODES["top-p 0.9"]}.items():
         cells = []
         for batch in batches:
             logits = torch.randn(batch, vocab, generator=gen, device=device, dtype=torch.float32) * 3
-            if mode == KERNEL_MODE:
-                temps = torch.full((batch,), knobs["temperature"], device=device)
-                tops = torch.full((batch,), knobs["top_p"], device=device)
-                us = time_us(lambda: top_p_sample(logits.clone(), temps, tops, seed), device)
-            else:
-                requests = [SampleRequest(Sequence([1], SamplingParams(max_tokens=16, **knobs)), i, [])
-                            for i in range(batch)]
-                us = time_us(lambda: sampler.sample(logits.clone(), requests), device)
+            requests = [SampleRequest(Sequence([1], SamplingParams(max_tokens=16, **knobs)), i, [])
+                        for i in range(batch)]
+            use = kernel_sampler if mode == KERNEL_MODE else sampler
+            us = time_us(lambda: use.sample(logits.clone(), requests), device)
             step = step_ms_at(steps, batch)
             share = us / (step * 1e3) if step and device == "cuda" else None
             rows.append({"mode": mode, "batch": batch, "us": us, "step_ms": step, "share_of_step": share})
