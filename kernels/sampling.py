@@ -52,6 +52,12 @@ def top_p_probs_ref(logits: torch.Tensor, temperature: torch.Tensor, top_p: torc
 
 
 @triton.jit
+def _scores(base, offs, vocab, inv_t):
+    """One block of the row's scores, logits / T (-inf past the vocabulary)."""
+    return tl.load(base + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32) * inv_t
+
+
+@triton.jit
 def _top_p_sample_kernel(
     logits_ptr, stride_row, inv_temp_ptr, top_p_ptr, seed_ptr, out_ptr, vocab,
     MAX_ROUNDS: tl.constexpr, BLOCK: tl.constexpr,
@@ -67,13 +73,13 @@ def _top_p_sample_kernel(
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     for start in range(0, vocab, BLOCK):
         offs = start + cols
-        s = tl.load(base + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32) * inv_t
+        s = _scores(base, offs, vocab, inv_t)
         best = tl.maximum(best, s)
     m = tl.max(best, axis=0)
     acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, vocab, BLOCK):
         offs = start + cols
-        s = tl.load(base + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32) * inv_t
+        s = _scores(base, offs, vocab, inv_t)
         acc += tl.exp(s - m)
     z = tl.sum(acc, axis=0)
 
@@ -86,7 +92,7 @@ def _top_p_sample_kernel(
         win_idx = tl.zeros([BLOCK], tl.int32)
         for start in range(0, vocab, BLOCK):
             offs = start + cols
-            s = tl.load(base + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32) * inv_t
+            s = _scores(base, offs, vocab, inv_t)
             u = tl.rand(seed, (row * MAX_ROUNDS + r) * vocab + offs)
             e = -tl.log(tl.maximum(u, 1e-20))
             key = tl.where((offs < vocab) & (s > low), s - tl.log(e), float("-inf"))
@@ -100,7 +106,7 @@ def _top_p_sample_kernel(
         above = tl.zeros([BLOCK], tl.float32)
         for start in range(0, vocab, BLOCK):
             offs = start + cols
-            s = tl.load(base + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32) * inv_t
+            s = _scores(base, offs, vocab, inv_t)
             above += tl.where(s > s_j, tl.exp(s - m), 0.0)
         if tl.sum(above, axis=0) <= top_p * z:
             chosen = j
@@ -111,7 +117,7 @@ def _top_p_sample_kernel(
         arg = tl.zeros([BLOCK], tl.int32)
         for start in range(0, vocab, BLOCK):
             offs = start + cols
-            s = tl.load(base + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32) * inv_t
+            s = _scores(base, offs, vocab, inv_t)
             arg = tl.where(s == m, offs, arg)
         chosen = tl.max(arg, axis=0)
     tl.store(out_ptr + row, chosen.to(tl.int64))
