@@ -107,18 +107,19 @@ class ServerMetrics:
         return pd.Series(rate, index=total.index[1:])
 
     def counter_increase(self, key: str, t0: float | None = None, t1: float | None = None) -> float:
-        total = self.counter_total(key)
-        if total.empty:
-            return 0.0
-        window = total[(total.index >= (t0 if t0 is not None else -np.inf)) & (total.index <= (t1 if t1 is not None else np.inf))]
+        window = self._counter_in(key, t0, t1)
         return float(window.iloc[-1] - window.iloc[0]) if len(window) > 1 else 0.0
+
+    def _counter_in(self, key: str, t0: float | None, t1: float | None) -> pd.Series:
+        """The counter's running total at the scrapes inside [t0, t1] (None: unbounded)."""
+        total = self.counter_total(key)
+        return total[(total.index >= (t0 if t0 is not None else -np.inf)) & (total.index <= (t1 if t1 is not None else np.inf))]
 
     def counter_rate_in(self, key: str, t0: float | None = None, t1: float | None = None) -> float | None:
         """Mean increase per second over [t0, t1]: between the first and last scrapes inside it, over
         their own span (the increase between two scrapes divided by the whole window understated
         every rate by up to two scrape intervals of the window). None with fewer than two scrapes."""
-        total = self.counter_total(key)
-        window = total[(total.index >= (t0 if t0 is not None else -np.inf)) & (total.index <= (t1 if t1 is not None else np.inf))]
+        window = self._counter_in(key, t0, t1)
         if len(window) < 2:
             return None
         span = float(window.index[-1] - window.index[0])

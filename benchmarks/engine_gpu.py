@@ -373,7 +373,8 @@ def http_get_json(url: str) -> dict:
 
 
 def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of one process so far (/proc; 0 where it is gone)."""
+    """User + system CPU seconds of one process so far (/proc; 0 where it is gone). Read by hand:
+    psutil is not on the GPU machines this runs on, and two fields of one file are all it needs."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
@@ -393,45 +394,27 @@ def child_pids(pid: int) -> list[int]:
     return out
 
 
-def server_side(url: str, server_pid: int) -> dict:
-    """Counters to difference around one run: the engine's own TTFT and queue-time histograms
-    (sum, count) from /metrics, and the CPU seconds of the HTTP process and its engine child."""
-    from prometheus_client.parser import text_string_to_metric_families
-    import urllib.request
-
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    hist = {}
-    for family in text_string_to_metric_families(text):
-        if family.name in ("vllm:time_to_first_token_seconds", "vllm:request_queue_time_seconds"):
-            for sample in family.samples:
-                if sample.name.endswith(("_sum", "_count")):
-                    hist[sample.name] = hist.get(sample.name, 0.0) + sample.value
-    children = child_pids(server_pid)
-    return {"hist": hist, "http_cpu_s": process_cpu_s(server_pid), "engine_cpu_s": sum(map(process_cpu_s, children)),
+def server_cpu(server_pid: int) -> dict:
+    """CPU seconds so far of the server's HTTP process and of its engine child, to difference
+    around one run."""
+    return {"http_cpu_s": process_cpu_s(server_pid), "engine_cpu_s": sum(map(process_cpu_s, child_pids(server_pid))),
             "t": time.perf_counter()}
 
 
-def server_side_delta(before: dict, after: dict) -> dict:
-    """Means over one run of the engine's TTFT (its arrival to first token) and queue time (arrival
-    to first scheduling), and each server process's CPU use as a fraction of one core."""
-    def mean(name: str) -> float:
-        count = after["hist"].get(name + "_count", 0.0) - before["hist"].get(name + "_count", 0.0)
-        total = after["hist"].get(name + "_sum", 0.0) - before["hist"].get(name + "_sum", 0.0)
-        return total / count if count else math.nan
-
+def server_cpu_delta(before: dict, after: dict) -> dict:
+    """Each server process's CPU use over one run, as a fraction of one core."""
     wall = after["t"] - before["t"]
-    return {"engine_ttft_mean_s": mean("vllm:time_to_first_token_seconds"),
-            "engine_queue_mean_s": mean("vllm:request_queue_time_seconds"),
-            "http_process_cpu_frac": (after["http_cpu_s"] - before["http_cpu_s"]) / wall,
+    return {"http_process_cpu_frac": (after["http_cpu_s"] - before["http_cpu_s"]) / wall,
             "engine_process_cpu_frac": (after["engine_cpu_s"] - before["engine_cpu_s"]) / wall}
 
 
-def steady_state(run_dir: Path) -> dict[str, dict]:
-    """Per phase, the second half of its throughput window: output tokens per second as the client
-    received them (each chunk's tokens at its arrival) and the engine's mean running batch (scraped
-    /metrics). The whole window includes the ramp to a saturated batch; its second half is the
-    steady state it ramps to, the figure to set beside an in-process run's."""
+def phase_server_side(run_dir: Path) -> dict[str, dict]:
+    """Per phase, from the run directory (the scraped /metrics read by the analyzers' server_view):
+    the engine's own TTFT and queue-time means (its arrival to first token, to first scheduling)
+    over the throughput window; and over the window's second half, output tokens per second as the
+    client received them (each chunk's tokens at its arrival) and the engine's mean running batch.
+    The whole window includes the ramp to a saturated batch; its second half is the steady state it
+    ramps to, the figure to set beside an in-process run's."""
     import numpy as np
     import pandas as pd
 
@@ -453,9 +436,13 @@ def steady_state(run_dir: Path) -> dict[str, dict]:
             at = first + np.concatenate([[0.0], np.cumsum(gaps)]) if gaps is not None else np.array([first])
             counts = np.asarray(counts, dtype=float)[: len(at)]
             tokens += float(counts[(at[: len(counts)] >= mid) & (at[: len(counts)] <= t1)].sum())
-        view = server_view(frame, mid, t1) or {}
-        out[phase["phase"]] = {"steady_tok_per_s": tokens / (t1 - mid),
-                               "engine_running_mean": view.get("gauges", {}).get("running", {}).get("mean", math.nan)}
+        hists = (server_view(frame, t0, t1) or {}).get("histograms", {})
+        second_half = server_view(frame, mid, t1) or {}
+        out[phase["phase"]] = {
+            "engine_ttft_mean_s": (hists.get("ttft") or {}).get("mean") or math.nan,
+            "engine_queue_mean_s": (hists.get("queue") or {}).get("mean") or math.nan,
+            "steady_tok_per_s": tokens / (t1 - mid),
+            "engine_running_mean": second_half.get("gauges", {}).get("running", {}).get("mean", math.nan)}
     return out
 
 
@@ -1035,23 +1022,23 @@ class Bench:
                                 "--seed", "2"])]
             for kind, extra in plans:
                 before = http_get_json(url + "/internal/engine")
-                server_before = server_side(url, server.pid)
+                cpu_before = server_cpu(server.pid)
                 summary = harness_run(url, runs_dir / kind, ["--prompt-tokens", str(a.b_prompt), "--max-tokens",
                                                              str(a.b_tokens), *extra], timeout_s=a.e_run_timeout)
                 after = http_get_json(url + "/internal/engine")
-                server_after = server_side(url, server.pid)
+                cpu_after = server_cpu(server.pid)
                 steps = after["steps"] - before["steps"]
                 engine_side = {"steps": steps, "busy_s": after["busy_s"] - before["busy_s"],
                                "mean_batch": (after["scheduled_seqs_total"] - before["scheduled_seqs_total"]) / max(1, steps),
                                "graph_steps": after["graph_steps"] - before["graph_steps"],
                                "piecewise_steps": after.get("piecewise_steps", 0) - before.get("piecewise_steps", 0),
-                               **server_side_delta(server_before, server_after)}
-                steady = steady_state(runs_dir / kind)
+                               **server_cpu_delta(cpu_before, cpu_after)}
+                per_phase = phase_server_side(runs_dir / kind)
                 for phase in summary["phases"]:
                     if phase["phase"] == "warmup":
                         continue
                     row = phase_row(phase)
-                    row.update(steady.get(phase["phase"], {}))
+                    row.update(per_phase.get(phase["phase"], {}))
                     row["kind"] = kind
                     rows.append(row)
                 rows[-1]["engine_side_of_run"] = engine_side
@@ -1060,22 +1047,21 @@ class Bench:
             b = (self.results.get("b") or {}).get("engine", {}).get("output_tok_per_s")
             e["in_process_b_tok_per_s"] = b
             print(f"{'phase':<18} {'req/s':>6} {'out tok/s':>9} {'vs (b)':>7} {'TTFT p50':>9} {'TTFT p99':>9} "
-                  f"{'TPOT p50':>9} {'TPOT p99':>9} {'2nd half tok/s':>14} {'running':>7}   (ms)")
+                  f"{'TPOT p50':>9} {'TPOT p99':>9} {'engine TTFT':>11} {'queued':>7} {'2nd half tok/s':>14} "
+                  f"{'running':>7}   (ms; engine: its own means)")
             for r in rows:
                 vs = f"{r['output_tok_per_s'] / b:>6.0%}" if b else "     -"
                 print(f"{r['kind'] + ' ' + r['phase']:<18} {r['req_per_s']:>6.1f} {r['output_tok_per_s']:>9.0f} "
                       f"{vs:>7} {r['ttft_p50_s'] * 1e3:>9.1f} {r['ttft_p99_s'] * 1e3:>9.1f} "
                       f"{r['tpot_p50_s'] * 1e3:>9.2f} {r['tpot_p99_s'] * 1e3:>9.2f} "
+                      f"{r.get('engine_ttft_mean_s', math.nan) * 1e3:>11.1f} {r.get('engine_queue_mean_s', math.nan) * 1e3:>7.1f} "
                       f"{r.get('steady_tok_per_s', math.nan):>14.0f} {r.get('engine_running_mean', math.nan):>7.1f}")
             for r in rows:
                 if "engine_side_of_run" in r:
                     s = r["engine_side_of_run"]
                     print(f"engine side of the {r['kind']} run: {s['steps']} steps, mean batch {s['mean_batch']:.1f}, "
                           f"{s['graph_steps']} graphed, {s['piecewise_steps']} piecewise, "
-                          f"host busy in step() {s['busy_s']:.1f} s; engine-side TTFT mean "
-                          f"{s['engine_ttft_mean_s'] * 1e3:.0f} ms (queued {s['engine_queue_mean_s'] * 1e3:.0f} ms)"
-                          + (f" against the client's {r['ttft_mean_s'] * 1e3:.0f} ms" if r["kind"] == "closed" else "")
-                          + f"; CPU: HTTP process "
+                          f"host busy in step() {s['busy_s']:.1f} s; CPU: HTTP process "
                           f"{s['http_process_cpu_frac']:.0%}, engine process {s['engine_process_cpu_frac']:.0%} of a core")
         finally:
             server.terminate()
