@@ -250,8 +250,14 @@ def queue_times(seqs: list) -> list[float]:
     return [s.first_scheduled_time - s.arrival_time for s in seqs if s.first_scheduled_time is not None]
 
 
+def served_params(n: int) -> SamplingParams:
+    """What (e)'s requests ask the server for: the API's default temperature (1.0) and exactly n
+    tokens (`--force-output-length` sends min_tokens and ignore_eos)."""
+    return SamplingParams(max_tokens=n, min_tokens=n, temperature=1.0, ignore_eos=True)
+
+
 def run_closed_loop(engine: LLMEngine, prompts: list[list[int]], outputs: list[int], concurrency: int,
-                    late_steps: int = 0) -> dict:
+                    late_steps: int = 0, params=greedy) -> dict:
     """In-process closed loop: `concurrency` requests in flight, a new one added as soon as one
     finishes (what `servescope run --concurrency N` does over HTTP, without the HTTP path).
 
@@ -270,7 +276,7 @@ def run_closed_loop(engine: LLMEngine, prompts: list[list[int]], outputs: list[i
     def add(sent: float) -> None:
         nonlocal next_i
         start[next_i] = sent
-        seq = engine.add_request(prompts[next_i], greedy(outputs[next_i]))
+        seq = engine.add_request(prompts[next_i], params(outputs[next_i]))
         seq_index[seq.seq_id] = next_i
         seqs.append(seq)
         next_i += 1
@@ -292,7 +298,8 @@ def run_closed_loop(engine: LLMEngine, prompts: list[list[int]], outputs: list[i
     return {"elapsed_s": elapsed, "req_per_s": n / elapsed, "output_tok_per_s": sum(times.count) / elapsed,
             "ttft_s": times.ttft(start), "tpot_s": times.tpot(), "queue_s": queue_times(seqs),
             "steady_tok_per_s": times.rate_between(start[-1] / 2, start[-1]),
-            "mean_batch": (engine.scheduled_seqs_total - seqs0) / max(1, engine.num_steps - steps0)}
+            "mean_batch": (engine.scheduled_seqs_total - seqs0) / max(1, engine.num_steps - steps0),
+            "mean_step_ms": elapsed * 1e3 / max(1, engine.num_steps - steps0)}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -962,8 +969,28 @@ class Bench:
         arrivals = torch.cumsum(torch.empty(n_open).exponential_(generator=gen) / rate, 0).tolist()
         runs = {f"closed concurrency={a.b_batch}": run_closed_loop(engine, prompts, outs, a.b_batch),
                 f"closed concurrency={a.b_batch}, replacements 1 step late":
-                    run_closed_loop(engine, prompts, outs, a.b_batch, late_steps=1),
-                f"open rate={rate}": run_requests(engine, open_prompts, [a.b_tokens] * n_open, arrivals)}
+                    run_closed_loop(engine, prompts, outs, a.b_batch, late_steps=1)}
+        # The engine process's own per-step work, minus the socket: sampled at T=1 with min_tokens
+        # (as (e)'s requests are) and the /metrics observer attached; then each of the three alone.
+        from reference_engine.metrics import EngineMetrics
+
+        def min_tokens_only(n: int) -> SamplingParams:
+            return SamplingParams(max_tokens=n, min_tokens=n, temperature=0, ignore_eos=True)
+
+        def temperature_only(n: int) -> SamplingParams:
+            return SamplingParams(max_tokens=n, temperature=1.0, ignore_eos=True)
+
+        for label, params, observed in (("as served (T=1, min_tokens, /metrics)", served_params, True),
+                                        ("T=1 alone", temperature_only, False),
+                                        ("min_tokens alone", min_tokens_only, False),
+                                        ("/metrics alone", greedy, True)):
+            engine.observer = EngineMetrics(a.preset) if observed else None
+            try:
+                runs[f"closed concurrency={a.b_batch}, {label}"] = run_closed_loop(
+                    engine, prompts, outs, a.b_batch, params=params)
+            finally:
+                engine.observer = None
+        runs[f"open rate={rate}"] = run_requests(engine, open_prompts, [a.b_tokens] * n_open, arrivals)
         engine.reset_scheduling(max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=True)
         b = (self.results.get("b") or {}).get("engine", {}).get("output_tok_per_s")
         rows = []
@@ -974,13 +1001,14 @@ class Bench:
                    "ttft_p50_s": pct(r["ttft_s"], 0.5), "ttft_p99_s": pct(r["ttft_s"], 0.99),
                    "ttft_mean_s": sum(r["ttft_s"]) / len(r["ttft_s"]),
                    "queue_mean_s": sum(r["queue_s"]) / max(1, len(r["queue_s"])), "mean_batch": r["mean_batch"],
-                   "steady_tok_per_s": r["steady_tok_per_s"],
+                   "steady_tok_per_s": r["steady_tok_per_s"], "mean_step_ms": r.get("mean_step_ms"),
                    "tpot_p50_s": pct(r["tpot_s"], 0.5), "tpot_p99_s": pct(r["tpot_s"], 0.99)}
             rows.append(row)
             vs = f" ({row['output_tok_per_s'] / b:.0%} of (b))" if b else ""
+            step = f" ({row['mean_step_ms']:.1f} ms a step)" if row["mean_step_ms"] is not None else ""
             print(f"  {phase}: {row['req_per_s']:.1f} req/s, {row['output_tok_per_s']:.0f} out tok/s{vs} "
                   f"({row['steady_tok_per_s']:.0f} in the 2nd half of the sends), mean batch "
-                  f"{row['mean_batch']:.1f}, TTFT p50/p99/mean {row['ttft_p50_s'] * 1e3:.0f}/"
+                  f"{row['mean_batch']:.1f}{step}, TTFT p50/p99/mean {row['ttft_p50_s'] * 1e3:.0f}/"
                   f"{row['ttft_p99_s'] * 1e3:.0f}/{row['ttft_mean_s'] * 1e3:.0f} ms (queued "
                   f"{row['queue_mean_s'] * 1e3:.0f}), TPOT p50/p99 {row['tpot_p50_s'] * 1e3:.2f}/"
                   f"{row['tpot_p99_s'] * 1e3:.2f} ms")
@@ -1170,7 +1198,7 @@ def main() -> None:
     bench.part("b", bench.do_b, 20)
     bench.part("c", bench.do_c, 20)
     bench.part("d", bench.do_d, 60)
-    bench.part("e0", bench.do_e0, 30)
+    bench.part("e0", bench.do_e0, 60)
     bench.part("e", bench.do_e, 90)
     bench.part("hf", bench.do_hf, 200)
     bench.summary()

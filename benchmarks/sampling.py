@@ -2,14 +2,16 @@
 
 The engine samples with `DeviceSampler` (reference_engine/sampler.py): plain torch ops on the
 device, no host sync. Greedy is one argmax; temperature adds a softmax, an exponential draw and a
-second argmax; top-k and top-p sort every row of the vocabulary first. This script times each
-mode, and kernels/sampling.py's sort-free top-p kernel beside it, at the batch sizes the decode
-graphs use, over llama3's 128,256-token vocabulary, and sets
-the time beside a decode step of `llama3-8b` at that batch (the graph replay times measured by
-`benchmarks/engine_gpu.py --parts profile`; pass your own with --step-ms). A kernel pays where the
-sampler is a visible share of the step.
+second argmax; top-k selects the k best with torch.topk; top-p either sorts every row of the
+vocabulary (the torch path) or runs kernels/sampling.py's sort-free kernel (the default on CUDA).
+This script times each mode at the batch sizes the decode graphs use, over llama3's
+128,256-token vocabulary, and sets the time beside a decode step of `llama3-8b` at that batch
+(the graph replay times measured by `benchmarks/engine_gpu.py --parts profile`; pass your own
+with --step-ms). A kernel pays where the sampler is a visible share of the step. --sweep also
+times the kernel's launch configurations (block, warps), which `kernels.sampling.launch_config`
+is chosen from.
 
-    python -m benchmarks.sampling                # on a GPU
+    python -m benchmarks.sampling [--sweep]      # on a GPU
     python -m benchmarks.sampling --smoke        # CPU: small vocabulary, checks the script only
 """
 
@@ -45,7 +47,8 @@ MODES: dict[str, dict] = {
     "top-p 0.9": dict(temperature=0.8, top_p=0.9),
     "top-k 50 + top-p 0.9": dict(temperature=0.8, top_k=50, top_p=0.9),
 }
-KERNEL_MODE = "top-p 0.9, Triton kernel"  # DeviceSampler(top_p_kernel=True), the same requests as "top-p 0.9"
+TORCH_TOP_P = "top-p 0.9, torch sort"  # DeviceSampler(top_p_kernel=False), the same requests as "top-p 0.9"
+KERNEL_CONFIGS = ((1024, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16), (4096, 32))
 
 
 def time_us(fn, device: str) -> float:
@@ -74,6 +77,29 @@ def step_ms_at(table: dict[int, float], batch: int) -> float | None:
     return table[held[0]] if held else None
 
 
+def sweep_kernel(batches: list[int], vocab: int, device: str, gen: torch.Generator) -> list[dict]:
+    """The top-p kernel alone (no sampler around it) at each (block, warps): the table
+    `kernels.sampling.launch_config` is read from. Marks the configuration it picks."""
+    from kernels.sampling import launch_config, top_p_sample
+
+    print(f"\ntop-p kernel alone, us per launch; * = launch_config's pick")
+    print(f"{'block, warps':<22} " + " ".join(f"{'B=' + str(b):>10}" for b in batches))
+    rows = []
+    seed = torch.tensor([1], device=device)
+    for block, warps in KERNEL_CONFIGS:
+        cells = []
+        for batch in batches:
+            logits = torch.randn(batch, vocab, generator=gen, device=device, dtype=torch.float32) * 3
+            temps = torch.full((batch,), 0.8, device=device)
+            tops = torch.full((batch,), 0.9, device=device)
+            us = time_us(lambda: top_p_sample(logits, temps, tops, seed, block=block, num_warps=warps), device)
+            picked = launch_config(batch) == (block, warps)
+            rows.append({"block": block, "num_warps": warps, "batch": batch, "us": us, "picked": picked})
+            cells.append(f"{us:>8.0f}{'*' if picked else ' '}")
+        print(f"{f'{block}, {warps}':<22} " + " ".join(f"{c:>10}" for c in cells))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab", type=int, default=VOCAB)
@@ -81,6 +107,7 @@ def main() -> None:
     parser.add_argument("--step-ms", default=H200_STEP_MS, help="batch:ms,... decode step times to compare with")
     parser.add_argument("--out", default=os.environ.get("OUT", str(REPO / "benchmarks" / "results")))
     parser.add_argument("--smoke", action="store_true", help="CPU, vocabulary 4096: checks this script, times nothing")
+    parser.add_argument("--sweep", action="store_true", help="also time the kernel's (block, warps) configurations")
     args = parser.parse_args()
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     vocab = 4096 if args.smoke else args.vocab
@@ -93,13 +120,14 @@ def main() -> None:
     print(f"sampling on {name}, vocabulary {vocab}; 'share' is of a llama3-8b decode step at that batch")
     print(f"{'mode':<22} " + " ".join(f"{'B=' + str(b):>16}" for b in batches))
     kernel_sampler = DeviceSampler((), torch.device(device), seed=0, top_p_kernel=True)
-    for mode, knobs in {**MODES, KERNEL_MODE: MODES["top-p 0.9"]}.items():
+    torch_sampler = DeviceSampler((), torch.device(device), seed=0, top_p_kernel=False)
+    for mode, knobs in {**MODES, TORCH_TOP_P: MODES["top-p 0.9"]}.items():
         cells = []
         for batch in batches:
             logits = torch.randn(batch, vocab, generator=gen, device=device, dtype=torch.float32) * 3
             requests = [SampleRequest(Sequence([1], SamplingParams(max_tokens=16, **knobs)), i, [])
                         for i in range(batch)]
-            use = kernel_sampler if mode == KERNEL_MODE else sampler
+            use = torch_sampler if mode == TORCH_TOP_P else kernel_sampler
             us = time_us(lambda: use.sample(logits.clone(), requests), device)
             step = step_ms_at(steps, batch)
             share = us / (step * 1e3) if step and device == "cuda" else None
@@ -108,6 +136,8 @@ def main() -> None:
         print(f"{mode:<22} " + " ".join(f"{c:>16}" for c in cells))
     result = {"device": name, "vocab": vocab, "torch": torch.__version__, "step_ms": steps, "rows": rows,
               "note": "us includes one logits clone (the sampler masks in place)"}
+    if args.sweep:
+        result["kernel_sweep"] = sweep_kernel(batches, vocab, device, gen)
     if not args.smoke and device == "cuda":
         out = Path(args.out) / f"sampling_{name.lower().replace(' ', '_')}.json"
         out.parent.mkdir(parents=True, exist_ok=True)

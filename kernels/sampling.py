@@ -1,4 +1,4 @@
-"""Top-p (nucleus) sampling with temperature, without sorting the vocabulary.
+"""Temperature and top-p (nucleus) sampling, without sorting the vocabulary.
 
 The plain-torch way (`top_p_probs_ref`, as `DeviceSampler` does it) sorts every row of the
 vocabulary (128,256 ids for llama3), takes a cumulative sum and scatters the mask back: several
@@ -6,11 +6,12 @@ full passes plus a segmented sort per step. This kernel samples the same distrib
 rejection, one program per row, reading the row from memory only a few times:
 
 1. the row's max and softmax normalizer (two passes);
-2. a round: draw a token from p restricted to {s > low} (exponential race: the argmax of
-   s - log E with E ~ Exp(1), which samples p renormalized over that set), then sum the mass
-   of the tokens scored strictly above it. If that mass is at most top_p the token is in the
-   nucleus: accept it. Otherwise every token scored at or below it is outside the nucleus too:
-   raise `low` to its score and draw again.
+2. a draw from p restricted to {s > low} (exponential race: the argmax of p / E with
+   E ~ Exp(1), which samples p renormalized over that set; low starts at -inf);
+3. a test: the mass of the tokens scored strictly above the drawn one. If it is at most top_p
+   the token is in the nucleus: accept it. Otherwise every token scored at or below it is
+   outside the nucleus too: raise `low` to its score and draw again. One pass does the test of
+   one draw and the next draw, so a row costs 3 passes plus one per rejection.
 
 Each round's draw, conditioned on landing in the nucleus, is p renormalized over the nucleus
 (the candidate set always contains it), so the accepted token has exactly the reference's
@@ -18,12 +19,15 @@ distribution. A rejection removes at least the rejected token and everything bel
 are few (a handful on flat random-weight logits, one when the nucleus holds most of the mass).
 After MAX_ROUNDS rejections (not reached in the tests) it returns the row's argmax.
 
+A row with top_p = 1 (temperature alone, the OpenAI API's default) skips all of that: one pass,
+the argmax of s - log E (a Gumbel-max draw), needs neither the max nor the normalizer.
+
 Ties: the reference keeps a token when the mass ranked strictly before it in a sorted order is at
 most top_p; here, when the mass scored strictly above it is. They differ only among tokens with
 equal scores.
 
-Whether this pays against the sorting path on a given GPU is what `benchmarks/sampling.py`
-measures; the engine does not use it until it does.
+`benchmarks/sampling.py` times it against the sorting path; `DeviceSampler` uses it on CUDA
+for top-p rows without top-k.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import triton.language as tl
 from kernels.common import check_same_device, check_shape
 
 MAX_ROUNDS = 32
-BLOCK = 1024
+BLOCK = 4096  # scores per block; see launch_config
 
 
 def top_p_probs_ref(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -58,6 +62,76 @@ def _scores(base, offs, vocab, inv_t):
 
 
 @triton.jit
+def _race_quarter(base, offs, vocab, inv_t, m, low, high, u, above, win_key, win_idx):
+    """One quarter-block of a round: add the mass scored above `high` to `above`, and enter the
+    tokens scored above `low` in the exponential race (key p / E, E = -log U ~ Exp(1); the
+    largest key is a draw from p renormalized over those tokens). p = exp(s - m) serves both."""
+    s = _scores(base, offs, vocab, inv_t)
+    p = tl.exp(s - m)
+    above += tl.where(s > high, p, 0.0)
+    key = tl.where(s > low, p / -tl.log(tl.maximum(u, 1e-20)), -1.0)
+    better = key > win_key
+    return above, tl.where(better, key, win_key), tl.where(better, offs, win_idx)
+
+
+@triton.jit
+def _race(base, vocab, inv_t, m, low, high, seed, r, BLOCK: tl.constexpr):
+    """One pass over the row: the race winner among tokens scored above `low` (round r's random
+    numbers) and the mass scored above `high`. Returns (winner, its score, mass above high).
+
+    Uniforms come four per Philox call (tl.rand4x), one for each quarter of the block: the
+    generator is most of a pass's arithmetic, so this quarters it."""
+    QUARTER: tl.constexpr = BLOCK // 4
+    cols = tl.arange(0, QUARTER)
+    above = tl.zeros([QUARTER], tl.float32)
+    win_key = tl.full([QUARTER], -2.0, tl.float32)
+    win_idx = tl.zeros([QUARTER], tl.int32)
+    counters = tl.cdiv(vocab, 4)  # per round, so every (round, token) gets its own uniform
+    for start in range(0, vocab, BLOCK):
+        u0, u1, u2, u3 = tl.rand4x(seed, r * counters + start // 4 + cols)
+        offs = start + cols
+        above, win_key, win_idx = _race_quarter(base, offs, vocab, inv_t, m, low, high, u0,
+                                                above, win_key, win_idx)
+        above, win_key, win_idx = _race_quarter(base, offs + QUARTER, vocab, inv_t, m, low, high, u1,
+                                                above, win_key, win_idx)
+        above, win_key, win_idx = _race_quarter(base, offs + 2 * QUARTER, vocab, inv_t, m, low, high, u2,
+                                                above, win_key, win_idx)
+        above, win_key, win_idx = _race_quarter(base, offs + 3 * QUARTER, vocab, inv_t, m, low, high, u3,
+                                                above, win_key, win_idx)
+    top = tl.max(win_key, axis=0)
+    j = tl.min(tl.where(win_key == top, win_idx, vocab), axis=0)
+    j = tl.minimum(j, vocab - 1)  # an empty race (nothing above low) is never accepted or used
+    s_j = tl.load(base + j).to(tl.float32) * inv_t
+    return j, s_j, tl.sum(above, axis=0)
+
+
+@triton.jit
+def _gumbel_quarter(base, offs, vocab, inv_t, u, win_key, win_idx):
+    key = _scores(base, offs, vocab, inv_t) - tl.log(-tl.log(tl.maximum(u, 1e-20)))
+    better = key > win_key
+    return tl.where(better, key, win_key), tl.where(better, offs, win_idx)
+
+
+@triton.jit
+def _gumbel_race(base, vocab, inv_t, seed, BLOCK: tl.constexpr):
+    """A draw from softmax(s) in one pass: argmax of s - log E with E ~ Exp(1) needs neither the
+    max nor the normalizer (the log form, since exp(s) alone could overflow)."""
+    QUARTER: tl.constexpr = BLOCK // 4
+    cols = tl.arange(0, QUARTER)
+    win_key = tl.full([QUARTER], float("-inf"), tl.float32)
+    win_idx = tl.zeros([QUARTER], tl.int32)
+    for start in range(0, vocab, BLOCK):
+        u0, u1, u2, u3 = tl.rand4x(seed, start // 4 + cols)
+        offs = start + cols
+        win_key, win_idx = _gumbel_quarter(base, offs, vocab, inv_t, u0, win_key, win_idx)
+        win_key, win_idx = _gumbel_quarter(base, offs + QUARTER, vocab, inv_t, u1, win_key, win_idx)
+        win_key, win_idx = _gumbel_quarter(base, offs + 2 * QUARTER, vocab, inv_t, u2, win_key, win_idx)
+        win_key, win_idx = _gumbel_quarter(base, offs + 3 * QUARTER, vocab, inv_t, u3, win_key, win_idx)
+    top = tl.max(win_key, axis=0)
+    return tl.min(tl.where(win_key == top, win_idx, vocab), axis=0)
+
+
+@triton.jit
 def _top_p_sample_kernel(
     logits_ptr, stride_row, inv_temp_ptr, top_p_ptr, seed_ptr, out_ptr, vocab,
     MAX_ROUNDS: tl.constexpr, BLOCK: tl.constexpr,
@@ -66,70 +140,62 @@ def _top_p_sample_kernel(
     base = logits_ptr + row.to(tl.int64) * stride_row
     inv_t = tl.load(inv_temp_ptr + row)
     top_p = tl.load(top_p_ptr + row)
-    seed = tl.load(seed_ptr)
+    seed = tl.load(seed_ptr) + row  # each row its own Philox key, so counters stay small
     cols = tl.arange(0, BLOCK)
 
-    # The row's max score and softmax normalizer (scores s = logits / T).
-    best = tl.full([BLOCK], float("-inf"), tl.float32)
-    for start in range(0, vocab, BLOCK):
-        offs = start + cols
-        s = _scores(base, offs, vocab, inv_t)
-        best = tl.maximum(best, s)
-    m = tl.max(best, axis=0)
-    acc = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, vocab, BLOCK):
-        offs = start + cols
-        s = _scores(base, offs, vocab, inv_t)
-        acc += tl.exp(s - m)
-    z = tl.sum(acc, axis=0)
+    if top_p >= 1.0:  # temperature alone: one pass, a Gumbel-max race (argmax of s - log E)
+        chosen = _gumbel_race(base, vocab, inv_t, seed, BLOCK)
+    else:
+        # The row's max score and softmax normalizer (scores s = logits / T).
+        best = tl.full([BLOCK], float("-inf"), tl.float32)
+        for start in range(0, vocab, BLOCK):
+            best = tl.maximum(best, _scores(base, start + cols, vocab, inv_t))
+        m = tl.max(best, axis=0)
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, vocab, BLOCK):
+            acc += tl.exp(_scores(base, start + cols, vocab, inv_t) - m)
+        z = tl.sum(acc, axis=0)
 
-    low = float("-inf")  # candidates score strictly above this
-    chosen = -1
-    r = 0
-    while (chosen < 0) & (r < MAX_ROUNDS):
-        # Exponential race over {s > low}: argmax of s - log(E), E = -log(U).
-        win_key = tl.full([BLOCK], float("-inf"), tl.float32)
-        win_idx = tl.zeros([BLOCK], tl.int32)
-        for start in range(0, vocab, BLOCK):
-            offs = start + cols
-            s = _scores(base, offs, vocab, inv_t)
-            u = tl.rand(seed, (row * MAX_ROUNDS + r) * vocab + offs)
-            e = -tl.log(tl.maximum(u, 1e-20))
-            key = tl.where((offs < vocab) & (s > low), s - tl.log(e), float("-inf"))
-            better = key > win_key
-            win_key = tl.where(better, key, win_key)
-            win_idx = tl.where(better, offs, win_idx)
-        top = tl.max(win_key, axis=0)
-        j = tl.min(tl.where(win_key == top, win_idx, vocab), axis=0)
-        s_j = tl.load(base + j).to(tl.float32) * inv_t
-        # Mass scored strictly above the drawn token.
-        above = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, vocab, BLOCK):
-            offs = start + cols
-            s = _scores(base, offs, vocab, inv_t)
-            above += tl.where(s > s_j, tl.exp(s - m), 0.0)
-        if tl.sum(above, axis=0) <= top_p * z:
-            chosen = j
-        else:
-            low = s_j
-        r += 1
-    if chosen < 0:  # MAX_ROUNDS rejections: the argmax is always in the nucleus
-        arg = tl.zeros([BLOCK], tl.int32)
-        for start in range(0, vocab, BLOCK):
-            offs = start + cols
-            s = _scores(base, offs, vocab, inv_t)
-            arg = tl.where(s == m, offs, arg)
-        chosen = tl.max(arg, axis=0)
+        # Round 0's draw over every token; then each pass tests the current draw (the mass
+        # scored above it) and, in the same pass, draws the next round's candidate from the
+        # tokens scored above it, the set left if the test rejects. The next draw uses its own
+        # random numbers, so drawing it before the test changes nothing about the distribution.
+        j, s_j, _ = _race(base, vocab, inv_t, m, float("-inf"), float("inf"), seed, 0, BLOCK)
+        chosen = -1
+        r = 1
+        while (chosen < 0) & (r <= MAX_ROUNDS):
+            j_next, s_next, above = _race(base, vocab, inv_t, m, s_j, s_j, seed, r, BLOCK)
+            if above <= top_p * z:
+                chosen = j
+            else:
+                j = j_next
+                s_j = s_next
+            r += 1
+        if chosen < 0:  # MAX_ROUNDS rejections: the argmax is always in the nucleus
+            arg = tl.zeros([BLOCK], tl.int32)
+            for start in range(0, vocab, BLOCK):
+                offs = start + cols
+                arg = tl.where(_scores(base, offs, vocab, inv_t) == m, offs, arg)
+            chosen = tl.max(arg, axis=0)
     tl.store(out_ptr + row, chosen.to(tl.int64))
 
 
+def launch_config(rows: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for a launch of `rows` rows. One program samples one row, so at small
+    batches each program's own speed is the latency: 16 warps over 4096-wide blocks. From
+    `python -m benchmarks.sampling --sweep` on an H200 (sampling_nvidia_h200_v2.json): within 16%
+    of the best configuration tried at every batch from 1 to 256; 4 warps over 1024 was 2-3x
+    slower."""
+    return BLOCK, 16
+
+
 def top_p_sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                 seed: torch.Tensor) -> torch.Tensor:
+                 seed: torch.Tensor, block: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """One token per row of logits [R, V] from softmax(logits / T) cut to its top_p nucleus.
 
     temperature and top_p: [R] (temperature > 0; top_p in (0, 1]). seed: a one-element int64
     tensor on the same device, read by the kernel (so drawing it needs no host sync). Returns [R]
-    int64 on the logits' device.
+    int64 on the logits' device. block and num_warps override `launch_config` (for sweeps).
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [rows, vocab]; got {tuple(logits.shape)}")
@@ -139,15 +205,16 @@ def top_p_sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.T
     check_same_device(logits=logits, temperature=temperature, top_p=top_p, seed=seed)
     if logits.stride(-1) != 1:
         raise ValueError("logits must be contiguous along the vocabulary")
-    if rows * MAX_ROUNDS * vocab >= 2**31:
-        raise ValueError(f"{rows} rows x {vocab} ids is too many for one launch (random offsets are int32): "
-                         "split the rows")
+    if (MAX_ROUNDS + 1) * vocab >= 2**31:
+        raise ValueError(f"a vocabulary of {vocab} ids is too large (random counters are int32)")
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows == 0:
         return out
+    default_block, default_warps = launch_config(rows)
+    block = max(16, min(block or default_block, triton.next_power_of_2(vocab)))
     inv_temp = (1.0 / temperature.float()).contiguous()
     _top_p_sample_kernel[(rows,)](
         logits, logits.stride(0), inv_temp, top_p.float().contiguous(), seed, out, vocab,
-        MAX_ROUNDS=MAX_ROUNDS, BLOCK=min(BLOCK, triton.next_power_of_2(vocab)), num_warps=4,
+        MAX_ROUNDS=MAX_ROUNDS, BLOCK=block, num_warps=num_warps or default_warps,
     )
     return out

@@ -125,6 +125,8 @@ class LLMEngine:
             self.capture_graphs()
         self.async_scheduling = config.use_async_scheduling
         self.device_sampler = DeviceSampler(self.eos_token_ids, self.device, seed=config.seed)
+        if self.device.type == "cuda":
+            self.device_sampler.warm_up(self.model_config.vocab_size)
         self._inflight: _InFlight | None = None
 
     def capture_graphs(self) -> float:

@@ -138,15 +138,33 @@ class DeviceSampler:
     exponential-race form of sampling (argmax of p / E with E ~ Exp(1)), which needs no host sync.
     """
 
+    # Top-k rows take torch.topk (a selection, not a full sort) when every k is at most this.
+    TOP_K_SELECT_MAX = 1024
+
     def __init__(self, eos_token_ids: tuple[int, ...], device: torch.device, seed: int = 0,
-                 top_p_kernel: bool = False) -> None:
+                 top_p_kernel: bool | None = None) -> None:
         self.eos_token_ids = list(eos_token_ids)
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self._eos = torch.tensor(self.eos_token_ids, dtype=torch.int64, device=device)
-        # Top-p without top-k through kernels/sampling.py (no sort) instead of the sorting path.
-        # Off until benchmarks/sampling.py shows it pays on the GPU at hand.
-        self.top_p_kernel = top_p_kernel
+        # The masking value as a device tensor: `logits[i, j] = float("-inf")` copies the scalar
+        # from pageable host memory, which waits for the GPU to finish the step in flight (it cost
+        # 2.4 ms a step at batch 128 on an H200: benchmarks/engine_gpu.py (e0), min_tokens alone).
+        self._neg_inf = torch.tensor(float("-inf"), device=device)
+        # Rows without top-k (temperature, top-p) through kernels/sampling.py: no sort, one pass
+        # for temperature alone. By default on CUDA, where benchmarks/sampling.py measured it
+        # faster than the torch ops at every batch size.
+        self.top_p_kernel = device.type == "cuda" if top_p_kernel is None else top_p_kernel
+
+    def warm_up(self, vocab: int) -> None:
+        """Compile the sampling kernel now, at start-up: its first use would otherwise stall the
+        step loop (and every request in flight) for the second Triton takes to compile it."""
+        if self.top_p_kernel:
+            from kernels.sampling import top_p_sample
+
+            ones = torch.ones(1, device=self.device)
+            top_p_sample(torch.zeros(1, vocab, device=self.device), ones, ones * 0.5,
+                         torch.zeros(1, dtype=torch.int64, device=self.device))
 
     @staticmethod
     def supports(requests: list[SampleRequest]) -> bool:
@@ -166,23 +184,32 @@ class DeviceSampler:
                      if req.seq.params.min_tokens > req.seq.num_output_tokens]
             if short:
                 rows = self._upload(short, torch.int64)
-                logits[rows[:, None], self._eos[None, :]] = float("-inf")
-        greedy = logits.argmax(dim=-1)
+                logits.index_put_((rows[:, None], self._eos[None, :]), self._neg_inf)
         sampled_rows = [i for i, req in enumerate(requests) if not req.seq.params.greedy]
         if not sampled_rows:
-            return greedy
+            return logits.argmax(dim=-1)
         params = [requests[i].seq.params for i in sampled_rows]
-        rows = self._upload(sampled_rows, torch.int64)
-        sub = logits.index_select(0, rows)
+        if len(sampled_rows) == len(requests):  # no greedy row: sample every row in place
+            rows, sub = None, logits
+        else:
+            rows = self._upload(sampled_rows, torch.int64)
+            sub = logits.index_select(0, rows)
         temps = self._upload([p.temperature for p in params], torch.float32)
         top_k = [p.top_k if p.top_k > 0 else 0 for p in params]
         top_p = [p.top_p for p in params]
-        if self.top_p_kernel and not any(top_k) and any(p < 1.0 for p in top_p):
+        if self.top_p_kernel and not any(top_k):
             from kernels.sampling import top_p_sample
 
             seed = torch.randint(0, 2**31 - 1, (1,), generator=self.generator, device=self.device)
-            choice = top_p_sample(sub.float().contiguous(), temps, self._upload(top_p, torch.float32), seed)
-            return greedy.index_copy(0, rows, choice)
+            choice = top_p_sample(sub.contiguous(), temps, self._upload(top_p, torch.float32), seed)
+        elif all(top_k) and max(top_k) <= self.TOP_K_SELECT_MAX:
+            choice = self._sample_top_k(sub, temps, top_k, top_p)
+        else:
+            choice = self._sample_sorted(sub, temps, top_k, top_p)
+        return choice if rows is None else logits.argmax(dim=-1).index_copy(0, rows, choice)
+
+    def _sample_sorted(self, sub: Tensor, temps: Tensor, top_k: list[int], top_p: list[float]) -> Tensor:
+        """The general path (any mix of top-k and top-p rows): sort each row, cut, race."""
         sub = sub / temps[:, None]
         if any(top_k) or any(p < 1.0 for p in top_p):
             sorted_logits, order = sub.sort(dim=-1, descending=True)
@@ -200,5 +227,22 @@ class DeviceSampler:
             sub = torch.full_like(sub, float("-inf")).scatter_(1, order, sorted_logits)
         probs = sub.softmax(dim=-1)
         race = torch.empty_like(probs).exponential_(generator=self.generator)
-        choice = probs.div_(race).argmax(dim=-1)
-        return greedy.index_copy(0, rows, choice)
+        return probs.div_(race).argmax(dim=-1)
+
+    def _sample_top_k(self, sub: Tensor, temps: Tensor, top_k: list[int], top_p: list[float]) -> Tensor:
+        """Top-k (then top-p) rows, every k > 0: select the max(k) best ids per row with torch.topk
+        (sorted) and sample within them, instead of sorting the whole vocabulary. Keeps exactly k
+        ids where the sorting path also keeps ties with the k-th score."""
+        width = min(max(top_k), sub.shape[-1])
+        values, ids = sub.topk(width, dim=-1)
+        values = values / temps[:, None]
+        k = self._upload(top_k, torch.int64)
+        values = values.masked_fill(torch.arange(width, device=sub.device)[None, :] >= k[:, None], float("-inf"))
+        if any(p < 1.0 for p in top_p):
+            probs_sorted = values.softmax(dim=-1)
+            limit = self._upload(top_p, torch.float32)
+            drop = (probs_sorted.cumsum(dim=-1) - probs_sorted) > limit[:, None]
+            values = values.masked_fill(drop, float("-inf"))
+        probs = values.softmax(dim=-1)
+        race = torch.empty_like(probs).exponential_(generator=self.generator)
+        return ids.gather(1, probs.div_(race).argmax(dim=-1, keepdim=True))[:, 0]

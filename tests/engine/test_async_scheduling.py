@@ -159,3 +159,39 @@ def test_device_sampler_limits() -> None:
     seq = Sequence([1], SamplingParams(max_tokens=4, temperature=1.0, top_k=2))
     draws = DeviceSampler((), torch.device("cpu"), seed=3).sample(row[:2000].clone(), [SampleRequest(seq, i, []) for i in range(2000)])
     assert set(draws.tolist()) == {0, 1}
+
+
+def _top_k_top_p_probs(row: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The reference distribution, the plain way: sort, keep the k best, then the smallest prefix
+    of those whose mass reaches top_p, renormalize."""
+    order = row.argsort(descending=True)
+    kept = torch.softmax(row[order][:top_k] / temperature, -1)
+    kept = kept.masked_fill((kept.cumsum(-1) - kept) > top_p, 0.0)
+    probs = torch.zeros_like(row)
+    probs[order[:top_k]] = kept / kept.sum()
+    return probs
+
+
+@pytest.mark.parametrize("top_k,top_p", [(3, 1.0), (4, 0.7), (6, 0.5)])
+def test_device_sampler_top_k_selection_draws_the_reference_distribution(top_k, top_p) -> None:
+    """Rows that all have top_k go through torch.topk instead of a full sort: the draws still follow
+    softmax(row / T) cut to the k best, then to top_p; a batch that mixes top-k and top-p-only
+    rows takes the sorting path and keeps each row inside its own set."""
+    row = torch.tensor([1.5, -0.5, 2.0, 0.3, 1.0, -2.0, 0.8, 0.0])
+    n = 20000
+    ks = [top_k, 7]  # rows of one batch with different k: each keeps its own
+    requests = [SampleRequest(Sequence([1], SamplingParams(max_tokens=4, temperature=0.9, top_k=ks[i % 2],
+                                                           top_p=top_p)), i, []) for i in range(2 * n)]
+    draws = DeviceSampler((), torch.device("cpu"), seed=4).sample(row.repeat(2 * n, 1), requests)
+    for parity, k in enumerate(ks):
+        freq = torch.bincount(draws[parity::2], minlength=len(row)).float() / n
+        expected = _top_k_top_p_probs(row, 0.9, k, top_p)
+        assert torch.allclose(freq, expected, atol=0.015), (k, freq, expected)
+        assert (freq[expected == 0] == 0).all()
+    mixed = [SampleRequest(Sequence([1], SamplingParams(max_tokens=4, temperature=0.9, top_k=top_k if i % 2 else 0,
+                                                        top_p=top_p if i % 2 else 0.5)), i, [])
+             for i in range(400)]
+    ids = DeviceSampler((), torch.device("cpu"), seed=5).sample(row.repeat(400, 1), mixed)
+    for i, token in enumerate(ids.tolist()):
+        support = _top_k_top_p_probs(row, 0.9, top_k if i % 2 else len(row), top_p if i % 2 else 0.5)
+        assert support[token] > 0, (i, token)

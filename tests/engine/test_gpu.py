@@ -49,6 +49,52 @@ def test_cuda_bfloat16_serves_the_1b_shape(engine_factory) -> None:
     assert all(s.num_output_tokens >= 1 for s in seqs)
 
 
+def test_cuda_device_sampler_never_waits_for_the_gpu() -> None:
+    """The overlapped step loop needs sampling that never blocks the host on the GPU: every mode
+    (greedy, min_tokens masking, temperature, top-p, top-k) under CUDA's sync-debug mode "error"."""
+    from reference_engine.sampler import DeviceSampler, SampleRequest
+    from reference_engine.sequence import Sequence
+
+    sampler = DeviceSampler((5, 9), torch.device("cuda"), seed=0)
+    logits = torch.randn(6, 1000, device="cuda")
+    knobs = [dict(temperature=0), dict(temperature=0, min_tokens=4), dict(temperature=1.0, min_tokens=4),
+             dict(temperature=0.8, top_p=0.9), dict(temperature=0.8, top_k=20),
+             dict(temperature=0.8, top_k=20, top_p=0.5)]
+    torch.cuda.synchronize()
+    for params in (knobs, knobs[2:3] * 6, knobs[4:] * 3):  # mixed rows; every row sampled; all top-k
+        requests = [SampleRequest(Sequence([1], SamplingParams(max_tokens=8, **k)), i, [])
+                    for i, k in enumerate(params)]
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            ids = sampler.sample(logits[:len(requests)].clone(), requests)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert ids.shape == (len(requests),) and ids.device.type == "cuda"
+
+
+def test_cuda_engine_compiles_the_sampling_kernel_at_start_up(engine_factory) -> None:
+    """A built engine has the sampling kernel compiled: its first sampled request compiles nothing
+    (a compile mid-run stalls every request in flight for about a second)."""
+    from kernels.sampling import _top_p_sample_kernel
+    from reference_engine.sampler import SampleRequest
+    from reference_engine.sequence import Sequence
+
+    if not hasattr(_top_p_sample_kernel, "device_caches"):
+        pytest.skip("this Triton keeps no per-device kernel cache to inspect")
+
+    def compiled() -> int:
+        return sum(len(entry[0]) for entry in _top_p_sample_kernel.device_caches.values())
+
+    engine = engine_factory(device="cuda", dtype="float32")
+    before = compiled()
+    assert before >= 1
+    vocab = engine.model_config.vocab_size
+    for knobs in (dict(temperature=1.0), dict(temperature=0.7, top_p=0.9)):
+        requests = [SampleRequest(Sequence([1], SamplingParams(max_tokens=4, **knobs)), i, []) for i in range(3)]
+        engine.device_sampler.sample(torch.randn(3, vocab, device="cuda"), requests)
+    assert compiled() == before
+
+
 @pytest.mark.parametrize("overrides", [{"async_scheduling": False}, {"spec": SpecConfig(k=3)}],
                          ids=["no-overlap", "speculative"])
 def test_cuda_host_sampler_samples_on_the_device(engine_factory, overrides) -> None:

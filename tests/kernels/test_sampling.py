@@ -20,14 +20,16 @@ def _draws(logits_row: torch.Tensor, temperature: float, top_p: float, n: int, s
     return top_p_sample(logits, temps, tops, torch.tensor([seed], device=DEVICE)).cpu()
 
 
-@pytest.mark.parametrize("vocab,temperature,top_p", [(48, 0.7, 0.8), (300, 1.3, 0.5), (BLOCK + 37, 1.0, 0.9)])
+@pytest.mark.parametrize("vocab,temperature,top_p", [(48, 0.7, 0.8), (300, 1.3, 0.5), (BLOCK + 37, 1.0, 0.9),
+                                                     (BLOCK + 37, 1.2, 1.0)])
 def test_draws_follow_the_nucleus_distribution(vocab, temperature, top_p):
     """Against the reference distribution: nothing outside the nucleus, and frequencies inside it
-    pass a chi-square test. Vocabularies below, across and beyond one block."""
+    pass a chi-square test. Vocabularies below, across and beyond one block; top_p = 1 is the
+    one-pass temperature-only path."""
     gen = torch.Generator().manual_seed(vocab)
     row = torch.randn(vocab, generator=gen) * 2.0
     probs = top_p_probs_ref(row[None], torch.tensor([temperature]), torch.tensor([top_p]))[0].double()
-    n = 1000
+    n = 4000 if DEVICE == "cuda" else 500  # the interpreter runs one program at a time
     draws = _draws(row, temperature, top_p, n, seed=7)
     counts = torch.bincount(draws, minlength=vocab).double()
     support = probs > 0
@@ -49,6 +51,16 @@ def test_draws_follow_the_nucleus_distribution(vocab, temperature, top_p):
     assert len(merged_exp) >= 3, "the test needs a nucleus of several tokens"
     scale = sum(merged_obs) / sum(merged_exp)  # equal totals to the last bit, as chisquare demands
     assert chisquare(merged_obs, [e * scale for e in merged_exp]).pvalue > 1e-3, (merged_obs, merged_exp)
+
+
+def test_temperature_alone_draws_the_softmax():
+    """top_p = 1 takes the one-pass Gumbel-max path: one token 3 above eleven others wins with
+    softmax's 0.646. (Exponential noise in place of Gumbel noise would make it 0.766.)"""
+    row = torch.tensor([0.0] + [-3.0] * 11)
+    n = 2000 if DEVICE == "cuda" else 500
+    share = (_draws(row, 1.0, 1.0, n, seed=9) == 0).double().mean().item()
+    expected = torch.softmax(row, -1)[0].item()
+    assert abs(share - expected) < 4 * (expected * (1 - expected) / n) ** 0.5, (share, expected)
 
 
 def test_extreme_settings():
@@ -103,7 +115,7 @@ def test_device_sampler_routes_top_p_rows_through_the_kernel():
     masked[:, 7] = float("-inf")
     nucleus = top_p_probs_ref(masked[1:3], torch.tensor([0.9, 1.2]), torch.tensor([0.7, 0.3]))
     kernel_path = DeviceSampler((7,), torch.device(DEVICE), seed=0, top_p_kernel=True)
-    torch_path = DeviceSampler((7,), torch.device(DEVICE), seed=0)
+    torch_path = DeviceSampler((7,), torch.device(DEVICE), seed=0, top_p_kernel=False)
     differs = False
     for _ in range(5):
         ids = kernel_path.sample(logits.clone().to(DEVICE), requests).cpu()
