@@ -1,9 +1,10 @@
 """What sampling costs per decode step on the GPU, to decide where a sampling kernel pays (issue 9).
 
-The engine samples with `DeviceSampler` (reference_engine/sampler.py): plain torch ops on the
-device, no host sync. Greedy is one argmax; temperature adds a softmax, an exponential draw and a
-second argmax; top-k selects the k best with torch.topk; top-p either sorts every row of the
-vocabulary (the torch path) or runs kernels/sampling.py's sort-free kernel (the default on CUDA).
+The engine samples with `DeviceSampler` (reference_engine/sampler.py) on the device, with no host
+sync. Greedy is one argmax; top-k selects the k best with torch.topk. Temperature and top-p run
+either as torch ops (a softmax, an exponential draw and an argmax; top-p sorts every row of the
+vocabulary first) or through kernels/sampling.py's sort-free kernel, the default on CUDA (for
+temperature alone from 64 rows): the "torch" rows time the former on the same requests.
 This script times each mode at the batch sizes the decode graphs use, over llama3's
 128,256-token vocabulary, and sets the time beside a decode step of `llama3-8b` at that batch
 (the graph replay times measured by `benchmarks/engine_gpu.py --parts profile`; pass your own
@@ -47,7 +48,8 @@ MODES: dict[str, dict] = {
     "top-p 0.9": dict(temperature=0.8, top_p=0.9),
     "top-k 50 + top-p 0.9": dict(temperature=0.8, top_k=50, top_p=0.9),
 }
-TORCH_TOP_P = "top-p 0.9, torch sort"  # DeviceSampler(top_p_kernel=False), the same requests as "top-p 0.9"
+# The torch ops beside the kernel (DeviceSampler(top_p_kernel=False)), the same requests as the mode named.
+TORCH_MODES = {"temperature 0.8, torch": "temperature 0.8", "top-p 0.9, torch sort": "top-p 0.9"}
 KERNEL_CONFIGS = ((1024, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16), (4096, 32))
 
 
@@ -121,13 +123,13 @@ def main() -> None:
     print(f"{'mode':<22} " + " ".join(f"{'B=' + str(b):>16}" for b in batches))
     kernel_sampler = DeviceSampler((), torch.device(device), seed=0, top_p_kernel=True)
     torch_sampler = DeviceSampler((), torch.device(device), seed=0, top_p_kernel=False)
-    for mode, knobs in {**MODES, TORCH_TOP_P: MODES["top-p 0.9"]}.items():
+    for mode, knobs in {**MODES, **{name: MODES[same] for name, same in TORCH_MODES.items()}}.items():
         cells = []
         for batch in batches:
             logits = torch.randn(batch, vocab, generator=gen, device=device, dtype=torch.float32) * 3
             requests = [SampleRequest(Sequence([1], SamplingParams(max_tokens=16, **knobs)), i, [])
                         for i in range(batch)]
-            use = torch_sampler if mode == TORCH_TOP_P else kernel_sampler
+            use = torch_sampler if mode in TORCH_MODES else kernel_sampler
             us = time_us(lambda: use.sample(logits.clone(), requests), device)
             step = step_ms_at(steps, batch)
             share = us / (step * 1e3) if step and device == "cuda" else None

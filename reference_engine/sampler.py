@@ -140,6 +140,9 @@ class DeviceSampler:
 
     # Top-k rows take torch.topk (a selection, not a full sort) when every k is at most this.
     TOP_K_SELECT_MAX = 1024
+    # Temperature alone takes the kernel from this many rows: below it the torch ops (softmax,
+    # exponential draw, argmax) measured faster on an H200 (sampling_nvidia_h200.json).
+    TEMPERATURE_KERNEL_MIN_ROWS = 64
 
     def __init__(self, eos_token_ids: tuple[int, ...], device: torch.device, seed: int = 0,
                  top_p_kernel: bool | None = None) -> None:
@@ -153,7 +156,7 @@ class DeviceSampler:
         self._neg_inf = torch.tensor(float("-inf"), device=device)
         # Rows without top-k (temperature, top-p) through kernels/sampling.py: no sort, one pass
         # for temperature alone. By default on CUDA, where benchmarks/sampling.py measured it
-        # faster than the torch ops at every batch size.
+        # faster than the torch ops (top-p at every batch size, temperature alone from 64 rows).
         self.top_p_kernel = device.type == "cuda" if top_p_kernel is None else top_p_kernel
 
     def warm_up(self, vocab: int) -> None:
@@ -197,7 +200,8 @@ class DeviceSampler:
         temps = self._upload([p.temperature for p in params], torch.float32)
         top_k = [p.top_k if p.top_k > 0 else 0 for p in params]
         top_p = [p.top_p for p in params]
-        if self.top_p_kernel and not any(top_k):
+        if self.top_p_kernel and not any(top_k) and (
+                any(p < 1.0 for p in top_p) or len(params) >= self.TEMPERATURE_KERNEL_MIN_ROWS):
             from kernels.sampling import top_p_sample
 
             seed = torch.randint(0, 2**31 - 1, (1,), generator=self.generator, device=self.device)

@@ -123,3 +123,20 @@ def test_device_sampler_routes_top_p_rows_through_the_kernel():
         assert (nucleus[torch.arange(2), ids[1:3]] > 0).all(), ids
         differs |= not torch.equal(ids, torch_path.sample(logits.clone().to(DEVICE), requests).cpu())
     assert differs  # the kernel did run: its random stream is not the sorting path's
+
+
+def test_temperature_alone_takes_the_kernel_only_at_large_batches():
+    """Temperature-only batches below DeviceSampler.TEMPERATURE_KERNEL_MIN_ROWS stay on the torch
+    ops (the same draws as the torch path from the same seed); from that many rows on, the kernel."""
+    from reference_engine.sampler import DeviceSampler, SampleRequest
+    from reference_engine.sequence import SamplingParams, Sequence
+
+    def draws(rows: int, kernel: bool) -> torch.Tensor:
+        logits = torch.randn(rows, 300, generator=torch.Generator().manual_seed(rows)).to(DEVICE)
+        requests = [SampleRequest(Sequence([1], SamplingParams(max_tokens=8, temperature=0.9)), i, [])
+                    for i in range(rows)]
+        return DeviceSampler((), torch.device(DEVICE), seed=0, top_p_kernel=kernel).sample(logits, requests).cpu()
+
+    small, large = DeviceSampler.TEMPERATURE_KERNEL_MIN_ROWS - 1, DeviceSampler.TEMPERATURE_KERNEL_MIN_ROWS
+    assert torch.equal(draws(small, kernel=True), draws(small, kernel=False))
+    assert not torch.equal(draws(large, kernel=True), draws(large, kernel=False))
