@@ -48,7 +48,7 @@ MODES: dict[str, dict] = {
     "top-p 0.9": dict(temperature=0.8, top_p=0.9),
     "top-k 50 + top-p 0.9": dict(temperature=0.8, top_k=50, top_p=0.9),
 }
-# The torch ops beside the kernel (DeviceSampler(top_p_kernel=False)), the same requests as the mode named.
+# The torch ops beside the kernel (DeviceSampler(sampling_kernel=False)), the same requests as the mode named.
 TORCH_MODES = {"temperature 0.8, torch": "temperature 0.8", "top-p 0.9, torch sort": "top-p 0.9"}
 KERNEL_CONFIGS = ((1024, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16), (4096, 32))
 
@@ -121,8 +121,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     print(f"sampling on {name}, vocabulary {vocab}; 'share' is of a llama3-8b decode step at that batch")
     print(f"{'mode':<22} " + " ".join(f"{'B=' + str(b):>16}" for b in batches))
-    kernel_sampler = DeviceSampler((), torch.device(device), seed=0, top_p_kernel=True)
-    torch_sampler = DeviceSampler((), torch.device(device), seed=0, top_p_kernel=False)
+    kernel_sampler = DeviceSampler((), torch.device(device), seed=0, sampling_kernel=True)
+    torch_sampler = DeviceSampler((), torch.device(device), seed=0, sampling_kernel=False)
     for mode, knobs in {**MODES, **{name: MODES[same] for name, same in TORCH_MODES.items()}}.items():
         cells = []
         for batch in batches:

@@ -26,8 +26,8 @@ Ties: the reference keeps a token when the mass ranked strictly before it in a s
 most top_p; here, when the mass scored strictly above it is. They differ only among tokens with
 equal scores.
 
-`benchmarks/sampling.py` times it against the sorting path; `DeviceSampler` uses it on CUDA
-for top-p rows without top-k.
+`benchmarks/sampling.py` times it against the torch ops; `DeviceSampler` uses it on CUDA for
+rows without top-k (temperature alone from 64 rows, where it measured faster).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ class Sampler:
         # One generator per device, for requests without their own seed: torch draws only with a
         # generator on the tensor's device, and on a GPU the logits stay there (ModelRunner.run).
         self._shared: dict[torch.device, torch.Generator] = {}
+        self._eos_index: dict[torch.device, Tensor] = {}  # EOS ids on each device, for masking
 
     def _generator(self, seq: Sequence, device: torch.device) -> torch.Generator:
         if seq.params.seed is None:
@@ -52,7 +53,12 @@ class Sampler:
             short = req.seq.params.min_tokens - req.seq.num_output_tokens
             if short > 0:
                 rows = min(short, len(req.drafts) + 1)
-                logits[req.first_row:req.first_row + rows, self.eos_token_ids] = float("-inf")
+                eos = self._eos_index.get(logits.device)
+                if eos is None:  # once per device: creating it copies from the host
+                    eos = self._eos_index[logits.device] = torch.tensor(self.eos_token_ids, device=logits.device)
+                # index_fill_ takes the value as a scalar: `logits[rows, eos] = x` would copy it to
+                # a GPU from pageable memory, a wait per request (see DeviceSampler).
+                logits[req.first_row:req.first_row + rows].index_fill_(1, eos, float("-inf"))
 
     def _probs(self, logits: Tensor, seq: Sequence) -> Tensor:
         """Sampling distribution of rows [R, V] after temperature, top-k and top-p."""
@@ -145,7 +151,7 @@ class DeviceSampler:
     TEMPERATURE_KERNEL_MIN_ROWS = 64
 
     def __init__(self, eos_token_ids: tuple[int, ...], device: torch.device, seed: int = 0,
-                 top_p_kernel: bool | None = None) -> None:
+                 sampling_kernel: bool | None = None) -> None:
         self.eos_token_ids = list(eos_token_ids)
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -157,12 +163,12 @@ class DeviceSampler:
         # Rows without top-k (temperature, top-p) through kernels/sampling.py: no sort, one pass
         # for temperature alone. By default on CUDA, where benchmarks/sampling.py measured it
         # faster than the torch ops (top-p at every batch size, temperature alone from 64 rows).
-        self.top_p_kernel = device.type == "cuda" if top_p_kernel is None else top_p_kernel
+        self.sampling_kernel = device.type == "cuda" if sampling_kernel is None else sampling_kernel
 
     def warm_up(self, vocab: int) -> None:
         """Compile the sampling kernel now, at start-up: its first use would otherwise stall the
         step loop (and every request in flight) for the second Triton takes to compile it."""
-        if self.top_p_kernel:
+        if self.sampling_kernel:
             from kernels.sampling import top_p_sample
 
             ones = torch.ones(1, device=self.device)
@@ -200,7 +206,7 @@ class DeviceSampler:
         temps = self._upload([p.temperature for p in params], torch.float32)
         top_k = [p.top_k if p.top_k > 0 else 0 for p in params]
         top_p = [p.top_p for p in params]
-        if self.top_p_kernel and not any(top_k) and (
+        if self.sampling_kernel and not any(top_k) and (
                 any(p < 1.0 for p in top_p) or len(params) >= self.TEMPERATURE_KERNEL_MIN_ROWS):
             from kernels.sampling import top_p_sample
 
@@ -229,7 +235,11 @@ class DeviceSampler:
                 drop = (cum - probs_sorted) > limit[:, None]  # keep the smallest prefix reaching top_p
                 sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             sub = torch.full_like(sub, float("-inf")).scatter_(1, order, sorted_logits)
-        probs = sub.softmax(dim=-1)
+        return self._race(sub)
+
+    def _race(self, scores: Tensor) -> Tensor:
+        """One draw per row from softmax(scores): the argmax of p / E, E ~ Exp(1) (no host sync)."""
+        probs = scores.softmax(dim=-1)
         race = torch.empty_like(probs).exponential_(generator=self.generator)
         return probs.div_(race).argmax(dim=-1)
 
@@ -247,6 +257,4 @@ class DeviceSampler:
             limit = self._upload(top_p, torch.float32)
             drop = (probs_sorted.cumsum(dim=-1) - probs_sorted) > limit[:, None]
             values = values.masked_fill(drop, float("-inf"))
-        probs = values.softmax(dim=-1)
-        race = torch.empty_like(probs).exponential_(generator=self.generator)
-        return ids.gather(1, probs.div_(race).argmax(dim=-1, keepdim=True))[:, 0]
+        return ids.gather(1, self._race(values)[:, None])[:, 0]

@@ -98,7 +98,7 @@ def test_same_seed_same_draws_and_bad_input():
 
 
 def test_device_sampler_routes_top_p_rows_through_the_kernel():
-    """DeviceSampler(top_p_kernel=True): top-p rows come from the kernel (inside their nucleus, and
+    """DeviceSampler(sampling_kernel=True): top-p rows come from the kernel (inside their nucleus, and
     different draws from the sorting path's), greedy rows stay argmax, min_tokens still masks EOS."""
     from reference_engine.sampler import DeviceSampler, SampleRequest
     from reference_engine.sequence import SamplingParams, Sequence
@@ -114,8 +114,8 @@ def test_device_sampler_routes_top_p_rows_through_the_kernel():
     masked = logits.clone()
     masked[:, 7] = float("-inf")
     nucleus = top_p_probs_ref(masked[1:3], torch.tensor([0.9, 1.2]), torch.tensor([0.7, 0.3]))
-    kernel_path = DeviceSampler((7,), torch.device(DEVICE), seed=0, top_p_kernel=True)
-    torch_path = DeviceSampler((7,), torch.device(DEVICE), seed=0, top_p_kernel=False)
+    kernel_path = DeviceSampler((7,), torch.device(DEVICE), seed=0, sampling_kernel=True)
+    torch_path = DeviceSampler((7,), torch.device(DEVICE), seed=0, sampling_kernel=False)
     differs = False
     for _ in range(5):
         ids = kernel_path.sample(logits.clone().to(DEVICE), requests).cpu()
@@ -135,7 +135,7 @@ def test_temperature_alone_takes_the_kernel_only_at_large_batches():
         logits = torch.randn(rows, 300, generator=torch.Generator().manual_seed(rows)).to(DEVICE)
         requests = [SampleRequest(Sequence([1], SamplingParams(max_tokens=8, temperature=0.9)), i, [])
                     for i in range(rows)]
-        return DeviceSampler((), torch.device(DEVICE), seed=0, top_p_kernel=kernel).sample(logits, requests).cpu()
+        return DeviceSampler((), torch.device(DEVICE), seed=0, sampling_kernel=kernel).sample(logits, requests).cpu()
 
     small, large = DeviceSampler.TEMPERATURE_KERNEL_MIN_ROWS - 1, DeviceSampler.TEMPERATURE_KERNEL_MIN_ROWS
     assert torch.equal(draws(small, kernel=True), draws(small, kernel=False))
