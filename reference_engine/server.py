@@ -30,7 +30,7 @@ from reference_engine.engine_process import EngineLaunch, EngineProcessHandle, P
 from reference_engine.errors import InvalidRequest
 from reference_engine.metrics import CONTENT_TYPE
 from reference_engine.protocol import ParsedRequest, ResponseBuilder, error_body, parse_request
-from reference_engine.tokenization import EngineTokenizer
+from reference_engine.batch_tokenizer import BatchTokenizer
 
 if TYPE_CHECKING:
     from reference_engine.engine import LLMEngine
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 ENGINE_KEY = web.AppKey("engine", EngineClient)
 SETTINGS_KEY = web.AppKey("settings", dict)
+TOKENIZER_KEY = web.AppKey("tokenizer", BatchTokenizer)
 
 # What a server can be started from: an engine built here (thread mode), a launch description or an
 # already started engine process (process mode), or a ready-made client.
@@ -78,11 +79,11 @@ async def _api_key_middleware(request: web.Request, handler):
     return await handler(request)
 
 
-def _tokenize(tokenizer: EngineTokenizer, parsed: ParsedRequest) -> list[int]:
+async def _tokenize(tokenizer: BatchTokenizer, parsed: ParsedRequest) -> list[int]:
     if parsed.messages is not None:
-        return tokenizer.apply_chat_template(parsed.messages)
+        return await tokenizer.encode(tokenizer.tokenizer.render_chat(parsed.messages), add_special_tokens=False)
     if isinstance(parsed.prompt, str):
-        return tokenizer.encode(parsed.prompt)
+        return await tokenizer.encode(parsed.prompt)
     return list(parsed.prompt or [])
 
 
@@ -99,7 +100,7 @@ async def _generate(request: web.Request, api: str) -> web.StreamResponse:
         if parsed.model and parsed.model != settings["model_name"]:
             raise InvalidRequest(f"The model `{parsed.model}` does not exist; this server serves "
                                  f"`{settings['model_name']}` (see GET /v1/models)", "model", "model_not_found")
-        prompt_ids = _tokenize(engine.tokenizer, parsed)
+        prompt_ids = await _tokenize(request.app[TOKENIZER_KEY], parsed)
         engine.validate_prompt(prompt_ids, parsed.params)
     except InvalidRequest as exc:
         return _json_error(400, exc.message, param=exc.param, code=exc.code)
@@ -190,6 +191,7 @@ def build_app(engine: EngineSource, model_name: str, api_key: str | None = None)
     client = engine_client(engine, model_name)
     app = web.Application(middlewares=[_api_key_middleware], client_max_size=64 << 20)
     app[ENGINE_KEY] = client
+    app[TOKENIZER_KEY] = tokenizer = BatchTokenizer(client.tokenizer)
     app[SETTINGS_KEY] = {"model_name": model_name, "api_key": api_key, "created": int(time.time())}
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -202,6 +204,7 @@ def build_app(engine: EngineSource, model_name: str, api_key: str | None = None)
         await client.start()
 
     async def stop_engine(app_: web.Application) -> None:
+        tokenizer.close()
         await client.stop()
 
     app.on_startup.append(start_engine)

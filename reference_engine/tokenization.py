@@ -74,6 +74,11 @@ class EngineTokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
         """Render messages with the generation prompt and encode them (no extra special tokens)."""
+        return self.encode(self.render_chat(messages), add_special_tokens=False)
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        """The chat template's text for these messages, with the generation prompt (encode it
+        without adding special tokens: the template writes them)."""
         if self._chat_template is None:
             raise InvalidRequest("this model's tokenizer has no chat_template; use /v1/completions", "messages")
         try:
@@ -81,7 +86,7 @@ class EngineTokenizer:
                                               bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         except jinja2.TemplateError as exc:
             raise InvalidRequest(f"cannot render messages with the chat template: {exc}", "messages") from exc
-        return self.encode(text, add_special_tokens=False)
+        return text
 
 
 class IncrementalDetokenizer:
