@@ -39,7 +39,7 @@ def free_port() -> int:
 
 
 def prompts(count: int, tokens: int) -> tuple[list[str], list[list[int]]]:
-    """`count` distinct prose prompts of exactly `tokens` tokens, as text and as ids."""
+    """`count` distinct prose prompts of `tokens` tokens (re-encoded: within a few), as text and as ids."""
     tok = EngineTokenizer(tokenizer_dir_for(None, None))
     ids = tok.encode((REPO / "workloads" / "corpus" / "prose.txt").read_text(), add_special_tokens=False)
     if len(ids) < count * tokens:
