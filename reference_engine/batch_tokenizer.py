@@ -61,7 +61,7 @@ class BatchTokenizer:
             self.batches += 1
             if sum(map(len, texts)) < self.inline_chars:
                 try:
-                    ids, error = self._encode_batch(texts, add_special_tokens), None
+                    ids, error = self.tokenizer.encode_batch(texts, add_special_tokens), None
                 except Exception as exc:  # noqa: BLE001 - handed to every waiting handler
                     ids, error = None, exc
                 self._resolve(futures, ids, error)
@@ -77,7 +77,8 @@ class BatchTokenizer:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
         loop = asyncio.get_running_loop()
         try:
-            ids = await loop.run_in_executor(self._executor, self._encode_batch, texts, add_special_tokens)
+            ids = await loop.run_in_executor(self._executor, self.tokenizer.encode_batch, texts,
+                                             add_special_tokens)
             error = None
         except Exception as exc:  # noqa: BLE001 - handed to every waiting handler
             ids, error = None, exc
@@ -94,8 +95,6 @@ class BatchTokenizer:
             else:
                 future.set_result(ids[i])
 
-    def _encode_batch(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
     def close(self) -> None:
         if self._executor is not None:
