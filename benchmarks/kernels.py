@@ -8,7 +8,11 @@ Run on the GPU machine, from the repository root:
 It first measures the two ceilings in the same run (device-to-device copy
 bandwidth, counting bytes read + written, and the bf16 8192^3 matmul rate),
 checks every kernel against its plain-torch reference at the benchmark shapes,
-then times each kernel (triton.testing.do_bench, median) beside torch. With
+then times each kernel (triton.testing.do_bench, median) beside torch. Each
+kernel (and torch beside it) is also timed per call inside a CUDA graph, as the
+engine's decode graphs run it: a ~100 us kernel launched eagerly from Python can
+be bound by the host's launch time rather than the GPU, which made the short
+cases swing by up to 60% between machines; the graph figure is the GPU's. With
 --sweep it also tries launch configurations of the two attention kernels and
 reports the best. Results go to DIR/kernels_<device>.json.
 
@@ -68,6 +72,12 @@ PREFILL = dict(batch=4, seqlen=4096, q_heads=32, kv_heads=8, head_dim=128)
 
 
 DEVICE = "cuda"
+# Calls per CUDA graph when timing in a graph: the attention shapes read 64-270 MB a call, far more
+# than L2 holds, so back-to-back calls on the same tensors still stream from HBM.
+GRAPH_CALLS = 16
+# The elementwise kernels' inputs (8-235 MB) come in this many copies, cycled inside the graph, so no
+# call finds its input in L2 (50-60 MB on an H100/H200).
+ELEMENTWISE_COPIES = 4
 
 
 def median_us(fn: Callable[[], object]) -> float:
@@ -119,8 +129,10 @@ def contiguous_kv(k_cache, v_cache, tables, lens):
     return k, v
 
 
-def sdpa_times(q, k, v, causal: bool) -> dict[str, float | str]:
+def sdpa_times(q, k, v, causal: bool) -> tuple[dict[str, float | str], dict[str, float | str]]:
+    """Each SDPA backend's median time per call, eagerly and inside a CUDA graph."""
     times: dict[str, float | str] = {}
+    graph_times: dict[str, float | str] = {}
     for name, backend in [("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
                           ("efficient", SDPBackend.EFFICIENT_ATTENTION)]:
         try:
@@ -130,9 +142,13 @@ def sdpa_times(q, k, v, causal: bool) -> dict[str, float | str]:
                 fn()
                 torch.cuda.synchronize()
                 times[name] = median_us(fn)
+                try:
+                    graph_times[name] = graph_us([fn] * GRAPH_CALLS)
+                except Exception as exc:  # a backend that cannot be captured still has its eager time
+                    graph_times[name] = f"not capturable: {type(exc).__name__}: {str(exc)[:80]}"
         except Exception as exc:  # a backend that refuses the shape is reported, not fatal
-            times[name] = f"unavailable: {type(exc).__name__}: {str(exc)[:80]}"
-    return times
+            times[name] = graph_times[name] = f"unavailable: {type(exc).__name__}: {str(exc)[:80]}"
+    return times, graph_times
 
 
 def bench_decode(shape: dict, configs: list[DecodeConfig], limits: dict, gen, with_sdpa: bool) -> dict:
@@ -147,18 +163,21 @@ def bench_decode(shape: dict, configs: list[DecodeConfig], limits: dict, gen, wi
         try:
             out = decode_attention(q, k_cache, v_cache, tables, lens, scale, cfg)
             err = rel_err(out[:4], ref)
-            us = median_us(lambda: decode_attention(q, k_cache, v_cache, tables, lens, scale, cfg))
+            call = lambda cfg=cfg: decode_attention(q, k_cache, v_cache, tables, lens, scale, cfg)  # noqa: E731
+            us, g_us = median_us(call), graph_us([call] * GRAPH_CALLS)
             rows.append({"config": asdict(cfg), "us": us, "GBps": kv_bytes / us / 1e3,
-                         "frac_copy_bw": kv_bytes / us / 1e3 / limits["copy_GBps"], "rel_err": err})
+                         "frac_copy_bw": kv_bytes / us / 1e3 / limits["copy_GBps"], "rel_err": err,
+                         "graph_us": g_us, "graph_frac_copy_bw": kv_bytes / g_us / 1e3 / limits["copy_GBps"]})
         except Exception as exc:
             rows.append({"config": asdict(cfg), "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
         print("  decode", shape["batch"], cfg, {k: v for k, v in rows[-1].items() if k != "config"}, flush=True)
     result = {"shape": shape, "bytes": kv_bytes, "variants": rows}
     good = [r for r in rows if "us" in r and r["rel_err"] < 2e-2]
     result["best"] = min(good, key=lambda r: r["us"]) if good else None
+    result["best_in_graph"] = min(good, key=lambda r: r["graph_us"]) if good else None
     if with_sdpa:
         k, v = contiguous_kv(k_cache, v_cache, tables, lens)
-        result["sdpa_contiguous_us"] = sdpa_times(q[:, :, None, :], k, v, causal=False)
+        result["sdpa_contiguous_us"], result["sdpa_contiguous_graph_us"] = sdpa_times(q[:, :, None, :], k, v, causal=False)
     return result
 
 
@@ -175,42 +194,56 @@ def bench_prefill(shape: dict, configs: list[PrefillConfig], limits: dict, gen) 
         try:
             out = prefill_attention(q, k_cache, v_cache, tables, cu, lens, scale, max_seqlen_q=s, config=cfg)
             err = rel_err(out[:s], ref)
-            us = median_us(lambda: prefill_attention(q, k_cache, v_cache, tables, cu, lens, scale, max_seqlen_q=s, config=cfg))
+            call = lambda cfg=cfg: prefill_attention(q, k_cache, v_cache, tables, cu, lens, scale, max_seqlen_q=s, config=cfg)  # noqa: E731
+            us, g_us = median_us(call), graph_us([call] * 4)
             rows.append({"config": asdict(cfg), "us": us, "TFLOPs": flops / us / 1e6,
-                         "frac_matmul": flops / us / 1e6 / limits["matmul_bf16_TFLOPs"], "rel_err": err})
+                         "frac_matmul": flops / us / 1e6 / limits["matmul_bf16_TFLOPs"], "rel_err": err,
+                         "graph_us": g_us})
         except Exception as exc:
             rows.append({"config": asdict(cfg), "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
         print("  prefill", cfg, {k: v for k, v in rows[-1].items() if k != "config"}, flush=True)
     good = [r for r in rows if "us" in r and r["rel_err"] < 2e-2]
     k, v = contiguous_kv(k_cache, v_cache, tables, lens)
     qc = q.view(b, s, hq, d).transpose(1, 2).contiguous()
-    sdpa = sdpa_times(qc, k, v, causal=True)
+    sdpa, sdpa_graph = sdpa_times(qc, k, v, causal=True)
     return {"shape": shape, "flops": flops, "variants": rows, "best": min(good, key=lambda r: r["us"]) if good else None,
-            "sdpa_contiguous_us": sdpa,
+            "sdpa_contiguous_us": sdpa, "sdpa_contiguous_graph_us": sdpa_graph,
             "sdpa_TFLOPs": {n: flops / t / 1e6 for n, t in sdpa.items() if isinstance(t, float)}}
 
 
 def bench_elementwise(limits: dict, gen) -> list[dict]:
+    """Each small kernel beside its torch reference. `triton_fn(i)` / `torch_fn(i)` run on the i-th
+    copy of the inputs: eager timing uses copy 0, the graph cycles through all of them."""
     tokens, hidden, inter, hq, hkv, d = (4096, 4096, 14336, 32, 8, 128) if DEVICE == "cuda" else (16, 256, 256, 4, 2, 64)
+    copies = range(ELEMENTWISE_COPIES)
     rows = []
 
-    def add(name, bytes_moved, triton_fn, torch_fn, check):
+    def add(name, bytes_moved, triton_fn, torch_fn, check, torch_capturable=True):
         err = check()
-        t_us, ref_us = median_us(triton_fn), median_us(torch_fn)
+        t_us, ref_us = median_us(lambda: triton_fn(0)), median_us(lambda: torch_fn(0))
+        t_graph = graph_us([lambda i=i: triton_fn(i) for i in copies] * 4)
+        ref_graph = (graph_us([lambda i=i: torch_fn(i) for i in copies] * 4) if torch_capturable
+                     else "not capturable: boolean-mask indexing reads its count back to the host")
         rows.append({"kernel": name, "triton_us": t_us, "torch_us": ref_us, "GBps": bytes_moved / t_us / 1e3,
-                     "frac_copy_bw": bytes_moved / t_us / 1e3 / limits["copy_GBps"], "rel_err": err})
+                     "frac_copy_bw": bytes_moved / t_us / 1e3 / limits["copy_GBps"], "rel_err": err,
+                     "triton_graph_us": t_graph, "torch_graph_us": ref_graph,
+                     "graph_frac_copy_bw": bytes_moved / t_graph / 1e3 / limits["copy_GBps"]})
         print("  ", rows[-1], flush=True)
 
-    x = torch.randn(tokens, hidden, dtype=DTYPE, device=DEVICE, generator=gen)
-    r = torch.randn_like(x)
+    def randn(*shape):
+        return [torch.randn(*shape, dtype=DTYPE, device=DEVICE, generator=gen) for _ in copies]
+
+    x, r = randn(tokens, hidden), randn(tokens, hidden)
     w = torch.randn(hidden, dtype=DTYPE, device=DEVICE, generator=gen)
-    add("rms_norm+residual [4096x4096]", 4 * x.numel() * 2, lambda: rms_norm(x, w, 1e-5, r),
-        lambda: rms_norm_ref(x, w, 1e-5, r), lambda: rel_err(rms_norm(x, w, 1e-5, r)[0], rms_norm_ref(x, w, 1e-5, r)[0].float()))
-    gu = torch.randn(tokens, 2 * inter, dtype=DTYPE, device=DEVICE, generator=gen)
-    add("silu_and_mul [4096x2x14336]", gu.numel() * 2 * 3 // 2, lambda: silu_and_mul(gu), lambda: silu_and_mul_ref(gu),
-        lambda: rel_err(silu_and_mul(gu), silu_and_mul_ref(gu.float())))
-    q = torch.randn(tokens, hq, d, dtype=DTYPE, device=DEVICE, generator=gen)
-    k = torch.randn(tokens, hkv, d, dtype=DTYPE, device=DEVICE, generator=gen)
+    add("rms_norm+residual [4096x4096]", 4 * tokens * hidden * 2, lambda i: rms_norm(x[i], w, 1e-5, r[i]),
+        lambda i: rms_norm_ref(x[i], w, 1e-5, r[i]),
+        lambda: rel_err(rms_norm(x[0], w, 1e-5, r[0])[0], rms_norm_ref(x[0], w, 1e-5, r[0])[0].float()))
+    del x, r
+    gu = randn(tokens, 2 * inter)
+    add("silu_and_mul [4096x2x14336]", tokens * 2 * inter * 2 * 3 // 2, lambda i: silu_and_mul(gu[i]),
+        lambda i: silu_and_mul_ref(gu[i]), lambda: rel_err(silu_and_mul(gu[0]), silu_and_mul_ref(gu[0].float())))
+    del gu
+    q, k = randn(tokens, hq, d), randn(tokens, hkv, d)
     pos = torch.randint(0, 8192, (tokens,), device=DEVICE, generator=gen)
     # A true rotation table: rope runs in place hundreds of times while timed, so
     # a table of random numbers would blow q and k up to inf.
@@ -218,26 +251,26 @@ def bench_elementwise(limits: dict, gen) -> list[dict]:
     cache = torch.cat([angles.cos(), angles.sin()], dim=-1)
 
     def rope_check():
-        q1, k1, q2, k2 = q.clone(), k.clone(), q.float(), k.float()
+        q1, k1, q2, k2 = q[0].clone(), k[0].clone(), q[0].float(), k[0].float()
         rope(q1, k1, pos, cache)
         rope_ref(q2, k2, pos, cache)
         return max(rel_err(q1, q2), rel_err(k1, k2))
 
-    add("rope q[4096,32,128] k[4096,8,128]", 2 * (q.numel() + k.numel()) * 2 + tokens * d * 4,
-        lambda: rope(q, k, pos, cache), lambda: rope_ref(q, k, pos, cache), rope_check)
-    k = torch.randn(tokens, hkv, d, dtype=DTYPE, device=DEVICE, generator=gen)  # fresh: rope rotated the other
-    kc = torch.zeros(tokens // PAGE + 8, PAGE, hkv, d, dtype=DTYPE, device=DEVICE)
-    vc = torch.zeros_like(kc)
-    slots = torch.randperm(kc.shape[0] * PAGE, device=DEVICE, generator=gen)[:tokens]
+    add("rope q[4096,32,128] k[4096,8,128]", 2 * tokens * (hq + hkv) * d * 2 + tokens * d * 4,
+        lambda i: rope(q[i], k[i], pos, cache), lambda i: rope_ref(q[i], k[i], pos, cache), rope_check)
+    k = randn(tokens, hkv, d)  # fresh: rope rotated the others
+    kc = [torch.zeros(tokens // PAGE + 8, PAGE, hkv, d, dtype=DTYPE, device=DEVICE) for _ in copies]
+    vc = [torch.zeros_like(c) for c in kc]
+    slots = torch.randperm(kc[0].shape[0] * PAGE, device=DEVICE, generator=gen)[:tokens]
 
     def kv_check():
-        kc2, vc2 = kc.clone(), vc.clone()
-        write_kv(k, k, kc, vc, slots)
-        write_kv_ref(k, k, kc2, vc2, slots)
-        return 0.0 if torch.equal(kc, kc2) and torch.equal(vc, vc2) else float("inf")
+        kc2, vc2 = kc[0].clone(), vc[0].clone()
+        write_kv(k[0], k[0], kc[0], vc[0], slots)
+        write_kv_ref(k[0], k[0], kc2, vc2, slots)
+        return 0.0 if torch.equal(kc[0], kc2) and torch.equal(vc[0], vc2) else float("inf")
 
-    add("write_kv [4096,8,128]", 4 * k.numel() * 2, lambda: write_kv(k, k, kc, vc, slots),
-        lambda: write_kv_ref(k, k, kc, vc, slots), kv_check)
+    add("write_kv [4096,8,128]", 4 * tokens * hkv * d * 2, lambda i: write_kv(k[i], k[i], kc[i], vc[i], slots),
+        lambda i: write_kv_ref(k[i], k[i], kc[i], vc[i], slots), kv_check, torch_capturable=False)
     return rows
 
 
@@ -503,7 +536,11 @@ def main() -> None:
     base = DecodeConfig(**best["config"]) if best else DECODE_DEFAULT
     # The split count matters most at few sequences: always time a few fixed counts beside the rule's;
     # --long-sweep also tries tile shapes at the rule's split count.
-    long_configs = [base] + [DecodeConfig(**{**asdict(base), "num_splits": s}) for s in (8, 16, 17, 32, 33, 64)]
+    long_splits = (8, 16, 17, 24, 32, 33, 48, 64)
+    long_configs = [base] + [DecodeConfig(**{**asdict(base), "num_splits": s}) for s in long_splits]
+    if base.split_block_n is not None:  # and the same counts with the plain tile in split launches
+        plain = DecodeConfig(**{**asdict(base), "split_block_n": None, "split_num_stages": None})
+        long_configs += [plain] + [DecodeConfig(**{**asdict(plain), "num_splits": s}) for s in long_splits]
     if args.long_sweep:
         long_configs += [c for c in decode_sweep() if c != base]
     result["decode_long"] = bench_decode(DECODE_LONG, long_configs, limits, gen, with_sdpa=True)
@@ -521,25 +558,38 @@ def print_summary(result: dict) -> None:
     lim = result["limits"]
     print(f"\n== {result['device']}  torch {result['torch']}  triton {result['triton']}")
     print(f"limits: copy {lim['copy_GBps']:.0f} GB/s, bf16 matmul {lim['matmul_bf16_TFLOPs']:.0f} TFLOP/s")
-    print(f"{'kernel':44s} {'triton us':>10s} {'torch us':>10s} {'GB/s':>7s} {'of copy':>8s} {'err':>8s}")
+    print("times in us: eager (do_bench median) | per call inside a CUDA graph")
+    print(f"{'kernel':40s} {'triton':>15s} {'torch':>15s} {'of copy':>13s} {'err':>8s}")
     for row in result["elementwise"]:
-        print(f"{row['kernel']:44s} {row['triton_us']:10.1f} {row['torch_us']:10.1f} {row['GBps']:7.0f} {row['frac_copy_bw']:8.0%} {row['rel_err']:8.1e}")
+        torch_graph = row["torch_graph_us"]
+        torch_graph = f"{torch_graph:6.1f}" if isinstance(torch_graph, float) else "     -"
+        print(f"{row['kernel']:40s} {row['triton_us']:6.1f} | {row['triton_graph_us']:6.1f} "
+              f"{row['torch_us']:6.1f} | {torch_graph} "
+              f"{row['frac_copy_bw']:5.0%} | {row['graph_frac_copy_bw']:5.0%} {row['rel_err']:8.1e}")
+
+    def fastest(times: dict) -> tuple[str, float]:
+        found = [(n, v) for n, v in times.items() if isinstance(v, float)]
+        return min(found, key=lambda nv: nv[1]) if found else ("none", float("nan"))
+
     for key in ("decode", "decode_long"):
         dec = result[key]
-        best = dec["best"]
-        sd = dec.get("sdpa_contiguous_us", {})
-        fastest = min((v for v in sd.values() if isinstance(v, float)), default=float("nan"))
-        if best:
-            print(f"{key} {dec['shape']}: {best['us']:.1f} us, {best['GBps']:.0f} GB/s = {best['frac_copy_bw']:.0%} of copy, "
-                  f"{best['us'] / fastest:.2f}x fastest SDPA ({fastest:.1f} us); config {best['config']}; err {best['rel_err']:.1e}")
-        print(f"   SDPA on contiguous KV (us): {sd}")
+        for label, field, sdpa_field in (("eager", "us", "sdpa_contiguous_us"),
+                                         ("graph", "graph_us", "sdpa_contiguous_graph_us")):
+            best = dec["best"] if field == "us" else dec.get("best_in_graph")
+            name, sdpa_us = fastest(dec.get(sdpa_field, {}))
+            if best:
+                bw = dec["bytes"] / best[field] / 1e3
+                print(f"{key} {label}: {best[field]:.1f} us, {bw:.0f} GB/s = {bw / lim['copy_GBps']:.0%} of copy, "
+                      f"{best[field] / sdpa_us:.2f}x fastest SDPA ({name} {sdpa_us:.1f} us); config {best['config']}")
+        print(f"   shape {dec['shape']}; SDPA on contiguous KV: eager {dec.get('sdpa_contiguous_us')}, "
+              f"graph {dec.get('sdpa_contiguous_graph_us')}")
     pre = result["prefill"]
     best = pre["best"]
     flash = pre["sdpa_TFLOPs"].get("flash", float("nan"))
     if best:
-        print(f"prefill {pre['shape']}: {best['us']:.1f} us, {best['TFLOPs']:.0f} TFLOP/s = {best['TFLOPs'] / flash:.0%} of SDPA flash "
-              f"({flash:.0f} TFLOP/s); config {best['config']}; err {best['rel_err']:.1e}")
-    print(f"   SDPA TFLOP/s: { {k: round(v) for k, v in pre['sdpa_TFLOPs'].items()} }")
+        print(f"prefill {pre['shape']}: {best['us']:.1f} us (graph {best['graph_us']:.1f}), {best['TFLOPs']:.0f} TFLOP/s = "
+              f"{best['TFLOPs'] / flash:.0%} of SDPA flash ({flash:.0f} TFLOP/s); config {best['config']}; err {best['rel_err']:.1e}")
+    print(f"   SDPA TFLOP/s: { {k: round(v) for k, v in pre['sdpa_TFLOPs'].items()} }; graph us: {pre.get('sdpa_contiguous_graph_us')}")
 
 
 if __name__ == "__main__":

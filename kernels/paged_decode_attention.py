@@ -71,8 +71,9 @@ class DecodeConfig:
 
 # Split launches whose splits are long (at least SPLIT_TILES_MIN split tiles each) give each program
 # a long range to stream, and there bigger tiles with fewer stages keep more bytes in flight: 2 x 32k
-# on the H200 took 82-121 us at 128/2 against 120-148 us at 64/3 over three runs (`python
-# benchmarks/kernels.py --long-sweep`). Short splits (batch-1 decode graphs sized for 8k: 32 splits
+# on the H200 takes 70.1-70.6 us at 128/2 against 77.9-78.2 us at 64/3 per call inside a CUDA graph
+# over two runs (`python benchmarks/kernels.py --long-sweep`; eagerly the launch's host time hides
+# the difference). Short splits (batch-1 decode graphs sized for 8k: 32 splits
 # of 256) keep the 64/3 tile, which measured faster there (128 against 149 us per token, 32 layers).
 DEFAULT_CONFIG = DecodeConfig(split_block_n=128, split_num_stages=2)
 SPLIT_TILES_MIN = 4
