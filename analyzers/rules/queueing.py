@@ -75,7 +75,8 @@ def _growing_finding(best: dict) -> Finding:
         summary=(
             f"In phase {best['phase'] or 'run'}, requests were sent at {best['arrival_rate']:.2f} req/s but completed at "
             f"{best['completion_rate']:.2f} req/s, so requests in flight grew from {best['in_flight_early']} to "
-            f"{best['in_flight_end']} (a fitted rise of {best['backlog_growth']:.0f} over the phase) and median TTFT rose {best['ttft_growth']:.1f}x from the first third "
+            f"{best['in_flight_end']} (a fitted rise of {best['backlog_growth']:.0f} over the phase) and median TTFT "
+            f"rose {best['ttft_growth']:.1f}x from the first third "
             f"({ms(best['ttft_p50_first_third_s'])}) to the last ({ms(best['ttft_p50_last_third_s'])}). "
             "Latency here is set by how long the run lasted, not by the server's speed."
         ),
