@@ -238,11 +238,9 @@ def bench_elementwise(limits: dict, gen) -> list[dict]:
     add("rms_norm+residual [4096x4096]", 4 * tokens * hidden * 2, lambda i: rms_norm(x[i], w, 1e-5, r[i]),
         lambda i: rms_norm_ref(x[i], w, 1e-5, r[i]),
         lambda: rel_err(rms_norm(x[0], w, 1e-5, r[0])[0], rms_norm_ref(x[0], w, 1e-5, r[0])[0].float()))
-    del x, r
     gu = randn(tokens, 2 * inter)
     add("silu_and_mul [4096x2x14336]", tokens * 2 * inter * 2 * 3 // 2, lambda i: silu_and_mul(gu[i]),
         lambda i: silu_and_mul_ref(gu[i]), lambda: rel_err(silu_and_mul(gu[0]), silu_and_mul_ref(gu[0].float())))
-    del gu
     q, k = randn(tokens, hq, d), randn(tokens, hkv, d)
     pos = torch.randint(0, 8192, (tokens,), device=DEVICE, generator=gen)
     # A true rotation table: rope runs in place hundreds of times while timed, so

@@ -84,7 +84,7 @@ def sweep_kernel(batches: list[int], vocab: int, device: str, gen: torch.Generat
     `kernels.sampling.launch_config` is read from. Marks the configuration it picks."""
     from kernels.sampling import launch_config, top_p_sample
 
-    print(f"\ntop-p kernel alone, us per launch; * = launch_config's pick")
+    print("\ntop-p kernel alone, us per launch; * = launch_config's pick")
     print(f"{'block, warps':<22} " + " ".join(f"{'B=' + str(b):>10}" for b in batches))
     rows = []
     seed = torch.tensor([1], device=device)
@@ -115,7 +115,6 @@ def main() -> None:
     vocab = 4096 if args.smoke else args.vocab
     batches = [int(b) for b in args.batches.split(",")]
     steps = {int(b): float(ms) for b, ms in (item.split(":") for item in args.step_ms.split(","))}
-    sampler = DeviceSampler((), torch.device(device), seed=0)
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"

@@ -95,7 +95,6 @@ class BatchTokenizer:
             else:
                 future.set_result(ids[i])
 
-
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
