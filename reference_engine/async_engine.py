@@ -21,11 +21,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from reference_engine.engine import LLMEngine
-from reference_engine.engine_client import EngineClient, EngineFacts, EngineFailed, RequestOutput
-from reference_engine.metrics import EngineMetrics
-from reference_engine.protocol import usage
-from reference_engine.sequence import SamplingParams, Sequence
+from servescope.reference_engine.engine import LLMEngine
+from servescope.reference_engine.engine_client import EngineClient, EngineFacts, EngineFailed, RequestOutput
+from servescope.reference_engine.metrics import EngineMetrics
+from servescope.reference_engine.protocol import usage
+from servescope.reference_engine.sequence import SamplingParams, Sequence
 
 __all__ = ["AsyncEngine", "EngineFailed", "RequestStream"]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
-from reference_engine.tokenization import EngineTokenizer
+from servescope.reference_engine.tokenization import EngineTokenizer
 
 # A flush whose prompts total fewer characters than this is encoded on the event loop (tens of µs).
 INLINE_CHARS = 2048

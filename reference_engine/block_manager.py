@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from reference_engine.sequence import Sequence
+from servescope.reference_engine.sequence import Sequence
 
 
 @dataclass(slots=True)

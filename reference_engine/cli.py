@@ -13,8 +13,8 @@ import signal
 
 import click
 
-from reference_engine.config import PRESETS, SpecConfig, parse_size
-from reference_engine.errors import ConfigError
+from servescope.reference_engine.config import PRESETS, SpecConfig, parse_size
+from servescope.reference_engine.errors import ConfigError
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -95,9 +95,9 @@ def serve(preset: str | None, model_path: str | None, served_model_name: str | N
                 "`pip install torch==2.13.0 -e '.[engine]'` (the harness alone runs without it)") from None
     import torch
 
-    from reference_engine.config import EngineConfig
-    from reference_engine.engine_process import EngineLaunch, start_engine_process
-    from reference_engine.server import serve as run_server
+    from servescope.reference_engine.config import EngineConfig
+    from servescope.reference_engine.engine_process import EngineLaunch, start_engine_process
+    from servescope.reference_engine.server import serve as run_server
 
     if preset and model_path:
         raise click.UsageError("give --preset or --model, not both")
@@ -126,7 +126,7 @@ def serve(preset: str | None, model_path: str | None, served_model_name: str | N
             finally:
                 signal.signal(signal.SIGTERM, previous)
         else:
-            from reference_engine.engine import LLMEngine
+            from servescope.reference_engine.engine import LLMEngine
 
             torch.set_num_threads(torch_threads)
             engine = LLMEngine.build(config, preset_name=preset or "tiny", model_path=model_path,

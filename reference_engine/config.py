@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from reference_engine.errors import ConfigError
+from servescope.reference_engine.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -17,19 +17,19 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from reference_engine.block_manager import BlockManager
-from reference_engine.config import EngineConfig, ModelConfig, preset, model_config_from_hf
-from reference_engine.errors import ConfigError
-from reference_engine.limits import PromptLimits
-from reference_engine.model import LlamaModel, _mm_out_dtype_works, rope_cos_sin_cache
-from reference_engine.model_runner import ModelRunner
-from reference_engine.ops import build_ops
-from reference_engine.sampler import DeviceSampler, SampleRequest, Sampler
-from reference_engine.scheduler import Scheduler, SchedulerOutput
-from reference_engine.sequence import SamplingParams, Sequence, SequenceStatus
-from reference_engine.spec_decode import NgramProposer
-from reference_engine.tokenization import EngineTokenizer, IncrementalDetokenizer, tokenizer_dir_for
-from reference_engine.weights import DEVICE_INIT_MIN_PARAMS, init_random_weights, load_hf_weights
+from servescope.reference_engine.block_manager import BlockManager
+from servescope.reference_engine.config import EngineConfig, ModelConfig, model_config_from_hf, preset
+from servescope.reference_engine.errors import ConfigError
+from servescope.reference_engine.limits import PromptLimits
+from servescope.reference_engine.model import LlamaModel, _mm_out_dtype_works, rope_cos_sin_cache
+from servescope.reference_engine.model_runner import ModelRunner
+from servescope.reference_engine.ops import build_ops
+from servescope.reference_engine.sampler import DeviceSampler, Sampler, SampleRequest
+from servescope.reference_engine.scheduler import Scheduler, SchedulerOutput
+from servescope.reference_engine.sequence import SamplingParams, Sequence, SequenceStatus
+from servescope.reference_engine.spec_decode import NgramProposer
+from servescope.reference_engine.tokenization import EngineTokenizer, IncrementalDetokenizer, tokenizer_dir_for
+from servescope.reference_engine.weights import DEVICE_INIT_MIN_PARAMS, init_random_weights, load_hf_weights
 
 DEFAULT_CPU_KV_MEMORY = 256 << 20
 

@@ -18,12 +18,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from reference_engine.limits import PromptLimits
-from reference_engine.sequence import SamplingParams
-from reference_engine.tokenization import EngineTokenizer
+from servescope.reference_engine.limits import PromptLimits
+from servescope.reference_engine.sequence import SamplingParams
+from servescope.reference_engine.tokenization import EngineTokenizer
 
 if TYPE_CHECKING:
-    from reference_engine.engine import LLMEngine
+    from servescope.reference_engine.engine import LLMEngine
 
 
 @dataclass(frozen=True)

@@ -52,18 +52,18 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from reference_engine.config import EngineConfig
-from reference_engine.engine_client import EngineClient, EngineFacts, EngineFailed, RequestOutput
-from reference_engine.errors import ConfigError
-from reference_engine.frames import FrameDecoder, encode
-from reference_engine.protocol import usage
-from reference_engine.sequence import SamplingParams
-from reference_engine.tokenization import EngineTokenizer, tokenizer_dir_for
+from servescope.reference_engine.config import EngineConfig
+from servescope.reference_engine.engine_client import EngineClient, EngineFacts, EngineFailed, RequestOutput
+from servescope.reference_engine.errors import ConfigError
+from servescope.reference_engine.frames import FrameDecoder, encode
+from servescope.reference_engine.protocol import usage
+from servescope.reference_engine.sequence import SamplingParams
+from servescope.reference_engine.tokenization import EngineTokenizer, tokenizer_dir_for
 
 if TYPE_CHECKING:
-    from reference_engine.engine import LLMEngine
-    from reference_engine.metrics import EngineMetrics
-    from reference_engine.sequence import Sequence
+    from servescope.reference_engine.engine import LLMEngine
+    from servescope.reference_engine.metrics import EngineMetrics
+    from servescope.reference_engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,8 @@ def _child_main(launch: EngineLaunch, sock: socket.socket) -> None:
     try:
         import torch
 
-        from reference_engine.engine import LLMEngine
-        from reference_engine.metrics import EngineMetrics
+        from servescope.reference_engine.engine import LLMEngine
+        from servescope.reference_engine.metrics import EngineMetrics
 
         if launch.torch_threads:
             torch.set_num_threads(launch.torch_threads)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from reference_engine.errors import InvalidRequest
-from reference_engine.sequence import SamplingParams
+from servescope.reference_engine.errors import InvalidRequest
+from servescope.reference_engine.sequence import SamplingParams
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,12 +14,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
-                               generate_latest)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
-    from reference_engine.engine import LLMEngine, StepOutput
+    from servescope.reference_engine.engine import LLMEngine, StepOutput
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 disable_created_metrics()  # as vLLM does: `*_created` series only double what a scraper stores

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reference_engine.config import ModelConfig
-from reference_engine.ops import Ops
+from servescope.reference_engine.config import ModelConfig
+from servescope.reference_engine.ops import Ops
 
 
 @dataclass

@@ -22,16 +22,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reference_engine.config import EngineConfig, ModelConfig
-from reference_engine.model import AttentionMetadata, LlamaModel
-from reference_engine.ops import Ops
-from reference_engine.sampler import SampleRequest
-from reference_engine.scheduler import SchedulerOutput
+from servescope.reference_engine.config import EngineConfig, ModelConfig
+from servescope.reference_engine.model import AttentionMetadata, LlamaModel
+from servescope.reference_engine.ops import Ops
+from servescope.reference_engine.sampler import SampleRequest
+from servescope.reference_engine.scheduler import SchedulerOutput
 
 # Decode batch sizes that get a CUDA graph; a batch runs in the smallest bucket that holds it.
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)

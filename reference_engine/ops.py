@@ -191,10 +191,10 @@ def build_ops(backend: str, device: str) -> Ops:
     if backend == "torch" or (backend == "auto" and not device.startswith("cuda")):
         return TorchOps()
     try:
-        from kernels.backend import TritonOps  # type: ignore[import-not-found]
+        from servescope.kernels.backend import TritonOps  # type: ignore[import-not-found]
     except ImportError as exc:
         if backend == "triton":
-            from reference_engine.errors import ConfigError
+            from servescope.reference_engine.errors import ConfigError
             raise ConfigError(f"--attention-backend triton: kernels.backend does not import ({exc}); "
                               "use --attention-backend torch") from exc
         return TorchOps()

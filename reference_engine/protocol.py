@@ -17,8 +17,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from reference_engine.errors import InvalidRequest
-from reference_engine.sequence import SamplingParams, Sequence
+from servescope.reference_engine.errors import InvalidRequest
+from servescope.reference_engine.sequence import SamplingParams, Sequence
 
 
 @dataclass(slots=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from reference_engine.sequence import Sequence
+from servescope.reference_engine.sequence import Sequence
 
 
 @dataclass(slots=True)
@@ -169,7 +169,7 @@ class DeviceSampler:
         """Compile the sampling kernel now, at start-up: its first use would otherwise stall the
         step loop (and every request in flight) for the second Triton takes to compile it."""
         if self.sampling_kernel:
-            from kernels.sampling import top_p_sample
+            from servescope.kernels.sampling import top_p_sample
 
             ones = torch.ones(1, device=self.device)
             top_p_sample(torch.zeros(1, vocab, device=self.device), ones, ones * 0.5,
@@ -208,7 +208,7 @@ class DeviceSampler:
         top_p = [p.top_p for p in params]
         if self.sampling_kernel and not any(top_k) and (
                 any(p < 1.0 for p in top_p) or len(params) >= self.TEMPERATURE_KERNEL_MIN_ROWS):
-            from kernels.sampling import top_p_sample
+            from servescope.kernels.sampling import top_p_sample
 
             seed = torch.randint(0, 2**31 - 1, (1,), generator=self.generator, device=self.device)
             choice = top_p_sample(sub.contiguous(), temps, self._upload(top_p, torch.float32), seed)

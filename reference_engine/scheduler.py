@@ -18,10 +18,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from reference_engine.block_manager import BlockManager
-from reference_engine.config import EngineConfig
-from reference_engine.sequence import Sequence, SequenceStatus
-from reference_engine.spec_decode import NgramProposer
+from servescope.reference_engine.block_manager import BlockManager
+from servescope.reference_engine.config import EngineConfig
+from servescope.reference_engine.sequence import Sequence, SequenceStatus
+from servescope.reference_engine.spec_decode import NgramProposer
 
 
 @dataclass(slots=True)

@@ -12,7 +12,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from reference_engine.errors import InvalidRequest
+from servescope.reference_engine.errors import InvalidRequest
 
 
 @dataclass

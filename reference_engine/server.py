@@ -25,15 +25,20 @@ from typing import TYPE_CHECKING, Any, Union
 
 from aiohttp import web
 
-from reference_engine.engine_client import EngineClient, EngineFailed
-from reference_engine.engine_process import EngineLaunch, EngineProcessHandle, ProcessEngineClient, start_engine_process
-from reference_engine.errors import InvalidRequest
-from reference_engine.metrics import CONTENT_TYPE
-from reference_engine.protocol import ParsedRequest, ResponseBuilder, error_body, parse_request
-from reference_engine.batch_tokenizer import BatchTokenizer
+from servescope.reference_engine.batch_tokenizer import BatchTokenizer
+from servescope.reference_engine.engine_client import EngineClient, EngineFailed
+from servescope.reference_engine.engine_process import (
+    EngineLaunch,
+    EngineProcessHandle,
+    ProcessEngineClient,
+    start_engine_process,
+)
+from servescope.reference_engine.errors import InvalidRequest
+from servescope.reference_engine.metrics import CONTENT_TYPE
+from servescope.reference_engine.protocol import ParsedRequest, ResponseBuilder, error_body, parse_request
 
 if TYPE_CHECKING:
-    from reference_engine.engine import LLMEngine
+    from servescope.reference_engine.engine import LLMEngine
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +59,8 @@ def engine_client(source: EngineSource, model_name: str) -> EngineClient:
         source = start_engine_process(source)
     if isinstance(source, EngineProcessHandle):
         return ProcessEngineClient(source)
-    from reference_engine.async_engine import AsyncEngine  # imports torch: only thread mode needs it here
-    from reference_engine.metrics import EngineMetrics
+    from servescope.reference_engine.async_engine import AsyncEngine  # imports torch: only thread mode needs it here
+    from servescope.reference_engine.metrics import EngineMetrics
 
     return AsyncEngine(source, EngineMetrics(model_name))
 

@@ -9,8 +9,8 @@ tokens, so a proposal is a few dict lookups per step instead of a scan of a
 
 from __future__ import annotations
 
-from reference_engine.config import SpecConfig
-from reference_engine.sequence import Sequence
+from servescope.reference_engine.config import SpecConfig
+from servescope.reference_engine.sequence import Sequence
 
 
 class NgramIndex:

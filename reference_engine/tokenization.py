@@ -16,7 +16,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from reference_engine.errors import ConfigError, InvalidRequest
+from servescope.reference_engine.errors import ConfigError, InvalidRequest
 
 
 def _token_text(value: Any) -> str | None:
@@ -150,6 +150,6 @@ def tokenizer_dir_for(model_path: str | Path | None, tokenizer_dir: str | Path |
         return Path(tokenizer_dir)
     if model_path is not None:
         return Path(model_path)
-    from reference_engine.tokenizer import TOKENIZER_DIR
+    from servescope.reference_engine.tokenizer import TOKENIZER_DIR
 
     return TOKENIZER_DIR

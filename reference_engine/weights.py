@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from reference_engine.errors import ConfigError
-from reference_engine.model import LlamaModel
-
+from servescope.reference_engine.errors import ConfigError
+from servescope.reference_engine.model import LlamaModel
 
 # Above this many parameters a model on a GPU draws its random weights there: a CPU generator
 # needs about a minute for an 8B model, a CUDA one well under a second. Smaller models draw

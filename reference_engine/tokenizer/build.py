@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from reference_engine.tokenizer import (
+from servescope.reference_engine.tokenizer import (
     BOS_TOKEN,
     EOS_TOKEN,
     EOT_TOKEN,

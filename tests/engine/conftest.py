@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reference_engine.tokenizer import TOKENIZER_DIR
+from servescope.reference_engine.tokenizer import TOKENIZER_DIR
 
 # One intra-op thread: the tiny shapes gain nothing from two, and the suite shares 2 cores with
 # other test processes, where a spinning thread pool slows every op many times over.
@@ -49,16 +49,16 @@ SMALL_ENGINE = {"num_kv_blocks": 256, "max_num_batched_tokens": 256}  # fast on 
 
 def make_engine(**overrides):
     """The tiny preset (random weights, bundled tokenizer) with engine overrides; fast on 2 CPU cores."""
-    from reference_engine.config import EngineConfig
-    from reference_engine.engine import LLMEngine
+    from servescope.reference_engine.config import EngineConfig
+    from servescope.reference_engine.engine import LLMEngine
 
     return LLMEngine.build(EngineConfig(**{**SMALL_ENGINE, **overrides}), preset_name="tiny")
 
 
 def make_launch(**overrides):
     """The same engine as `make_engine`, described for an engine process (process mode)."""
-    from reference_engine.config import EngineConfig
-    from reference_engine.engine_process import EngineLaunch
+    from servescope.reference_engine.config import EngineConfig
+    from servescope.reference_engine.engine_process import EngineLaunch
 
     return EngineLaunch(EngineConfig(**{**SMALL_ENGINE, **overrides}), preset_name="tiny", model_name="tiny",
                         torch_threads=1)

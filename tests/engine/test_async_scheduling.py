@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference_engine.errors import ConfigError
-from reference_engine.config import EngineConfig, SpecConfig
-from reference_engine.sampler import DeviceSampler, SampleRequest
-from reference_engine.sequence import SamplingParams, Sequence
+from servescope.reference_engine.config import EngineConfig, SpecConfig
+from servescope.reference_engine.errors import ConfigError
+from servescope.reference_engine.sampler import DeviceSampler, SampleRequest
+from servescope.reference_engine.sequence import SamplingParams, Sequence
 
 LENGTHS = [3, 20, 60, 9, 33]
 MAX_TOKENS = [24, 5, 17, 1, 30]

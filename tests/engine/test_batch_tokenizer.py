@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from reference_engine.batch_tokenizer import BatchTokenizer
-from reference_engine.tokenization import EngineTokenizer, tokenizer_dir_for
+from servescope.reference_engine.batch_tokenizer import BatchTokenizer
+from servescope.reference_engine.tokenization import EngineTokenizer, tokenizer_dir_for
 
 PROSE = Path(__file__).resolve().parents[2] / "workloads" / "corpus" / "prose.txt"
 

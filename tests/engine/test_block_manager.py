@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from reference_engine.block_manager import BlockManager
-from reference_engine.sequence import SamplingParams, Sequence
+from servescope.reference_engine.block_manager import BlockManager
+from servescope.reference_engine.sequence import SamplingParams, Sequence
 
 BS = 4
 

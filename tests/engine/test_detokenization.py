@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 import shutil
+from pathlib import Path
 
 import torch
 
-from reference_engine.sequence import SamplingParams
-from reference_engine.tokenization import EngineTokenizer, IncrementalDetokenizer
-from reference_engine.tokenizer import TOKENIZER_DIR
+from servescope.reference_engine.sequence import SamplingParams
+from servescope.reference_engine.tokenization import EngineTokenizer, IncrementalDetokenizer
+from servescope.reference_engine.tokenizer import TOKENIZER_DIR
 
 
 def test_ids_past_the_vocabulary_stream_the_text_of_id_mod_vocabulary() -> None:
@@ -31,8 +31,8 @@ def test_a_model_wider_than_its_tokenizer_streams_text_every_step(tmp_path: Path
     presets do by chance, 15 ids in 16): every step's output still has text."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from reference_engine.config import EngineConfig
-    from reference_engine.engine import LLMEngine
+    from servescope.reference_engine.config import EngineConfig
+    from servescope.reference_engine.engine import LLMEngine
 
     vocab = EngineTokenizer(TOKENIZER_DIR).vocab_size
     config = LlamaConfig(vocab_size=3 * vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,

@@ -24,11 +24,11 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from harness.targets.engine import EngineProcess
-from reference_engine.engine_client import EngineFailed
-from reference_engine.frames import FrameDecoder, encode
-from reference_engine.sequence import SamplingParams
-from reference_engine.server import ServerThread
+from servescope.harness.targets.engine import EngineProcess
+from servescope.reference_engine.engine_client import EngineFailed
+from servescope.reference_engine.frames import FrameDecoder, encode
+from servescope.reference_engine.sequence import SamplingParams
+from servescope.reference_engine.server import ServerThread
 
 
 def _free_port() -> int:
@@ -150,7 +150,7 @@ def test_num_waiting_counts_adds_the_engine_has_not_reported(servers) -> None:
 
 
 def test_config_error_reaches_the_cli_as_a_usage_error() -> None:
-    result = subprocess.run([sys.executable, "-m", "reference_engine", "--engine-process", "--device", "cpu",
+    result = subprocess.run([sys.executable, "-m", "servescope.reference_engine", "--engine-process", "--device", "cpu",
                              "--kv-cache-memory", "1KB", "--port", str(_free_port())],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
@@ -162,7 +162,7 @@ def test_config_error_reaches_the_cli_as_a_usage_error() -> None:
 def _cli_server(*args: str) -> Iterator[tuple[subprocess.Popen, str]]:
     """`python -m reference_engine --engine-process` until /health answers; killed at the end if still up."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "reference_engine", "--port", str(port), "--device", "cpu",
+    proc = subprocess.Popen([sys.executable, "-m", "servescope.reference_engine", "--port", str(port), "--device", "cpu",
                              "--num-kv-blocks", "256", "--engine-process", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from reference_engine.config import SpecConfig
-from reference_engine.sequence import SamplingParams
+from servescope.reference_engine.config import SpecConfig
+from servescope.reference_engine.sequence import SamplingParams
 
 pytestmark = pytest.mark.gpu
 
@@ -39,7 +39,7 @@ def test_cuda_torch_ops_match_cpu(engine_factory) -> None:
 
 
 def test_cuda_triton_ops_match_torch_ops(engine_factory) -> None:
-    pytest.importorskip("kernels.backend")
+    pytest.importorskip("servescope.kernels.backend")
     expected = _outputs(engine_factory, device="cuda", attention_backend="torch")
     assert _outputs(engine_factory, device="cuda", attention_backend="triton") == expected
     # Preemption and speculation through the kernels keep the same greedy output.
@@ -48,8 +48,8 @@ def test_cuda_triton_ops_match_torch_ops(engine_factory) -> None:
 
 
 def test_cuda_bfloat16_serves_the_1b_shape(engine_factory) -> None:
-    from reference_engine.config import EngineConfig
-    from reference_engine.engine import LLMEngine
+    from servescope.reference_engine.config import EngineConfig
+    from servescope.reference_engine.engine import LLMEngine
 
     engine = LLMEngine.build(EngineConfig(device="cuda", kv_cache_memory=2 << 30), preset_name="llama3-1b")
     assert engine.dtype == torch.bfloat16
@@ -60,8 +60,8 @@ def test_cuda_bfloat16_serves_the_1b_shape(engine_factory) -> None:
 def test_cuda_device_sampler_never_waits_for_the_gpu() -> None:
     """The overlapped step loop needs sampling that never blocks the host on the GPU: every mode
     (greedy, min_tokens masking, temperature, top-p, top-k) under CUDA's sync-debug mode "error"."""
-    from reference_engine.sampler import DeviceSampler, SampleRequest
-    from reference_engine.sequence import Sequence
+    from servescope.reference_engine.sampler import DeviceSampler, SampleRequest
+    from servescope.reference_engine.sequence import Sequence
 
     sampler = DeviceSampler((5, 9), torch.device("cuda"), seed=0)
     logits = torch.randn(6, 1000, device="cuda")
@@ -83,9 +83,9 @@ def test_cuda_device_sampler_never_waits_for_the_gpu() -> None:
 def test_cuda_engine_compiles_the_sampling_kernel_at_start_up(engine_factory) -> None:
     """A built engine has the sampling kernel compiled: its first sampled request compiles nothing
     (a compile mid-run stalls every request in flight for about a second)."""
-    from kernels.sampling import _top_p_sample_kernel
-    from reference_engine.sampler import SampleRequest
-    from reference_engine.sequence import Sequence
+    from servescope.kernels.sampling import _top_p_sample_kernel
+    from servescope.reference_engine.sampler import SampleRequest
+    from servescope.reference_engine.sequence import Sequence
 
     if not hasattr(_top_p_sample_kernel, "device_caches"):
         pytest.skip("this Triton keeps no per-device kernel cache to inspect")
@@ -143,8 +143,8 @@ def _hook_sampling(engine, logits: dict, forced: list[list[int]] | None = None) 
 
 
 def _engine_1b(**overrides):
-    from reference_engine.config import EngineConfig
-    from reference_engine.engine import LLMEngine
+    from servescope.reference_engine.config import EngineConfig
+    from servescope.reference_engine.engine import LLMEngine
 
     fields = dict(device="cuda", kv_cache_memory=4 << 30, max_model_len=2048, max_num_seqs=16,
                   max_num_batched_tokens=512)
@@ -237,8 +237,8 @@ def test_llama3_1b_triton_path_matches_torch_path_bf16() -> None:
     With SERVESCOPE_TEST_CHECKPOINT set, the same runs use that checkpoint's weights and tokenizer,
     and every prompt must also stay identical for the first 32 steps (the item's literal criterion).
     """
-    pytest.importorskip("kernels.backend")
-    from reference_engine.tokenization import EngineTokenizer, tokenizer_dir_for
+    pytest.importorskip("servescope.kernels.backend")
+    from servescope.reference_engine.tokenization import EngineTokenizer, tokenizer_dir_for
 
     tok = EngineTokenizer(tokenizer_dir_for(CHECKPOINT, None))
     # Mixed lengths: short prompts, ones ending mid-page and on page edges, and prompts longer than

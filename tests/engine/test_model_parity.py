@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from reference_engine.config import EngineConfig, model_config_from_hf
-from reference_engine.engine import LLMEngine
-from reference_engine.sequence import SamplingParams
-from reference_engine.tokenization import EngineTokenizer
+from servescope.reference_engine.config import EngineConfig, model_config_from_hf
+from servescope.reference_engine.engine import LLMEngine
+from servescope.reference_engine.sequence import SamplingParams
+from servescope.reference_engine.tokenization import EngineTokenizer
 
 
 def _engine(checkpoint, **overrides) -> LLMEngine:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from reference_engine.config import SpecConfig
-from reference_engine.sequence import SamplingParams
+from servescope.reference_engine.config import SpecConfig
+from servescope.reference_engine.sequence import SamplingParams
 
 
 def _prompts(engine, count: int, words: int = 12) -> list[list[int]]:

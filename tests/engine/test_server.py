@@ -16,8 +16,8 @@ import time
 import httpx
 import pytest
 
-from reference_engine.config import SpecConfig
-from reference_engine.server import ServerThread
+from servescope.reference_engine.config import SpecConfig
+from servescope.reference_engine.server import ServerThread
 
 
 def _free_port() -> int:
@@ -30,7 +30,7 @@ def _free_port() -> int:
 def cli_server(request):
     """`python -m reference_engine` as a real subprocess (what the harness starts), in each mode."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "reference_engine", "--port", str(port), "--device", "cpu",
+    proc = subprocess.Popen([sys.executable, "-m", "servescope.reference_engine", "--port", str(port), "--device", "cpu",
                              "--num-kv-blocks", "256", "--spec", "ngram:k=3", request.param],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
@@ -188,7 +188,7 @@ def test_metrics_expose_vllm_names_and_count_prefix_hits(server) -> None:
 
 
 def test_precomputed_sse_chunks_equal_the_json_shape() -> None:
-    from reference_engine.protocol import ResponseBuilder
+    from servescope.reference_engine.protocol import ResponseBuilder
 
     for api in ("completions", "chat"):
         builder = ResponseBuilder(api, "tiny")

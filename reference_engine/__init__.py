@@ -1,1 +1,0 @@
-"""The bundled reference engine: a real paged-KV, continuously batched Llama-family server (run as its own process)."""
