@@ -53,7 +53,7 @@ class CapacitySettings:
     min_served_fraction: float = 0.6
 
     def __post_init__(self) -> None:
-        from analyzers.slo import parse_slos
+        from servescope.slo import parse_slos
 
         if not parse_slos(self.slo):
             raise CapacityError("--slo: a capacity search needs at least one objective, e.g. ttft_p99=500ms")
@@ -211,12 +211,11 @@ def run_capacity(base: Any, settings: CapacitySettings, out_dir: str | Path,
     step. With no target, the reference engine is started once for the whole
     search (not once per step) and stopped at the end.
     """
-    from harness.api import execute_run
-    from harness.targets.engine import EngineProcess
-
-    from analyzers.rundata import load_run
-    from analyzers.slo import parse_slos
-    from analyzers.summary import summarize
+    from servescope.analyzers.summary import summarize
+    from servescope.harness.api import execute_run
+    from servescope.harness.targets.engine import EngineProcess
+    from servescope.rundir.reader import load_run
+    from servescope.slo import parse_slos
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -249,10 +248,10 @@ def run_capacity(base: Any, settings: CapacitySettings, out_dir: str | Path,
 
 def write_capacity(result: CapacityResult, out: Path) -> tuple[Path, Path]:
     """capacity.json (the data) and capacity.html (the curves) in `out`."""
-    import json
+    from servescope.rundir.jsonio import write_json_atomic
 
     json_path, html_path = out / "capacity.json", out / "capacity.html"
-    json_path.write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    write_json_atomic(json_path, result.to_dict())
     html_path.write_text(to_html(result), encoding="utf-8")
     return json_path, html_path
 
@@ -261,7 +260,7 @@ def write_capacity(result: CapacityResult, out: Path) -> tuple[Path, Path]:
 
 def to_html(result: CapacityResult) -> str:
     """The self-contained capacity report: verdict, goodput and latency vs rate, every step."""
-    from report_templates import render_page
+    from servescope.report_templates.render import render_page
 
     steps = sorted(result.steps, key=lambda s: (s.rate, s.duration_s))
     figures = [fig.to_plotly_json() for fig in _figures(result)]
@@ -272,7 +271,7 @@ def _figures(result: CapacityResult) -> list[Any]:
     """Goodput (and throughput) vs offered rate; latency percentiles vs rate with the SLO lines."""
     import plotly.graph_objects as go
 
-    from analyzers.slo import parse_slos
+    from servescope.slo import parse_slos
 
     full = sorted((s for s in result.steps if not s.early_stop), key=lambda s: s.rate)
     rates = [s.rate for s in full]

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analyzers.metrics import quantile
+from servescope.analyzers.metrics import quantile
 
 # Schedule lag shifts when load arrives (the offered rate), event-loop lag delays
 # the timestamps themselves. This is the one place the verdict is made: `servescope

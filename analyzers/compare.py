@@ -15,9 +15,8 @@ bootstrap resample whole runs, so between-run spread widens the interval.
 
 from __future__ import annotations
 
-import math
-
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,9 +25,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from analyzers.rundata import RunData, RunDirError, load_run
-from analyzers.stats import PERCENTILES, compare_stat, proportion_test, rank_test
-from harness.records import RUN_JSON
+from servescope.analyzers.stats import PERCENTILES, compare_stat, proportion_test, rank_test
+from servescope.rundir.reader import RunData, load_run
+from servescope.rundir.schema import RUN_JSON, RunDirError
 
 LATENCY_METRICS: dict[str, str] = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2e": "E2E"}
 LATENCY_STATS: tuple[str, ...] = ("p50", "p90", "p99", "mean")

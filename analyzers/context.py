@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analyzers.client_health import client_health
-from analyzers.rundata import RunData
-from analyzers.metrics import describe_ranked
-from analyzers.server_metrics import ServerMetrics
-from analyzers.summary import measured_mask
+from servescope.analyzers.client_health import client_health
+from servescope.analyzers.metrics import describe_ranked
+from servescope.analyzers.server_metrics import ServerMetrics
+from servescope.analyzers.summary import measured_mask
+from servescope.rundir.reader import RunData
 
 # Slice ITL histograms: log bins 0.1% wide from 1 us (smaller gaps share the first bin).
 ITL_BIN_RATIO = 1.001

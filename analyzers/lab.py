@@ -20,11 +20,11 @@ from typing import Any, Callable
 
 import yaml
 
-from analyzers.context import build_context
-from analyzers.findings import Finding
-from analyzers.rules import run_rules
-from analyzers.rundata import load_run
-from analyzers.summary import summarize
+from servescope.analyzers.context import build_context
+from servescope.analyzers.findings import Finding
+from servescope.analyzers.rules import run_rules
+from servescope.analyzers.summary import summarize
+from servescope.rundir.reader import load_run
 
 ENGINE = "reference:tiny"
 
@@ -177,8 +177,8 @@ def run_lab(name: str, out: str | Path, *, duration_scale: float = 1.0, show_pro
 
 
 def _run_side(run_dir: Path, side: LabSide, label: str, duration_scale: float, show_progress: bool) -> LabSideResult:
-    from harness.api import execute_run
-    from harness.config import RunConfig
+    from servescope.harness.api import execute_run
+    from servescope.harness.config import RunConfig
 
     run_dir.mkdir(parents=True, exist_ok=True)
     workload_file = run_dir.parent / f"{run_dir.name}.workload.yaml"
@@ -192,7 +192,7 @@ def _run_side(run_dir: Path, side: LabSide, label: str, duration_scale: float, s
     )
     from rich.console import Console
 
-    from harness.console import RunConsole
+    from servescope.harness.console import RunConsole
 
     # The run's console output goes to a log beside the run: the lab prints its own verdict.
     with open(run_dir.parent / f"{run_dir.name}.console.txt", "w", encoding="utf-8") as log:
@@ -206,7 +206,7 @@ def _run_side(run_dir: Path, side: LabSide, label: str, duration_scale: float, s
 
 
 def write_lab_report(result: LabResult) -> Path:
-    from report_templates import render_page
+    from servescope.report_templates.render import render_page
 
     path = result.out / "report.html"
     path.write_text(render_page("lab.html.j2", result=result, lab=result.lab), encoding="utf-8")

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from workloads.spec import Buckets
+from servescope.workloads.spec import Buckets
 
 TIME_UNITS: dict[str, float] = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 _SUFFIX_UNITS: dict[str, str] = {"us": "us", "ms": "ms", "s": "s", "sec": "s", "secs": "s", "seconds": "s", "millis": "ms"}
@@ -209,7 +209,7 @@ def _suffix_unit(column: str) -> str | None:
 
 def to_request_rows(frame: pd.DataFrame, mapping: ColumnMapping | None = None, source: str = "the log") -> pd.DataFrame:
     """The log as a DataFrame with the run schema's columns (times in seconds since the first arrival)."""
-    from harness.records import REQUEST_COLUMNS
+    from servescope.rundir.schema import REQUEST_COLUMNS
 
     mapping = mapping or ColumnMapping()
     cols = resolve_columns(frame, mapping, source)
@@ -349,12 +349,8 @@ def import_log(path: str | Path, out_dir: str | Path, mapping: ColumnMapping | N
 
     `slo` (e.g. "ttft_p99=500ms") is recorded in run.json, where the summary reads a run's SLOs.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from harness import __version__
-    from harness.records import REQUESTS_PARQUET, RUN_JSON, arrow_schema
-    from harness.rundir import write_json_atomic
+    from servescope.rundir.schema import RUN_JSON
+    from servescope.rundir.writer import write_run_dir
 
     path, out = Path(path), Path(out_dir)
     mapping = mapping or ColumnMapping()
@@ -362,14 +358,10 @@ def import_log(path: str | Path, out_dir: str | Path, mapping: ColumnMapping | N
     rows = to_request_rows(frame, mapping, source=str(path))
     if (out / RUN_JSON).exists():
         raise LogImportError(f"{out} already holds a run (run.json exists); pass another --out or delete it")
-    out.mkdir(parents=True, exist_ok=True)
-    records = rows.to_dict("records")
-    table = pa.Table.from_pylist([_clean(r) for r in records], schema=arrow_schema())
-    pq.write_table(table, out / REQUESTS_PARQUET)
+    records = [_clean(r) for r in rows.to_dict("records")]
     used = resolve_columns(frame, mapping, str(path))
     sent = rows["sent_at"].to_numpy(dtype=np.float64)
-    write_json_atomic(out / RUN_JSON, {
-        "servescope_version": __version__,
+    return write_run_dir(out, {
         "status": "imported",
         "source": {"file": str(path.resolve()), "rows": len(frame),
                    "columns": {k: {"column": c, "unit": u} for k, (c, u) in used.items()},
@@ -378,8 +370,7 @@ def import_log(path: str | Path, out_dir: str | Path, mapping: ColumnMapping | N
         "target": None,
         "load_model": {"kind": "imported"},
         "slo": slo or None,
-    })
-    return out
+    }, records)
 
 
 def _clean(row: dict[str, Any]) -> dict[str, Any]:

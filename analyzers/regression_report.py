@@ -7,17 +7,17 @@ regression) so CI systems that understand test reports show a red gate by name.
 
 from __future__ import annotations
 
-import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from analyzers.compare import (
+from servescope.analyzers.compare import (
     VERDICT_FEW,
     VERDICT_IMPROVED,
     VERDICT_REGRESSED,
     Comparison,
     MetricResult,
 )
+from servescope.rundir.jsonio import dumps
 
 _ICONS = {VERDICT_REGRESSED: "🔴", VERDICT_IMPROVED: "🟢", VERDICT_FEW: "⚪"}
 
@@ -131,7 +131,7 @@ def to_junit(c: Comparison) -> str:
 
 def to_html(c: Comparison) -> str:
     """The self-contained comparison report (plotly inlined once, opens offline)."""
-    from report_templates import render_page
+    from servescope.report_templates.render import render_page
 
     return render_page(
         "compare.html.j2", c=c, headline=headline(c), forest=_forest_figure(c).to_plotly_json(),
@@ -171,7 +171,7 @@ def write_outputs(c: Comparison, *, html: Path | None, markdown: Path | None, ju
     """Write whichever outputs were asked for; returns the paths written."""
     written = []
     for path, render in ((html, to_html), (markdown, to_markdown), (junit, to_junit),
-                         (json_path, lambda x: json.dumps(x.to_dict(), indent=2, default=str))):
+                         (json_path, lambda x: dumps(x.to_dict()) + "\n")):
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(render(c), encoding="utf-8")

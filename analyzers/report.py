@@ -9,7 +9,6 @@ HTML always agree.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -17,15 +16,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analyzers.context import DiagnosisContext, build_context
-from analyzers.findings import Finding
-from analyzers.rules import run_rules
-from analyzers.rundata import RunData, load_run
-from analyzers.slices import all_slice_tables
-from analyzers.slo import SLO, slos_from_run
-from analyzers.summary import summarize
-from analyzers.timeseries import all_time_series
-from harness.records import FINDINGS_JSON, REPORT_HTML, SUMMARY_JSON
+from servescope.analyzers.context import DiagnosisContext, build_context
+from servescope.analyzers.findings import Finding
+from servescope.analyzers.rules import run_rules
+from servescope.analyzers.slices import all_slice_tables
+from servescope.analyzers.summary import summarize
+from servescope.analyzers.timeseries import all_time_series
+from servescope.rundir.jsonio import write_json_atomic
+from servescope.rundir.reader import RunData, load_run
+from servescope.rundir.schema import FINDINGS_JSON, REPORT_HTML, SUMMARY_JSON
+from servescope.slo import SLO, slos_from_run
 
 WORST_ROWS = 15
 WORST_COLUMNS = ("request_id", "phase", "prompt_bucket", "output_bucket", "tenant", "prompt_tokens", "cached_tokens",
@@ -49,8 +49,8 @@ def build_report(run_dir: str | Path, slos: list[SLO] | None = None, *, timings:
     findings = run_rules(ctx)
     stage("diagnose")
     out = Path(run_dir)
-    _write_json(out / SUMMARY_JSON, summary)
-    _write_json(out / FINDINGS_JSON, [f.to_dict() for f in findings])
+    write_json_atomic(out / SUMMARY_JSON, summary)
+    write_json_atomic(out / FINDINGS_JSON, [f.to_dict() for f in findings])
     html = render_run_report(run, summary, findings, ctx)
     (out / REPORT_HTML).write_text(html, encoding="utf-8")
     stage("render")
@@ -58,7 +58,7 @@ def build_report(run_dir: str | Path, slos: list[SLO] | None = None, *, timings:
 
 
 def render_run_report(run: RunData, summary: dict[str, Any], findings: list[Finding], ctx: DiagnosisContext) -> str:
-    from report_templates import render_page
+    from servescope.report_templates.render import render_page
 
     return render_page("report.html.j2", **report_context(run, summary, findings, ctx))
 
@@ -115,13 +115,6 @@ def run_metadata(run: dict[str, Any]) -> list[tuple[str, Any]]:
     scalars = [(k, v) for k, v in run.items() if not isinstance(v, (dict, list))]
     nested = [(k, v) for k, v in run.items() if isinstance(v, (dict, list))]
     return scalars + nested
-
-
-def _write_json(path: Path, data: Any) -> None:
-    from report_templates import safe_json
-
-    # safe_json turns NaN into null (NaN is not JSON); re-indent for people reading the file.
-    path.write_text(json.dumps(json.loads(safe_json(data)), indent=2) + "\n", encoding="utf-8")
 
 
 class _Stopwatch:

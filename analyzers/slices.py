@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from analyzers.metrics import MIN_SAMPLES, describe
+from servescope.analyzers.metrics import MIN_SAMPLES, describe
 
 TIME_WINDOWS = 10
 

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 from scipy import stats as sps
 
-from analyzers.metrics import percentile_rank
+from servescope.analyzers.metrics import percentile_rank
 
 # Statistics a comparison can be asked for: percentiles by name, and the mean.
 PERCENTILES: dict[str, float] = {"p50": 0.50, "p90": 0.90, "p95": 0.95, "p99": 0.99, "p99.9": 0.999}

@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analyzers.client_health import client_health
-from analyzers.metrics import describe
-from analyzers.rundata import RunData
-from analyzers.server_metrics import server_view
-from analyzers.slo import SLO, evaluate, requests_meeting, slos_from_run
+from servescope.analyzers.client_health import client_health
+from servescope.analyzers.metrics import describe
+from servescope.analyzers.server_metrics import server_view
+from servescope.rundir.reader import RunData
+from servescope.slo import SLO, evaluate, requests_meeting, slos_from_run
 
 WARMUP_PHASE = "warmup"
 LATENCY_COLUMNS = ("ttft_s", "tpot_s", "e2e_s")
@@ -37,7 +37,7 @@ MIN_WINDOW_FRACTION = 0.10
 
 
 def servescope_version() -> str:
-    from harness import __version__
+    from servescope.version import __version__
 
     return __version__
 

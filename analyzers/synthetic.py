@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from harness.records import REQUESTS_PARQUET, RUN_JSON, SERVER_METRICS_PARQUET, arrow_schema
+from servescope.rundir.schema import conform_requests
+from servescope.rundir.writer import write_run_dir
 
 BUCKETS = (("short", 128, 0.6), ("medium", 1024, 0.3), ("long", 4096, 0.1))
 OUTPUT_BUCKETS = (("short", 64, 0.5), ("long", 256, 0.5))
@@ -110,8 +110,7 @@ def synthetic_table(spec: SyntheticSpec) -> pa.Table:
         "schedule_lag_s": pa.array(lag),
         "connect_s": pa.nulls(n, pa.float64()),
     }
-    schema = arrow_schema()
-    return pa.Table.from_arrays([columns[f.name].cast(f.type) for f in schema], schema=schema)
+    return conform_requests(pa.table(columns))
 
 
 def synthetic_server_metrics(table: pa.Table) -> pa.Table:
@@ -140,13 +139,8 @@ def synthetic_server_metrics(table: pa.Table) -> pa.Table:
 
 def write_synthetic_run(out_dir: str | Path, spec: SyntheticSpec) -> Path:
     """A complete run directory (run.json, requests.parquet, server_metrics.parquet)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     table = synthetic_table(spec)
-    pq.write_table(table, out / REQUESTS_PARQUET)
-    pq.write_table(synthetic_server_metrics(table), out / SERVER_METRICS_PARQUET)
     run = {
-        "servescope_version": "0.1.0",
         "status": "complete",
         "command": f"synthetic --requests {spec.requests} --rate {spec.rate} --seed {spec.seed}",
         "target": "synthetic://",
@@ -156,5 +150,4 @@ def write_synthetic_run(out_dir: str | Path, spec: SyntheticSpec) -> Path:
         "tokenizer": {"name": "bundled", "exact_for_target": True},
         "client": {"loop_lag_max_s": 0.002},
     }
-    (out / RUN_JSON).write_text(json.dumps(run, indent=2))
-    return out
+    return write_run_dir(out_dir, run, table, synthetic_server_metrics(table))

@@ -12,9 +12,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analyzers import charts
-from analyzers.server_metrics import ServerMetrics
-
+from servescope.analyzers import charts
+from servescope.analyzers.server_metrics import ServerMetrics
 
 
 def _bins(t: np.ndarray, per_bin: int, min_width_s: float = 0.5) -> int:

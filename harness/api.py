@@ -33,17 +33,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from harness import __version__
-from harness.client.client import FORCE_REJECTED_NOTICE
-from harness.config import ConfigError, RunConfig, redact_command_line
-from harness.console import RunConsole
-from harness.loadgen.dispatcher import Dispatcher, DispatchResult, Progress
-from harness.loadgen.models import Phase, default_workers, plan_phases
-from harness.records import RUN_JSON, SUMMARY_JSON
-from harness.rundir import RunDirError, RunDirWriter, write_json_atomic
-from harness.scrape import MetricsScraper, probe_metrics
-from harness.targets import EngineError, EngineProcess, auth_headers, resolve_model
-from harness.worker import WorkerSettings
+from servescope.harness.client.client import FORCE_REJECTED_NOTICE
+from servescope.harness.config import ConfigError, RunConfig, redact_command_line
+from servescope.harness.console import RunConsole
+from servescope.harness.loadgen.dispatcher import Dispatcher, DispatchResult, Progress
+from servescope.harness.loadgen.models import Phase, default_workers, plan_phases
+from servescope.harness.scrape import MetricsScraper, probe_metrics
+from servescope.harness.targets import EngineError, EngineProcess, auth_headers, resolve_model
+from servescope.harness.worker import WorkerSettings
+from servescope.rundir.schema import RUN_JSON, SUMMARY_JSON
+from servescope.rundir.schema import RunDirError
+from servescope.rundir.writer import RunDirWriter, write_json_atomic
+from servescope.version import __version__
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -154,7 +155,11 @@ def _execute_once(config: RunConfig, out: Path, console: RunConsole) -> RunOutco
 
 
 def _prepare(config: RunConfig) -> _Prepared:
-    from workloads import WorkloadError, fixed_workload, load_tokenizer, load_workload, session_stream, trace_sessions
+    from servescope.workloads.errors import WorkloadError
+    from servescope.workloads.generator import session_stream
+    from servescope.workloads.spec import fixed_workload, load_workload
+    from servescope.workloads.tokenizer import load_tokenizer
+    from servescope.workloads.traces import trace_sessions
 
     api_key = config.read_api_key()
     phases = plan_phases(config)
@@ -194,7 +199,7 @@ def _drive(
     engine: EngineProcess | None, console: RunConsole,
 ) -> tuple[str, dict[str, Any]]:
     """Prewarm, run the phases, stop everything; returns the final status and run.json fields."""
-    from harness.loadgen.pool import LocalWorkerPool
+    from servescope.harness.loadgen.pool import LocalWorkerPool
 
     headers = auth_headers(prepared.api_key)
     metrics_url = config.metrics_url or f"{base_url}/metrics"
@@ -413,11 +418,12 @@ def _summarize(run_dir: Path, report: bool, console: RunConsole) -> dict[str, An
     """summary.json (and report.html unless report is False) via the analyzers; None if they fail."""
     try:
         if report:
-            from analyzers.report import build_report
+            from servescope.analyzers.report import build_report
 
             build_report(run_dir)
             return json.loads((run_dir / SUMMARY_JSON).read_text())
-        from analyzers import load_run, summarize
+        from servescope.analyzers.summary import summarize
+        from servescope.rundir.reader import load_run
 
         summary = summarize(load_run(run_dir))
         write_json_atomic(run_dir / SUMMARY_JSON, summary)

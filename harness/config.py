@@ -119,7 +119,7 @@ def check_slo(text: str) -> str:
     A typo found only after a ten-minute run costs the run; parsing here uses the
     same grammar the report will apply, so what passes here is what gets judged.
     """
-    from analyzers.slo import SLOError, parse_slos  # imported lazily: pandas is slow to load
+    from servescope.slo import SLOError, parse_slos  # imported lazily: pandas is slow to load
 
     try:
         if not parse_slos(text):
@@ -194,7 +194,7 @@ class RunConfig:
             raise ConfigError(f"--workers: must be at least 1, got {self.workers}")
         if self.repeat < 1:
             raise ConfigError(f"--repeat: must be at least 1, got {self.repeat}")
-        from harness.client.config import TRANSPORTS
+        from servescope.harness.client.config import TRANSPORTS
 
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"--transport: {self.transport!r} is not one of {', '.join(TRANSPORTS)}")

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from harness.loadgen.dispatcher import Progress as LoadProgress
+from servescope.harness.loadgen.dispatcher import Progress as LoadProgress
 
 REFRESH_S = 0.25
 PERCENTILES = ("p50", "p90", "p99", "p99.9")

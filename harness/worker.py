@@ -22,7 +22,7 @@ from array import array
 from dataclasses import dataclass
 from typing import Any
 
-from harness.loadgen.messages import (
+from servescope.harness.loadgen.messages import (
     EndPhase,
     Exited,
     Job,
@@ -36,8 +36,8 @@ from harness.loadgen.messages import (
     Stop,
     WorkerFailed,
 )
-from harness.records import RequestRecord
-from workloads.types import RequestSpec, Session
+from servescope.rundir.schema import RequestRecord
+from servescope.workloads.types import RequestSpec, Session
 
 LAG_PROBE_S = 0.01  # the sampler's sleep; lag = how much later than this it woke
 FLUSH_INTERVAL_S = 0.05  # records leave the worker at least this often...
@@ -79,11 +79,11 @@ def worker_main(index: int, inbox: Any, outbox: Any, settings: WorkerSettings) -
 
 
 def _make_client(settings: WorkerSettings) -> Any:
-    from harness.client import ClientConfig, StreamingClient
+    from servescope.harness.client import ClientConfig, StreamingClient
 
     kwargs = dict(settings.client)
     if settings.count_tokens:
-        from workloads import load_tokenizer
+        from servescope.workloads.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(settings.tokenizer, target_is_reference=settings.tokenizer is None)
         # Generated text: no special tokens added (a prompt count adds BOS; an output count must not).

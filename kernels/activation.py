@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import check_dtype, check_last_dim_contiguous
+from servescope.kernels.common import check_dtype, check_last_dim_contiguous
 
 BLOCK = 1024
 

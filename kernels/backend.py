@@ -18,15 +18,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.activation import silu_and_mul
-from kernels.gemv import GemvConfig, GemvPolicy, gemv
-from kernels.kv_write import write_kv
-from kernels.paged_decode_attention import DEFAULT_CONFIG as DECODE_CONFIG
-from kernels.paged_decode_attention import DecodeConfig, decode_attention
-from kernels.paged_prefill_attention import DEFAULT_CONFIG as PREFILL_CONFIG
-from kernels.paged_prefill_attention import PrefillConfig, prefill_attention
-from kernels.rmsnorm import rms_norm
-from kernels.rope import rope, rope_write_kv
+from servescope.kernels.activation import silu_and_mul
+from servescope.kernels.gemv import GemvConfig, GemvPolicy, gemv
+from servescope.kernels.kv_write import write_kv
+from servescope.kernels.paged_decode_attention import DEFAULT_CONFIG as DECODE_CONFIG
+from servescope.kernels.paged_decode_attention import DecodeConfig, decode_attention
+from servescope.kernels.paged_prefill_attention import DEFAULT_CONFIG as PREFILL_CONFIG
+from servescope.kernels.paged_prefill_attention import PrefillConfig, prefill_attention
+from servescope.kernels.rmsnorm import rms_norm
+from servescope.kernels.rope import rope, rope_write_kv
 
 
 class TritonOps:

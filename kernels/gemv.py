@@ -41,7 +41,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import check_dtype, check_last_dim_contiguous, check_same_device, check_shape, upcast_dots
+from servescope.kernels.common import (
+    check_dtype,
+    check_last_dim_contiguous,
+    check_same_device,
+    check_shape,
+    upcast_dots,
+)
 
 MAX_ROWS = 16
 PROLOGUES = ("none", "silu_mul", "norm")

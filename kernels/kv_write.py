@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import check_dtype, check_last_dim_contiguous, check_shape
+from servescope.kernels.common import check_dtype, check_last_dim_contiguous, check_shape
 
 
 def write_kv_ref(

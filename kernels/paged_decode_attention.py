@@ -29,13 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import (
+from servescope.kernels.common import (
     check_dtype,
     check_last_dim_contiguous,
     check_paged_cache,
     check_shape,
-    gather_context,
     dot_precision,
+    gather_context,
     upcast_dots,
 )
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import check_dtype, check_last_dim_contiguous, check_shape
+from servescope.kernels.common import check_dtype, check_last_dim_contiguous, check_shape
 
 
 def rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
@@ -101,7 +101,7 @@ def rope_write_kv_ref(
     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
 ) -> None:
     """rope_ref on q and k in place, then k and v into the paged caches at slot_mapping (negative: skip)."""
-    from kernels.kv_write import write_kv_ref
+    from servescope.kernels.kv_write import write_kv_ref
 
     rope_ref(q, k, positions, cos_sin_cache)
     write_kv_ref(k, v, k_cache, v_cache, slot_mapping)

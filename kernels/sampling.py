@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import check_same_device, check_shape
+from servescope.kernels.common import check_same_device, check_shape
 
 MAX_ROUNDS = 32
 BLOCK = 4096  # scores per block; see launch_config

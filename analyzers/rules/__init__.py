@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from typing import Callable
 
-from analyzers.context import DiagnosisContext, build_context
-from analyzers.findings import Finding, rank_findings
-from analyzers.rules.client_bound import client_bound
-from analyzers.rules.convoy import convoy
-from analyzers.rules.errors import errors
-from analyzers.rules.prefix_cache import prefix_cache
-from analyzers.rules.preemption import preemption
-from analyzers.rules.queueing import queueing
-from analyzers.rules.spec_decode import spec_decode
-from analyzers.rules.tail import tail
-from analyzers.rundata import RunData
+from servescope.analyzers.context import DiagnosisContext, build_context
+from servescope.analyzers.findings import Finding, rank_findings
+from servescope.analyzers.rules.client_bound import client_bound
+from servescope.analyzers.rules.convoy import convoy
+from servescope.analyzers.rules.errors import errors
+from servescope.analyzers.rules.preemption import preemption
+from servescope.analyzers.rules.prefix_cache import prefix_cache
+from servescope.analyzers.rules.queueing import queueing
+from servescope.analyzers.rules.spec_decode import spec_decode
+from servescope.analyzers.rules.tail import tail
+from servescope.rundir.reader import RunData
 
 Rule = Callable[[DiagnosisContext], "Finding | None"]
 

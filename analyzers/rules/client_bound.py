@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from analyzers import charts
-from analyzers.context import DiagnosisContext
-from analyzers.findings import Finding
-from analyzers.rules.common import ms
+from servescope.analyzers import charts
+from servescope.analyzers.context import DiagnosisContext
+from servescope.analyzers.findings import Finding
+from servescope.analyzers.rules.common import ms
 
 
 def client_bound(ctx: DiagnosisContext) -> Finding | None:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from analyzers import charts
-from analyzers.context import DiagnosisContext
-from analyzers.findings import Finding
-from analyzers.rules.common import pct
+from servescope.analyzers import charts
+from servescope.analyzers.context import DiagnosisContext
+from servescope.analyzers.findings import Finding
+from servescope.analyzers.rules.common import pct
 
 HIGH_RATE, MEDIUM_RATE = 0.05, 0.01
 TIME_BINS = 20

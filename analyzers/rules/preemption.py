@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from analyzers import charts
-from analyzers.context import DiagnosisContext
-from analyzers.findings import Finding
-from analyzers.rules.common import median, ms
+from servescope.analyzers import charts
+from servescope.analyzers.context import DiagnosisContext
+from servescope.analyzers.findings import Finding
+from servescope.analyzers.rules.common import median, ms
 
 HIGH_PER_REQUEST = 0.05  # preemptions per measured request
 KV_FULL = 0.90

@@ -14,11 +14,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analyzers import charts
-from analyzers.context import DiagnosisContext
-from analyzers.findings import Finding
-from analyzers.metrics import describe
-from analyzers.rules.common import ms, pct
+from servescope.analyzers import charts
+from servescope.analyzers.context import DiagnosisContext
+from servescope.analyzers.findings import Finding
+from servescope.analyzers.metrics import describe
+from servescope.analyzers.rules.common import ms, pct
 
 MIN_EXPECTED = 5
 MIN_HIT_RATE = 0.10  # below this (and with no prefix groups) hits are incidental block matches

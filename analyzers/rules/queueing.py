@@ -26,10 +26,10 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
-from analyzers import charts
-from analyzers.context import DiagnosisContext
-from analyzers.findings import Finding
-from analyzers.rules.common import median, ms
+from servescope.analyzers import charts
+from servescope.analyzers.context import DiagnosisContext
+from servescope.analyzers.findings import Finding
+from servescope.analyzers.rules.common import median, ms
 
 MIN_REQUESTS = 20
 RATE_EXCESS = 1.10  # arrivals at least 10% above completions

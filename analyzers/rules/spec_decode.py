@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analyzers import charts
-from analyzers.context import DiagnosisContext
-from analyzers.findings import Finding
-from analyzers.rules.common import median, ms, pct
-from analyzers.slices import labels
+from servescope.analyzers import charts
+from servescope.analyzers.context import DiagnosisContext
+from servescope.analyzers.findings import Finding
+from servescope.analyzers.rules.common import median, ms, pct
+from servescope.analyzers.slices import labels
 
 LOW_ACCEPTANCE = 0.30
 MIN_SLICE = 10

@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 from scipy.stats import fisher_exact
 
-from analyzers import charts
-from analyzers.context import DiagnosisContext
-from analyzers.findings import Finding
-from analyzers.rules.common import pct
-from analyzers.slices import DIMENSIONS, labels
+from servescope.analyzers import charts
+from servescope.analyzers.context import DiagnosisContext
+from servescope.analyzers.findings import Finding
+from servescope.analyzers.rules.common import pct
+from servescope.analyzers.slices import DIMENSIONS, labels
 
 MIN_REQUESTS = 200
 MIN_TAIL = 10

@@ -7,7 +7,7 @@
     await client.aclose()
 """
 
-from harness.client.client import StreamingClient
-from harness.client.config import TRANSPORTS, ClientConfig
+from servescope.harness.client.client import StreamingClient
+from servescope.harness.client.config import TRANSPORTS, ClientConfig
 
 __all__ = ["ClientConfig", "StreamingClient", "TRANSPORTS"]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from harness.client.config import ClientConfig
-from harness.client.endpoint import API_PATHS
+from servescope.harness.client.config import ClientConfig
+from servescope.harness.client.endpoint import API_PATHS
 
 if TYPE_CHECKING:
-    from workloads.types import RequestSpec
+    from servescope.workloads.types import RequestSpec
 
 try:  # orjson is optional: about 5x faster than json.dumps for these bodies.
     import orjson

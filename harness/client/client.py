@@ -12,11 +12,11 @@ import asyncio
 from time import perf_counter
 from typing import TYPE_CHECKING
 
-from harness.client.body import FORCE_FIELDS, api_path, forces_output_length, request_body
-from harness.client.config import ClientConfig
-from harness.client.endpoint import Endpoint
-from harness.client.exchange import Exchange
-from harness.client.outcome import (
+from servescope.harness.client.body import FORCE_FIELDS, api_path, forces_output_length, request_body
+from servescope.harness.client.config import ClientConfig
+from servescope.harness.client.endpoint import Endpoint
+from servescope.harness.client.exchange import Exchange
+from servescope.harness.client.outcome import (
     ProtocolError,
     StreamError,
     apply_json,
@@ -25,11 +25,11 @@ from harness.client.outcome import (
     server_error_message,
     truncate,
 )
-from harness.client.transports import make_transport
-from harness.records import RequestRecord
+from servescope.harness.client.transports import make_transport
+from servescope.rundir.schema import RequestRecord
 
 if TYPE_CHECKING:  # the client only reads a spec's fields; no import-time tie to workloads
-    from workloads.types import RequestSpec
+    from servescope.workloads.types import RequestSpec
 
 # How the notice starts that says the target refused to have output lengths forced.
 FORCE_REJECTED_NOTICE = f"the target rejected {' / '.join(FORCE_FIELDS)}"

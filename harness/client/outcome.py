@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from harness.client.body import loads
-from harness.client.exchange import Exchange
-from harness.client.sse import split_events
-from harness.records import RequestRecord
+from servescope.harness.client.body import loads
+from servescope.harness.client.exchange import Exchange
+from servescope.harness.client.sse import split_events
+from servescope.rundir.schema import RequestRecord
 
 MAX_ERROR_MESSAGE = 500
 # Per-request speculative-decoding counters inside `usage`: the reference

@@ -39,9 +39,9 @@ import click
               help="Folder for the steps' run directories, capacity.json and capacity.html (default runs/capacity-<time>).")
 def capacity(**o: object) -> None:
     """Find the highest request rate that meets the SLO (grow the rate, then bisect)."""
-    from analyzers.capacity import CapacityError, CapacitySettings, run_capacity
-    from analyzers.slo import SLOError
-    from harness.config import ConfigError, RunConfig, parse_duration
+    from servescope.analyzers.capacity import CapacityError, CapacitySettings, run_capacity
+    from servescope.harness.config import ConfigError, RunConfig, parse_duration
+    from servescope.slo import SLOError
 
     out = o["out"] or _default_out()
     if (out / "capacity.json").exists():

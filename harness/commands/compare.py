@@ -51,8 +51,8 @@ def compare(base: Path, cand: Path, threshold: str, alpha: float, error_margin: 
 
     Exit 1 when a gated metric regressed significantly, 2 when the runs cannot be compared.
     """
-    from analyzers.compare import DEFAULT_GATES, CompareInputError, CompareSettings, compare_runs
-    from analyzers.regression_report import headline, write_outputs
+    from servescope.analyzers.compare import DEFAULT_GATES, CompareInputError, CompareSettings, compare_runs
+    from servescope.analyzers.regression_report import headline, write_outputs
 
     gate_list = tuple(g.strip() for item in gates for g in item.split(",") if g.strip()) or DEFAULT_GATES
     try:
@@ -85,8 +85,8 @@ def _print_table(result) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from analyzers.compare import VERDICT_IMPROVED, VERDICT_REGRESSED
-    from analyzers.regression_report import format_change, format_p, format_value
+    from servescope.analyzers.compare import VERDICT_IMPROVED, VERDICT_REGRESSED
+    from servescope.analyzers.regression_report import format_change, format_p, format_value
 
     table = Table(title="servescope compare", show_lines=False)
     for col in ("metric", "baseline", "candidate", "change [CI]", "p", "verdict"):

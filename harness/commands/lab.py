@@ -32,7 +32,7 @@ def lab(name: str, out: Path | None, scale: float) -> None:
     spec          speculative decoding (ngram) on vs off
     saturation    request rate above vs below capacity
     """
-    from analyzers.lab import LABS, LabError, run_lab
+    from servescope.analyzers.lab import LABS, LabError, run_lab
 
     out = out or Path("runs") / f"lab-{name}-{datetime.now():%Y%m%d-%H%M%S}"
     lab_def = LABS[name]

@@ -22,8 +22,9 @@ def report(run_dir: Path, slo: str | None) -> None:
     """(Re)build RUN_DIR/summary.json, findings.json and report.html from the recorded requests."""
     import json
 
-    from analyzers import RunDirError, SLOError, parse_slos
-    from analyzers.report import build_report
+    from servescope.analyzers.report import build_report
+    from servescope.rundir.schema import RunDirError
+    from servescope.slo import SLOError, parse_slos
 
     try:
         slos = parse_slos(slo) if slo is not None else None

@@ -53,8 +53,8 @@ WORKERS_HELP = (
 @click.option("--grace", default="5s", show_default=True, help="Ctrl-C: how long in-flight requests may finish.")
 def run(**options: object) -> None:
     """Drive a target (or the bundled engine) with a workload and measure every request."""
-    from harness.api import EXIT_USAGE, execute_run
-    from harness.config import ConfigError, RunConfig
+    from servescope.harness.api import EXIT_USAGE, execute_run
+    from servescope.harness.config import ConfigError, RunConfig
 
     try:
         config = RunConfig(

@@ -30,9 +30,8 @@ import click
 def slice_cmd(source: Path, out_dir: Path | None, pairs: tuple[str, ...], mapping_file: Path | None,
               time_unit: str | None, fmt: str | None, slo: str | None, no_report: bool) -> None:
     """Slice and diagnose the requests of LOGFILE (JSONL/CSV) or of a run directory DIR."""
-    from analyzers.log_import import ColumnMapping, LogImportError, import_log
-
-    from analyzers.slo import SLOError, parse_slos
+    from servescope.analyzers.log_import import ColumnMapping, LogImportError, import_log
+    from servescope.slo import SLOError, parse_slos
 
     if source.is_dir():
         if pairs or mapping_file or fmt or time_unit or slo:
@@ -50,7 +49,7 @@ def slice_cmd(source: Path, out_dir: Path | None, pairs: tuple[str, ...], mappin
         click.echo(f"imported {source} -> {run_dir}")
     print_slices(run_dir)
     if not no_report:
-        from analyzers.report import build_report
+        from servescope.analyzers.report import build_report
 
         click.echo(f"wrote {build_report(run_dir)}")
 
@@ -60,9 +59,9 @@ def print_slices(run_dir: Path, top: int = 12) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from analyzers.context import build_context
-    from analyzers.rundata import load_run
-    from analyzers.slices import all_slice_tables
+    from servescope.analyzers.context import build_context
+    from servescope.analyzers.slices import all_slice_tables
+    from servescope.rundir.reader import load_run
 
     ctx = build_context(load_run(run_dir))
     overall_ok = ctx.ok

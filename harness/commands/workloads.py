@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from workloads.errors import WorkloadError
-from workloads.spec import list_presets, preset_path
+from servescope.workloads.errors import WorkloadError
+from servescope.workloads.spec import list_presets, preset_path
 
 
 @click.group("workloads", invoke_without_command=True)

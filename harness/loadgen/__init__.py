@@ -6,7 +6,7 @@
 - `dispatcher`: the main process's side; `pool`: worker processes on this host.
 """
 
-from harness.loadgen.models import (
+from servescope.harness.loadgen.models import (
     WARMUP_PHASE,
     ConcurrencyLoad,
     Phase,

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from harness.config import Arrival
+from servescope.harness.config import Arrival
 
 _BATCH = 1024  # gaps drawn per numpy call
 

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from harness.loadgen.messages import (
+from servescope.harness.loadgen.messages import (
     EndPhase,
     Exited,
     Job,
@@ -34,8 +34,8 @@ from harness.loadgen.messages import (
     Stop,
     WorkerFailed,
 )
-from harness.loadgen.models import ConcurrencyLoad, Phase, RateLoad, TraceLoad
-from workloads.types import Session
+from servescope.harness.loadgen.models import ConcurrencyLoad, Phase, RateLoad, TraceLoad
+from servescope.workloads.types import Session
 
 LOOKAHEAD_S = 0.5  # open loop: hand a session to its worker this long before it is due
 MAX_AHEAD = 4096  # ...but never more than this many undelivered sessions at once

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from workloads.types import Session
+from servescope.workloads.types import Session
 
 # -- dispatcher -> worker ---------------------------------------------------------------
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.config import DEFAULT_DURATION_S, Arrival, ConfigError, RunConfig
-from harness.loadgen.arrivals import expected_count, send_offsets, slot_offsets
+from servescope.harness.config import DEFAULT_DURATION_S, Arrival, ConfigError, RunConfig
+from servescope.harness.loadgen.arrivals import expected_count, send_offsets, slot_offsets
 
 WARMUP_PHASE = "warmup"
 

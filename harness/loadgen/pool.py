@@ -18,13 +18,13 @@ import queue
 import signal
 from typing import Any
 
-from harness.worker import WorkerSettings, worker_main
+from servescope.harness.worker import WorkerSettings, worker_main
 
 
 def _context() -> mp.context.BaseContext:
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["harness.worker", "harness.client"])
+        ctx.set_forkserver_preload(["servescope.harness.worker", "servescope.harness.client"])
         return ctx
     return mp.get_context("spawn")
 

@@ -72,7 +72,7 @@ class EngineProcess:
 
     @property
     def argv(self) -> list[str]:
-        args = [sys.executable, "-m", "reference_engine", "--host", self.host, "--port", str(self.port)]
+        args = [sys.executable, "-m", "servescope.reference_engine", "--host", self.host, "--port", str(self.port)]
         if self.preset:
             args += ["--preset", self.preset]
         if not any(a == "--device" or a.startswith("--device=") for a in self.extra_args):

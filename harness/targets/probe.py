@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from harness.config import ConfigError
+from servescope.harness.config import ConfigError
 
 PROBE_TIMEOUT_S = 5.0
 MAX_REASON = 200

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analyzers.rundata import RunData, requests_from_records
+from servescope.rundir.reader import RunData, requests_from_records
 
 
 @dataclass

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from analyzers.metrics import MIN_SAMPLES, bootstrap_rank_interval, describe, percentile_rank
+from servescope.analyzers.metrics import MIN_SAMPLES, bootstrap_rank_interval, describe, percentile_rank
 
 
 def test_percentiles_are_observed_values_with_counts():

@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 
-from analyzers import diagnose
-from analyzers.context import build_context
-from analyzers.rules import RULES
+from servescope.analyzers.context import build_context
+from servescope.analyzers.rules import RULES, diagnose
 
 
 def fired(run, rule=None):

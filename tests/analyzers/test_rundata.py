@@ -5,8 +5,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from analyzers import RunDirError, load_run
-from harness.records import REQUEST_COLUMNS, RequestRecord, arrow_schema
+from servescope.rundir.reader import load_run
+from servescope.rundir.schema import RunDirError
+from servescope.rundir.schema import REQUEST_COLUMNS, RequestRecord, request_arrow_schema
 
 
 def _records(n=5):
@@ -21,7 +22,7 @@ def test_parquet_and_jsonl_load_identically(tmp_path):
     for d in (a, b):
         d.mkdir()
         (d / "run.json").write_text(json.dumps({"status": "complete"}))
-    pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema()), a / "requests.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=request_arrow_schema()), a / "requests.parquet")
     (b / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ra, rb = load_run(a), load_run(b)
     assert list(ra.requests.columns) == list(REQUEST_COLUMNS)

@@ -3,7 +3,7 @@ import json
 import pandas as pd
 import pytest
 
-from analyzers.server_metrics import ServerMetrics
+from servescope.analyzers.server_metrics import ServerMetrics
 
 
 def _frame(rows):

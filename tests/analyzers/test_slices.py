@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from analyzers.charts import sample_indices
-from analyzers.context import build_context
-from analyzers.slices import all_slice_tables, labels, slice_table
+from servescope.analyzers.charts import sample_indices
+from servescope.analyzers.context import build_context
+from servescope.analyzers.slices import all_slice_tables, labels, slice_table
 
 
 def test_slices_by_label_cache_and_spec(make_sim):

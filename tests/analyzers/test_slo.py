@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from analyzers import SLOError, parse_slos, summarize
-from analyzers.slo import evaluate, slos_from_run
+from servescope.analyzers.summary import summarize
+from servescope.slo import SLOError, evaluate, parse_slos, slos_from_run
 
 
 def test_parse_the_documented_example():

@@ -1,6 +1,6 @@
 import pytest
 
-from analyzers import summarize
+from servescope.analyzers.summary import summarize
 
 
 def test_counts_errors_and_warmup_exclusion(sim):
@@ -102,7 +102,7 @@ def test_server_rates_are_exact_when_the_window_falls_between_scrapes() -> None:
     inside it over their own span, not over the whole window (which read 4/4.7 of the truth)."""
     import pandas as pd
 
-    from analyzers.server_metrics import server_view
+    from servescope.analyzers.server_metrics import server_view
 
     rows = [{"t": float(s), "name": "vllm:generation_tokens_total", "labels": "{}", "value": 100.0 * s}
             for s in range(10)]

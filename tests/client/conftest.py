@@ -7,11 +7,11 @@ import time
 from typing import Any
 
 import pytest
-
-from harness.client import ClientConfig, StreamingClient
-from harness.records import RequestRecord
 from support.scripted_server import ScriptedServer
-from workloads.types import RequestSpec
+
+from servescope.harness.client import ClientConfig, StreamingClient
+from servescope.rundir.schema import RequestRecord
+from servescope.workloads.types import RequestSpec
 
 TRANSPORTS = ("fast", "httpx", "aiohttp")
 

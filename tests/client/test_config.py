@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness.client import ClientConfig
-from harness.client.endpoint import Endpoint
+from servescope.harness.client import ClientConfig
+from servescope.harness.client.endpoint import Endpoint
 
 
 def test_api_key_is_not_in_repr() -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-from harness.client import ClientConfig, StreamingClient
-from harness.records import RequestRecord
 from support.scripted_server import ScriptedServer
+
+from servescope.harness.client import ClientConfig, StreamingClient
+from servescope.rundir.schema import RequestRecord
 
 
 def test_prewarm_opens_n_connections_and_requests_reuse_them(server, transport, make_spec) -> None:

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from harness.client import ClientConfig, StreamingClient
-from harness.records import RequestRecord
+from servescope.harness.client import ClientConfig, StreamingClient
+from servescope.rundir.schema import RequestRecord
 
 
 @pytest.mark.parametrize(

@@ -12,13 +12,13 @@ import asyncio
 import time
 
 import pytest
-
-from harness.client import ClientConfig, StreamingClient
-from harness.client.client import FORCE_REJECTED_NOTICE
-from harness.client.outcome import chunk_token_counts
-from harness.records import RequestRecord
 from support.scripted_server import ScriptedServer
-from workloads import load_tokenizer
+
+from servescope.harness.client import ClientConfig, StreamingClient
+from servescope.harness.client.client import FORCE_REJECTED_NOTICE
+from servescope.harness.client.outcome import chunk_token_counts
+from servescope.rundir.schema import RequestRecord
+from servescope.workloads.tokenizer import load_tokenizer
 
 TOL = 0.005
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from harness.client.sse import split_events
+from servescope.harness.client.sse import split_events
 
 
 def test_events_split_across_reads_keep_the_time_of_the_read_that_ended_them() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-
 TOL = 0.002  # 2 ms: the DESIGN's bar at low load, held by the default (fast) transport
 # The fallbacks parse in Python objects between the socket and the caller; httpx in
 # particular was seen 3 ms late on a first chunk (benchmarks/loadgen_capacity.py

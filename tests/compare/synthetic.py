@@ -6,14 +6,12 @@ must find a planted shift and stay quiet without one, which needs a known truth.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from harness.records import REQUESTS_PARQUET, RUN_JSON, RequestRecord, arrow_schema
+from servescope.rundir.schema import RequestRecord
+from servescope.rundir.writer import write_run_dir
 
 WORKLOAD = {"name": "synthetic", "classes": [{"prompt_tokens": 256, "max_tokens": 32}]}
 
@@ -36,7 +34,6 @@ def write_run(
     and the rank test see realistic skew; `error_rate` turns requests into 5xx.
     """
     rng = np.random.default_rng(seed)
-    out.mkdir(parents=True, exist_ok=True)
     rows = []
     # Arrivals have their own seed: a real run with the same --seed replays the same schedule.
     sent = np.cumsum(np.random.default_rng(arrival_seed).exponential(1.0 / rate, size=n))
@@ -64,7 +61,5 @@ def write_run(
         else:
             rec.end_at = rec.sent_at + 0.01
         rows.append(rec.to_dict())
-    pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema()), out / REQUESTS_PARQUET)
     run = {"status": "complete", "workload": workload or WORKLOAD, "load_model": {"kind": "rate", "rate": rate}, "seed": seed}
-    (out / RUN_JSON).write_text(json.dumps(run))
-    return out
+    return write_run_dir(out, run, rows)

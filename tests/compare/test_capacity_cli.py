@@ -13,13 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from support.browser import needs_chromium, visit
 from support.scripted_server import ScriptedServer
 
 
 def capacity(target: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "harness", "capacity", "--target", target, "--model", "m",
+    cmd = [sys.executable, "-m", "servescope", "capacity", "--target", target, "--model", "m",
            "--prompt-tokens", "16", "--max-tokens", "4", "--start-rate", "4", "--max-rate", "16",
            "--step-duration", "1s", "--max-steps", "4", "--out", str(out), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)

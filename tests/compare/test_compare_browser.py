@@ -3,11 +3,11 @@
 from pathlib import Path
 
 import pytest
-
-from analyzers.compare import compare_runs
-from analyzers.regression_report import to_html
 from support.browser import needs_chromium, visit
 from synthetic import write_run
+
+from servescope.analyzers.compare import compare_runs
+from servescope.analyzers.regression_report import to_html
 
 
 @pytest.mark.browser

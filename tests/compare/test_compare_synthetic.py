@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from synthetic import write_run
 
-from analyzers.compare import (
+from servescope.analyzers.compare import (
     VERDICT_IMPROVED,
     VERDICT_REGRESSED,
     VERDICT_SAME,
@@ -17,9 +18,8 @@ from analyzers.compare import (
     CompareSettings,
     compare_runs,
 )
-from analyzers.regression_report import to_junit, to_markdown
-from harness.cli import main
-from synthetic import write_run
+from servescope.analyzers.regression_report import to_junit, to_markdown
+from servescope.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from analyzers.capacity import CapacitySettings, run_capacity
-from analyzers.compare import VERDICT_REGRESSED, compare_runs
-from harness.api import execute_run
-from harness.config import RunConfig
-from harness.targets.engine import EngineProcess
+from servescope.analyzers.capacity import CapacitySettings, run_capacity
+from servescope.analyzers.compare import VERDICT_REGRESSED, compare_runs
+from servescope.harness.api import execute_run
+from servescope.harness.config import RunConfig
+from servescope.harness.targets.engine import EngineProcess
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +86,7 @@ def test_planted_slowdown_is_flagged(engines: dict[str, str], baseline: Path, tm
 def test_run_slo_exit_codes_and_goodput(engines: dict[str, str], tmp_path: Path) -> None:
     """`servescope run --slo`: exit 0 and goodput = throughput when met; exit 1 and goodput 0 when missed."""
     def run(slo: str, out: Path) -> tuple[int, dict]:
-        cmd = [sys.executable, "-m", "harness", "run", "--target", engines["fast"], "--prompt-tokens", "64",
+        cmd = [sys.executable, "-m", "servescope", "run", "--target", engines["fast"], "--prompt-tokens", "64",
                "--max-tokens", "8", "--concurrency", "2", "--duration", "2s", "--slo", slo, "--out", str(out), "--no-report"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         return proc.returncode, json.loads((out / "summary.json").read_text())

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from analyzers.log_import import ColumnMapping, LogImportError, import_log, read_log, to_request_rows
-from analyzers.rundata import load_run
-from harness.cli import main
+from servescope.analyzers.log_import import ColumnMapping, LogImportError, import_log, read_log, to_request_rows
+from servescope.cli import main
+from servescope.rundir.reader import load_run
 
 
 def _write_csv(path: Path, n: int = 60) -> Path:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analyzers.metrics import percentile_rank
-from analyzers.stats import compare_stat, point_stat, quantile_replicates, rank_test
+from servescope.analyzers.metrics import percentile_rank
+from servescope.analyzers.stats import compare_stat, point_stat, quantile_replicates, rank_test
 
 
 def test_quantile_replicates_match_brute_force_bootstrap() -> None:

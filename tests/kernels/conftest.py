@@ -7,7 +7,6 @@ before kernels/* is imported, which is why it happens here at import time.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -16,16 +15,6 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-
-# The suite puts tests/ first on sys.path, where this folder (tests/kernels, no
-# __init__.py) would shadow the real `kernels` package as a namespace package
-# under plain `pytest` (the editable install's finder runs after the path
-# finder). Put the repository root ahead of it and drop a shadow already loaded.
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if sys.path[0] != REPO_ROOT:
-    sys.path.insert(0, REPO_ROOT)
-if getattr(sys.modules.get("kernels"), "__file__", "") is None:
-    del sys.modules["kernels"]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -9,8 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.paged_decode_attention import DecodeConfig, choose_num_splits, decode_attention, decode_attention_ref
-from kernels.paged_prefill_attention import PrefillConfig, prefill_attention, prefill_attention_ref
+from servescope.kernels.paged_decode_attention import (
+    DecodeConfig,
+    choose_num_splits,
+    decode_attention,
+    decode_attention_ref,
+)
+from servescope.kernels.paged_prefill_attention import PrefillConfig, prefill_attention, prefill_attention_ref
 
 # 1 token, mid-page, a page edge (16, 48), one past an edge, several pages.
 DECODE_LENS = [1, 7, 16, 17, 48, 70]
@@ -118,11 +123,9 @@ def test_prefill_single_token_extend_equals_decode(paged_batch, generator, devic
 def test_default_config_split_tiles_match_reference(paged_batch, generator, device, assert_close) -> None:
     """The default config streams long splits in its bigger split tiles (128 tokens, 2 stages):
     contexts ending mid-page and mid-tile, one shorter than a tile, against the reference."""
-    from kernels.paged_decode_attention import DEFAULT_CONFIG
-
     from dataclasses import replace
 
-    from kernels.paged_decode_attention import SPLIT_TILES_MIN
+    from servescope.kernels.paged_decode_attention import DEFAULT_CONFIG, SPLIT_TILES_MIN
 
     assert DEFAULT_CONFIG.split_block_n == 128 and DEFAULT_CONFIG.block_n == 64
     batch = paged_batch([1500, 95, 2000], 2, 64, 16, torch.bfloat16, generator)

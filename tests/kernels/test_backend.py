@@ -7,10 +7,10 @@ import inspect
 import pytest
 import torch
 
-from kernels.backend import TritonOps
-from kernels.kv_write import write_kv_ref
-from kernels.paged_decode_attention import DecodeConfig, decode_attention_ref
-from kernels.paged_prefill_attention import PrefillConfig, prefill_attention_ref
+from servescope.kernels.backend import TritonOps
+from servescope.kernels.kv_write import write_kv_ref
+from servescope.kernels.paged_decode_attention import DecodeConfig, decode_attention_ref
+from servescope.kernels.paged_prefill_attention import PrefillConfig, prefill_attention_ref
 
 OPS_METHODS = ["rms_norm", "rope", "silu_and_mul", "write_kv", "decode_attention", "prefill_attention",
                "rope_write_kv", "linear", "norm_linear", "silu_mul_linear"]
@@ -60,7 +60,7 @@ def test_prefill_then_decode_through_the_cache(generator, device, assert_close):
 
 def test_same_methods_as_torch_ops():
     """TritonOps is a drop-in for the engine's TorchOps: same method names and parameters."""
-    ops_module = pytest.importorskip("reference_engine.ops", reason="reference_engine/ops.py not built yet")
+    ops_module = pytest.importorskip("servescope.reference_engine.ops", reason="reference_engine/ops.py not built yet")
     torch_ops = ops_module.TorchOps
     for name in OPS_METHODS:
         ours = list(inspect.signature(getattr(TritonOps, name)).parameters)

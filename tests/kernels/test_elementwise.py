@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.activation import silu_and_mul, silu_and_mul_ref
-from kernels.kv_write import write_kv, write_kv_ref
-from kernels.rmsnorm import rms_norm, rms_norm_ref
-from kernels.rope import rope, rope_ref, rope_write_kv, rope_write_kv_ref
+from servescope.kernels.activation import silu_and_mul, silu_and_mul_ref
+from servescope.kernels.kv_write import write_kv, write_kv_ref
+from servescope.kernels.rmsnorm import rms_norm, rms_norm_ref
+from servescope.kernels.rope import rope, rope_ref, rope_write_kv, rope_write_kv_ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference_engine.config import EngineConfig
-from reference_engine.engine import LLMEngine
-from reference_engine.model_runner import graph_buckets
-from reference_engine.sequence import SamplingParams
+from servescope.reference_engine.config import EngineConfig
+from servescope.reference_engine.engine import LLMEngine
+from servescope.reference_engine.model_runner import graph_buckets
+from servescope.reference_engine.sequence import SamplingParams
 
 GREEDY = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (6, 9, 2)]
 
@@ -80,8 +80,8 @@ def test_piecewise_path_of_mixed_steps_matches_torch(async_scheduling: bool) -> 
 def test_piecewise_setting_is_validated_and_reaches_the_cli() -> None:
     from click.testing import CliRunner
 
-    from reference_engine.cli import serve
-    from reference_engine.errors import ConfigError
+    from servescope.reference_engine.cli import serve
+    from servescope.reference_engine.errors import ConfigError
 
     with pytest.raises(ConfigError, match="piecewise-graph-max-tokens"):
         EngineConfig(piecewise_graph_max_tokens=-1)

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from kernels.backend import TritonOps
-from kernels.gemv import MAX_ROWS, GemvConfig, GemvPolicy, gemv, gemv_ref
-from reference_engine.ops import TorchOps
+from servescope.kernels.backend import TritonOps
+from servescope.kernels.gemv import MAX_ROWS, GemvConfig, GemvPolicy, gemv, gemv_ref
+from servescope.reference_engine.ops import TorchOps
 
 HALF = [torch.bfloat16, torch.float16]
 CONFIGS = [

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.activation import silu_and_mul, silu_and_mul_ref
-from kernels.paged_decode_attention import decode_attention, decode_attention_ref
-from kernels.paged_prefill_attention import prefill_attention, prefill_attention_ref
-from kernels.rmsnorm import rms_norm, rms_norm_ref
+from servescope.kernels.activation import silu_and_mul, silu_and_mul_ref
+from servescope.kernels.paged_decode_attention import decode_attention, decode_attention_ref
+from servescope.kernels.paged_prefill_attention import prefill_attention, prefill_attention_ref
+from servescope.kernels.rmsnorm import rms_norm, rms_norm_ref
 
 pytestmark = pytest.mark.gpu
 
@@ -47,7 +47,7 @@ def test_elementwise_bf16(generator, assert_close):
 def test_gemv_decode_projections_bf16(generator, assert_close):
     """llama3-8b's decode projections at 1-16 rows, each prologue, with the config the tuned policy
     picks on this GPU (or the untuned default), plus one shape off the block grid."""
-    from kernels.gemv import PROLOGUES, GemvPolicy, default_config, gemv, gemv_ref
+    from servescope.kernels.gemv import PROLOGUES, GemvPolicy, default_config, gemv, gemv_ref
 
     policy = GemvPolicy(torch.cuda.get_device_name(), mode="tuned")
     for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (6000, 4000)]:
@@ -68,8 +68,8 @@ def test_gemv_decode_projections_bf16(generator, assert_close):
 
 def test_rope_write_kv_bf16_is_rope_then_write_kv(generator):
     """llama3-8b's heads (32 query, 8 KV, d=128): the fused kernel equals the two kernels bit for bit."""
-    from kernels.kv_write import write_kv
-    from kernels.rope import rope, rope_write_kv
+    from servescope.kernels.kv_write import write_kv
+    from servescope.kernels.rope import rope, rope_write_kv
 
     tokens, hq, hkv, d, page = 5, 32, 8, 128, 16
     qkv = torch.randn(tokens, (hq + 2 * hkv) * d, generator=generator).to(torch.bfloat16).cuda()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from kernels.sampling import BLOCK, top_p_probs_ref, top_p_sample
+from servescope.kernels.sampling import BLOCK, top_p_probs_ref, top_p_sample
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs the kernel on Triton's interpreter
 
@@ -100,8 +100,8 @@ def test_same_seed_same_draws_and_bad_input():
 def test_device_sampler_routes_top_p_rows_through_the_kernel():
     """DeviceSampler(sampling_kernel=True): top-p rows come from the kernel (inside their nucleus, and
     different draws from the sorting path's), greedy rows stay argmax, min_tokens still masks EOS."""
-    from reference_engine.sampler import DeviceSampler, SampleRequest
-    from reference_engine.sequence import SamplingParams, Sequence
+    from servescope.reference_engine.sampler import DeviceSampler, SampleRequest
+    from servescope.reference_engine.sequence import SamplingParams, Sequence
 
     gen = torch.Generator().manual_seed(6)
     logits = torch.randn(4, 300, generator=gen) * 2
@@ -128,8 +128,8 @@ def test_device_sampler_routes_top_p_rows_through_the_kernel():
 def test_temperature_alone_takes_the_kernel_only_at_large_batches():
     """Temperature-only batches below DeviceSampler.TEMPERATURE_KERNEL_MIN_ROWS stay on the torch
     ops (the same draws as the torch path from the same seed); from that many rows on, the kernel."""
-    from reference_engine.sampler import DeviceSampler, SampleRequest
-    from reference_engine.sequence import SamplingParams, Sequence
+    from servescope.reference_engine.sampler import DeviceSampler, SampleRequest
+    from servescope.reference_engine.sequence import SamplingParams, Sequence
 
     def draws(rows: int, kernel: bool) -> torch.Tensor:
         logits = torch.randn(rows, 300, generator=torch.Generator().manual_seed(rows)).to(DEVICE)

@@ -17,14 +17,14 @@ import sys
 
 # kernel -> (integer args that must not be specialized, pointer args that must not be on alignment)
 PER_STEP = {
-    "kernels.paged_decode_attention:_decode_split_kernel": (
+    "servescope.kernels.paged_decode_attention:_decode_split_kernel": (
         ["stride_table", "num_splits"], ["block_tables_ptr", "context_lens_ptr"]),
-    "kernels.paged_decode_attention:_decode_reduce_kernel": (["num_splits"], []),
-    "kernels.paged_prefill_attention:_prefill_kernel": (
+    "servescope.kernels.paged_decode_attention:_decode_reduce_kernel": (["num_splits"], []),
+    "servescope.kernels.paged_prefill_attention:_prefill_kernel": (
         ["stride_table", "num_m_blocks"], ["block_tables_ptr", "cu_seqlens_ptr", "context_lens_ptr"]),
-    "kernels.rope:_rope_write_kv_kernel": ([], ["positions_ptr", "slot_ptr"]),
-    "kernels.rope:_rope_kernel": ([], ["positions_ptr"]),
-    "kernels.kv_write:_write_kv_kernel": ([], ["slot_ptr"]),
+    "servescope.kernels.rope:_rope_write_kv_kernel": ([], ["positions_ptr", "slot_ptr"]),
+    "servescope.kernels.rope:_rope_kernel": ([], ["positions_ptr"]),
+    "servescope.kernels.kv_write:_write_kv_kernel": ([], ["slot_ptr"]),
 }
 
 _PROBE = """

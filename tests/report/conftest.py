@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from analyzers.synthetic import SyntheticSpec, synthetic_table, write_synthetic_run
+from servescope.analyzers.synthetic import SyntheticSpec, synthetic_table, write_synthetic_run
 
 HOSTILE = "</script><img src=x onerror=alert(1)>"
 

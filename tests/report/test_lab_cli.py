@@ -1,6 +1,6 @@
 from click.testing import CliRunner
 
-from harness.cli import main
+from servescope.cli import main
 
 
 def test_lab_rejects_an_unknown_name_with_the_list():

@@ -3,8 +3,8 @@ import re
 
 from click.testing import CliRunner
 
-from analyzers.report import build_report
-from harness.cli import main
+from servescope.analyzers.report import build_report
+from servescope.cli import main
 
 
 def test_build_report_writes_the_three_files(hostile_run_dir):

@@ -1,9 +1,9 @@
 """The report in a real browser: opens from file://, no console errors, every chart drawn."""
 
 import pytest
-
-from analyzers.report import build_report
 from support.browser import needs_chromium, visit
+
+from servescope.analyzers.report import build_report
 
 
 @pytest.mark.browser

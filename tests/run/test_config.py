@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness.config import Arrival, ConfigError, RunConfig, Sweep, parse_duration, redact_command_line
-from harness.loadgen.arrivals import send_offsets, slot_offsets
-from harness.loadgen.models import WARMUP_PHASE, ConcurrencyLoad, RateLoad, default_workers, plan_phases
+from servescope.harness.config import Arrival, ConfigError, RunConfig, Sweep, parse_duration, redact_command_line
+from servescope.harness.loadgen.arrivals import send_offsets, slot_offsets
+from servescope.harness.loadgen.models import WARMUP_PHASE, ConcurrencyLoad, RateLoad, default_workers, plan_phases
 
 
 @pytest.mark.parametrize("text, seconds", [("500ms", 0.5), ("2s", 2.0), ("1m", 60.0), ("1.5", 1.5), (3, 3.0), ("250us", 0.00025)])

@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from rich.console import Console
-
-from harness.api import execute_run
-from harness.commands.run import run as run_command
-from harness.config import RunConfig
-from harness.console import RunConsole
 from support.scripted_server import ScriptedServer
+
+from servescope.harness.api import execute_run
+from servescope.harness.commands.run import run as run_command
+from servescope.harness.config import RunConfig
+from servescope.harness.console import RunConsole
 
 pytestmark = pytest.mark.timeout(90)
 

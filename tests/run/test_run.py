@@ -14,12 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from harness.api import execute_run
-from harness.commands.run import run as run_command
-from harness.config import RunConfig
-from harness.console import RunConsole
-from harness.records import REQUEST_COLUMNS, arrow_schema
-from harness.targets import free_port
+from servescope.harness.api import execute_run
+from servescope.harness.commands.run import run as run_command
+from servescope.harness.config import RunConfig
+from servescope.harness.console import RunConsole
+from servescope.harness.targets import free_port
+from servescope.rundir.schema import REQUEST_COLUMNS, request_arrow_schema
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -94,7 +94,7 @@ def test_sweep_and_warmup_phases_are_labelled_and_run_json_is_complete(tmp_path,
     assert list(first_sent.index) == ["warmup", "concurrency=1", "concurrency=3"]
 
     table = pq.read_table(outcome.run_dir / "requests.parquet")
-    assert tuple(table.schema.names) == REQUEST_COLUMNS and table.schema.equals(arrow_schema())
+    assert tuple(table.schema.names) == REQUEST_COLUMNS and table.schema.equals(request_arrow_schema())
     meta = _run_json(outcome.run_dir)
     assert meta["status"] == "complete"
     for key in ("servescope_version", "command_line", "target", "model", "workload", "load", "seed", "started_at",
@@ -146,7 +146,7 @@ def test_bad_flags_exit_2_with_a_helpful_message(args, message, tmp_path):
 def test_ctrl_c_stops_cleanly_and_keeps_every_record(sig, tmp_path, slow_server_factory):
     server = slow_server_factory("--first-token-delay", "3.0")
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "harness", "run", "--target", server.base_url, "--rate", "20", "--arrival", "constant",
+    cmd = [sys.executable, "-m", "servescope", "run", "--target", server.base_url, "--rate", "20", "--arrival", "constant",
            "--duration", "30s", "--prompt-tokens", "16", "--max-tokens", "2", "--out", str(out), "--no-report",
            "--grace", "0.5s"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
-from harness.api import EXIT_FAILED, TargetDownWatch, execute_run
-from harness.config import RunConfig
 from support.scripted_server import ScriptedServer
+
+from servescope.harness.api import EXIT_FAILED, TargetDownWatch, execute_run
+from servescope.harness.config import RunConfig
 
 pytestmark = pytest.mark.timeout(120)
 

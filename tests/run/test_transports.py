@@ -15,7 +15,7 @@ def test_the_fallback_transports_drive_a_whole_run(tmp_path: Path) -> None:
     with ScriptedServer() as srv:
         for transport in ("httpx", "aiohttp"):
             out = tmp_path / transport
-            run = subprocess.run([sys.executable, "-m", "harness", "run", "--target", srv.base_url, "--prompt-tokens", "16",
+            run = subprocess.run([sys.executable, "-m", "servescope", "run", "--target", srv.base_url, "--prompt-tokens", "16",
                                   "--max-tokens", "4", "--concurrency", "2", "--requests", "6", "--transport", transport,
                                   "--no-report", "--out", str(out)], capture_output=True, text=True, timeout=120)
             assert run.returncode == 0, run.stderr[-2000:]

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from support.scripted_server import ScriptedServer
 
 # The `engine` extra: torch, triton and aiohttp (the engine's HTTP server); the base install has none.
@@ -33,7 +32,7 @@ sys.meta_path.insert(0, NoTorch())  # module level: spawned worker processes re-
 
 if __name__ == "__main__":
     sys.argv = ["servescope"] + sys.argv[1:]
-    from harness.cli import main
+    from servescope.cli import main
 
     main()
 '''

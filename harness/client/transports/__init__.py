@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from harness.client.config import ClientConfig
-from harness.client.endpoint import Endpoint
-from harness.client.transports.base import Transport
+from servescope.harness.client.config import ClientConfig
+from servescope.harness.client.endpoint import Endpoint
+from servescope.harness.client.transports.base import Transport
 
 # "auto" -> fast: benchmarks/loadgen_capacity.py measured it well ahead of httpx
 # (and aiohttp) in CPU per chunk, timing error and first-wave spread.
@@ -14,15 +14,15 @@ AUTO = "fast"
 def make_transport(config: ClientConfig, endpoint: Endpoint) -> Transport:
     name = AUTO if config.transport == "auto" else config.transport
     if name == "fast":
-        from harness.client.transports.fast import FastTransport
+        from servescope.harness.client.transports.fast import FastTransport
 
         return FastTransport(endpoint, config)
     if name == "httpx":
-        from harness.client.transports.httpx_transport import HttpxTransport
+        from servescope.harness.client.transports.httpx_transport import HttpxTransport
 
         return HttpxTransport(endpoint, config)
     if name == "aiohttp":
-        from harness.client.transports.aiohttp_transport import AiohttpTransport
+        from servescope.harness.client.transports.aiohttp_transport import AiohttpTransport
 
         return AiohttpTransport(endpoint, config)
     raise ValueError(f"unknown transport {name!r}")

@@ -13,9 +13,9 @@ from typing import Any
 
 import aiohttp
 
-from harness.client.endpoint import PREWARM_PATHS
-from harness.client.exchange import Exchange
-from harness.client.transports.base import Transport
+from servescope.harness.client.endpoint import PREWARM_PATHS
+from servescope.harness.client.exchange import Exchange
+from servescope.harness.client.transports.base import Transport
 
 
 async def _mark(name: str, session: Any, ctx: SimpleNamespace, params: Any) -> None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import abc
 
-from harness.client.config import ClientConfig
-from harness.client.endpoint import Endpoint
-from harness.client.exchange import Exchange
+from servescope.harness.client.config import ClientConfig
+from servescope.harness.client.endpoint import Endpoint
+from servescope.harness.client.exchange import Exchange
 
 USER_AGENT = "servescope/0.1"
 

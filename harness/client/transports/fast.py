@@ -21,9 +21,9 @@ from time import perf_counter
 
 import httptools
 
-from harness.client.endpoint import PREWARM_PATHS
-from harness.client.exchange import Exchange
-from harness.client.transports.base import Transport
+from servescope.harness.client.endpoint import PREWARM_PATHS
+from servescope.harness.client.exchange import Exchange
+from servescope.harness.client.transports.base import Transport
 
 
 class _Connection(asyncio.Protocol):

@@ -15,9 +15,9 @@ from typing import Any
 
 import httpx
 
-from harness.client.endpoint import PREWARM_PATHS
-from harness.client.exchange import Exchange
-from harness.client.transports.base import Transport
+from servescope.harness.client.endpoint import PREWARM_PATHS
+from servescope.harness.client.exchange import Exchange
+from servescope.harness.client.transports.base import Transport
 
 
 class HttpxTransport(Transport):

@@ -5,7 +5,7 @@ Every analyzer starts here, so it is the one place that knows the file layout
 compaction still has `requests.jsonl`, and a run against a target without
 `/metrics` has no server metrics at all.
 
-Both request files go through one Arrow table with `harness.records.arrow_schema()`,
+Both request files go through one Arrow table with `harness.records.request_arrow_schema()`,
 so a JSONL run and a parquet run give identical columns and dtypes.
 """
 
@@ -22,20 +22,21 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from harness.records import (
+from servescope.rundir.jsonio import read_jsonl
+from servescope.rundir.schema import (
+    FORMAT_VERSION,
     REQUESTS_JSONL,
     REQUESTS_PARQUET,
     RUN_JSON,
+    SERVER_METRIC_COLUMNS,
     SERVER_METRICS_JSONL,
     SERVER_METRICS_PARQUET,
-    arrow_schema,
+    RunDirError,
+    conform_requests,
+    request_arrow_schema,
+    request_table,
 )
-
-SERVER_METRIC_COLUMNS = ("t", "name", "labels", "value")
-
-
-class RunDirError(ValueError):
-    """The directory is not a servescope run directory (or its files are unreadable)."""
+from servescope.version import __version__
 
 
 @dataclass
@@ -108,7 +109,7 @@ def load_run(run_dir: str | Path) -> RunData:
 
 def requests_from_records(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """A requests DataFrame from dicts (missing keys become null), typed like the parquet file."""
-    return _requests_frame(_table_from_rows(rows))
+    return _requests_frame(request_table(rows))
 
 
 def _read_run_json(path: Path) -> dict[str, Any]:
@@ -118,57 +119,34 @@ def _read_run_json(path: Path) -> dict[str, Any]:
         raise RunDirError(f"{path}: not valid JSON ({exc}); the run may have been cut off while writing it") from exc
     if not isinstance(data, dict):
         raise RunDirError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    check_format_version(data, path)
     return data
+
+
+def check_format_version(run: dict[str, Any], path: Path | str = RUN_JSON) -> int:
+    """The run directory's format version; a version this reader does not know is refused.
+
+    A run.json without `format_version` predates the field and has the layout of version 1.
+    """
+    version = run.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise RunDirError(f"{path}: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise RunDirError(
+            f"{path}: written in run-directory format {version} by servescope {run.get('servescope_version', '?')}; "
+            f"this servescope ({__version__}) reads formats up to {FORMAT_VERSION}: upgrade servescope to read it"
+        )
+    return version
 
 
 def _read_requests(path: Path) -> pa.Table:
     parquet, jsonl = path / REQUESTS_PARQUET, path / REQUESTS_JSONL
     if parquet.exists():
         table = pq.read_table(parquet)
-        return _conform(table)
+        return conform_requests(table)
     if jsonl.exists():
-        return _table_from_rows(_read_jsonl(jsonl))
-    return arrow_schema().empty_table()
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file; a torn last line (the run died mid-write) is skipped."""
-    rows: list[dict[str, Any]] = []
-    lines = path.read_text().splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            if number == len(lines):
-                break  # torn final write: everything before it is intact
-            raise RunDirError(f"{path}:{number}: not valid JSON ({exc})") from exc
-    return rows
-
-
-def _table_from_rows(rows: list[dict[str, Any]]) -> pa.Table:
-    schema = arrow_schema()
-    names = set(schema.names)
-    clean = [{k: v for k, v in row.items() if k in names} for row in rows]
-    for row in clean:
-        for list_col in ("itl_s", "chunk_tokens"):
-            if row.get(list_col) is None:
-                row[list_col] = []
-    return pa.Table.from_pylist(clean, schema=schema)
-
-
-def _conform(table: pa.Table) -> pa.Table:
-    """Add missing columns as nulls and cast to the contract schema (older or foreign writers)."""
-    schema = arrow_schema()
-    columns = []
-    for f in schema:
-        if f.name in table.column_names:
-            col = table.column(f.name)
-            columns.append(col if col.type == f.type else col.cast(f.type))
-        else:
-            columns.append(pa.nulls(table.num_rows, f.type))
-    return pa.Table.from_arrays(columns, schema=schema)
+        return request_table(read_jsonl(jsonl))
+    return request_arrow_schema().empty_table()
 
 
 def _requests_frame(table: pa.Table) -> pd.DataFrame:
@@ -199,7 +177,7 @@ def _read_server_metrics(path: Path) -> pd.DataFrame:
     if parquet.exists():
         frame = pq.read_table(parquet).to_pandas()
     elif jsonl.exists():
-        frame = pd.DataFrame.from_records(_read_jsonl(jsonl))
+        frame = pd.DataFrame.from_records(read_jsonl(jsonl))
     else:
         frame = pd.DataFrame()
     for col in SERVER_METRIC_COLUMNS:

@@ -12,19 +12,19 @@ import importlib
 
 import click
 
-from harness import __version__
+from servescope.version import __version__
 
 # command name -> ("module:attribute" of its click command, one-line help).
 # The help is kept here so `servescope --help` imports nothing.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("harness.commands.run:run", "Drive a target (or the bundled engine) with a workload and measure every request."),
-    "report": ("harness.commands.report:report", "(Re)build summary.json, findings.json and report.html of a run directory."),
-    "compare": ("harness.commands.compare:compare", "Compare two runs; exit 1 on a significant regression."),
-    "capacity": ("harness.commands.capacity:capacity", "Find the highest request rate that meets the SLO."),
-    "slice": ("harness.commands.slice:slice_cmd", "Slice and diagnose recorded or imported requests (no load sent)."),
-    "serve": ("reference_engine.cli:serve", "Start the bundled reference engine (OpenAI-compatible server)."),
-    "workloads": ("harness.commands.workloads:workloads", "List or show the bundled workload presets."),
-    "lab": ("harness.commands.lab:lab", "Run a scripted experiment and its control on the reference engine."),
+    "run": ("servescope.harness.commands.run:run", "Drive a target (or the bundled engine) with a workload and measure every request."),
+    "report": ("servescope.harness.commands.report:report", "(Re)build summary.json, findings.json and report.html of a run directory."),
+    "compare": ("servescope.harness.commands.compare:compare", "Compare two runs; exit 1 on a significant regression."),
+    "capacity": ("servescope.harness.commands.capacity:capacity", "Find the highest request rate that meets the SLO."),
+    "slice": ("servescope.harness.commands.slice:slice_cmd", "Slice and diagnose recorded or imported requests (no load sent)."),
+    "serve": ("servescope.reference_engine.cli:serve", "Start the bundled reference engine (OpenAI-compatible server)."),
+    "workloads": ("servescope.harness.commands.workloads:workloads", "List or show the bundled workload presets."),
+    "lab": ("servescope.harness.commands.lab:lab", "Run a scripted experiment and its control on the reference engine."),
 }
 
 

@@ -22,31 +22,14 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
+from servescope.rundir.jsonio import dumps, to_jsonable
+
 TEMPLATE_DIR = Path(__file__).parent
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
-
-
-def _finite(value: Any) -> Any:
-    """NaN/inf are not JSON: make them null, recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def safe_json(value: Any) -> str:
     """JSON that is safe inside `<script>`: `<`, `>`, `&` become \\u escapes."""
-    text = json.dumps(_finite(value), default=_json_default, separators=(",", ":"), allow_nan=False)
+    text = dumps(value, indent=None)
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
@@ -79,7 +62,7 @@ def fmt_pct(value: Any, digits: int = 1) -> str:
 
 
 def fmt_json(value: Any, limit: int = 400) -> str:
-    text = json.dumps(_finite(value), default=_json_default, sort_keys=True)
+    text = json.dumps(to_jsonable(value), sort_keys=True)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -106,7 +89,7 @@ def plotly_js() -> Markup:
 
 def render_page(template: str, **context: Any) -> str:
     """Render a report template (one that extends base.html.j2) to a complete HTML string."""
-    from harness import __version__
+    from servescope.version import __version__
 
     context.setdefault("version", __version__)
     context.setdefault("generated_at", _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))

@@ -1,16 +1,29 @@
-"""The per-request record: one row of `requests.parquet` (see DESIGN.md).
+"""The run directory's names and schemas: one definition each, imported by every writer and reader.
 
-This module is the schema contract between the load generator (which fills
-records), the run directory writer (which persists them) and the analyzers
-(which read them back). Column names and meanings follow DESIGN.md exactly;
-times are seconds on one monotonic clock (`time.perf_counter`), relative to the
-run start.
+The load generator fills `RequestRecord`s, `RunDirWriter` persists them with
+`request_arrow_schema()`, and `load_run` reads them back through the same
+schema. Times are seconds on one monotonic clock (`time.perf_counter`),
+relative to the run start.
+
+`FORMAT_VERSION` is written into run.json and checked on read; raise it on any
+change that an older reader would misread (a column renamed, retyped or given
+a new meaning). Adding a nullable column is not such a change: readers fill
+columns a file lacks with nulls.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+FORMAT_VERSION = 1
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be written or read; the message says why and what to do."""
+
+    exit_code = 2
+
 
 # Allowed values, so writers and readers agree on spelling.
 STATUSES = ("ok", "error", "timeout", "cancelled")
@@ -66,6 +79,13 @@ class RequestRecord:
     error_message: str | None = None
     schedule_lag_s: float | None = None
     connect_s: float | None = None
+    node: str | None = None
+    user_class: str | None = None
+    task: str | None = None
+    flow_id: str | None = None
+    step: int | None = None
+    ttft_from_scheduled_s: float | None = None
+    e2e_from_scheduled_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,7 +94,7 @@ class RequestRecord:
 REQUEST_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(RequestRecord))
 
 
-def arrow_schema():
+def request_arrow_schema():
     """The pyarrow schema of `requests.parquet` (imported lazily: pyarrow is slow to import)."""
     import pyarrow as pa
 
@@ -92,12 +112,53 @@ def arrow_schema():
         "spec_accepted_tokens": i, "spec_draft_tokens": i,
         "status": s, "error_kind": s, "http_status": i, "error_message": s,
         "schedule_lag_s": f, "connect_s": f,
+        "node": s, "user_class": s, "task": s, "flow_id": s, "step": i,
+        "ttft_from_scheduled_s": f, "e2e_from_scheduled_s": f,
     }
     assert tuple(types) == REQUEST_COLUMNS, "arrow schema out of step with RequestRecord"
     return pa.schema([(name, types[name]) for name in REQUEST_COLUMNS])
 
 
-# File names of the run directory (DESIGN.md).
+def request_table(rows: list[dict[str, Any]]):
+    """An Arrow table of request rows with `request_arrow_schema()`: unknown keys dropped, missing ones null."""
+    import pyarrow as pa
+
+    schema = request_arrow_schema()
+    names = set(schema.names)
+    clean = [{k: v for k, v in row.items() if k in names} for row in rows]
+    for row in clean:
+        for list_col in ("itl_s", "chunk_tokens"):
+            if row.get(list_col) is None:
+                row[list_col] = []
+    return pa.Table.from_pylist(clean, schema=schema)
+
+
+def conform_requests(table):
+    """Add missing columns as nulls and cast to the contract schema (older or foreign writers)."""
+    import pyarrow as pa
+
+    schema = request_arrow_schema()
+    columns = []
+    for f in schema:
+        if f.name in table.column_names:
+            col = table.column(f.name)
+            columns.append(col if col.type == f.type else col.cast(f.type))
+        else:
+            columns.append(pa.nulls(table.num_rows, f.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+SERVER_METRIC_COLUMNS = ("t", "name", "labels", "value")
+
+
+def server_metrics_arrow_schema():
+    """The pyarrow schema of `server_metrics.parquet`: `t` (s since run start), `name`, `labels` (JSON text), `value`."""
+    import pyarrow as pa
+
+    return pa.schema([("t", pa.float64()), ("name", pa.string()), ("labels", pa.string()), ("value", pa.float64())])
+
+
+# File names of the run directory.
 RUN_JSON = "run.json"
 REQUESTS_JSONL = "requests.jsonl"
 REQUESTS_PARQUET = "requests.parquet"
@@ -106,3 +167,4 @@ SERVER_METRICS_PARQUET = "server_metrics.parquet"
 SUMMARY_JSON = "summary.json"
 FINDINGS_JSON = "findings.json"
 REPORT_HTML = "report.html"
+FLOWS_PARQUET = "flows.parquet"

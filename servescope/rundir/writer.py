@@ -11,47 +11,29 @@ reader never sees half a run.json.
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from harness.records import (
+from servescope.rundir.jsonio import dumps, read_jsonl, write_json_atomic
+from servescope.rundir.schema import (
+    FORMAT_VERSION,
     REQUESTS_JSONL,
     REQUESTS_PARQUET,
     RUN_JSON,
     SERVER_METRICS_JSONL,
     SERVER_METRICS_PARQUET,
-    arrow_schema,
+    RunDirError,
+    conform_requests,
+    request_table,
+    server_metrics_arrow_schema,
 )
+from servescope.version import __version__
 
 FLUSH_INTERVAL_S = 0.1
 FLUSH_ROWS = 256
 RUN_STATUSES = ("running", "complete", "interrupted", "failed")
-
-
-class RunDirError(ValueError):
-    """The output directory cannot be used (the message says why and what to do)."""
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(data), indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf are not JSON: write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 class _JsonlAppender:
@@ -66,7 +48,7 @@ class _JsonlAppender:
         self.rows = 0
 
     def add(self, rows: list[dict[str, Any]]) -> None:
-        lines = [json.dumps(_json_safe(row), separators=(",", ":")) for row in rows]
+        lines = [dumps(row, indent=None) for row in rows]
         with self._lock:
             self._buffer.extend(lines)
             self.rows += len(lines)
@@ -111,7 +93,7 @@ class RunDirWriter:
         self.metrics = _JsonlAppender(self.path / SERVER_METRICS_JSONL)
 
     def start(self, meta: dict[str, Any]) -> None:
-        self.meta = {**meta, "status": "running"}
+        self.meta = {"format_version": FORMAT_VERSION, **meta, "status": "running"}
         write_json_atomic(self.path / RUN_JSON, self.meta)
 
     def update(self, **fields: Any) -> None:
@@ -153,41 +135,15 @@ class RunDirWriter:
         write_json_atomic(self.path / RUN_JSON, self.meta)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a torn last line from a crash: skip it, keep the rest
-    return rows
-
-
 def compact_requests(run_dir: Path) -> Path:
-    """requests.jsonl -> requests.parquet with `arrow_schema()`."""
-    import pyarrow as pa
+    """requests.jsonl -> requests.parquet with `request_arrow_schema()`."""
     import pyarrow.parquet as pq
 
-    schema = arrow_schema()
-    rows = _read_jsonl(run_dir / REQUESTS_JSONL)
-    for row in rows:
-        for key in ("itl_s", "chunk_tokens"):
-            if row.get(key) is None:
-                row[key] = []
-    table = pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table()
+    table = request_table(read_jsonl(run_dir / REQUESTS_JSONL))
     out = run_dir / REQUESTS_PARQUET
     pq.write_table(table, out)
     (run_dir / REQUESTS_JSONL).unlink(missing_ok=True)
     return out
-
-
-def server_metrics_schema():
-    import pyarrow as pa
-
-    return pa.schema([("t", pa.float64()), ("name", pa.string()), ("labels", pa.string()), ("value", pa.float64())])
 
 
 def compact_server_metrics(run_dir: Path) -> Path | None:
@@ -196,10 +152,35 @@ def compact_server_metrics(run_dir: Path) -> Path | None:
     import pyarrow.parquet as pq
 
     source = run_dir / SERVER_METRICS_JSONL
-    rows = _read_jsonl(source) if source.exists() else []
-    schema = server_metrics_schema()
+    rows = read_jsonl(source) if source.exists() else []
+    schema = server_metrics_arrow_schema()
     table = pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table()
     out = run_dir / SERVER_METRICS_PARQUET
     pq.write_table(table, out)
     source.unlink(missing_ok=True)
     return out
+
+
+def write_run_json(run_dir: Path, meta: dict[str, Any]) -> Path:
+    """run.json for a run directory written in one go (an imported log, a simulation), with its format version."""
+    return write_json_atomic(Path(run_dir) / RUN_JSON, {"format_version": FORMAT_VERSION, **meta})
+
+
+def write_run_dir(run_dir: str | Path, meta: dict[str, Any], requests: Any, server_metrics: Any = None) -> Path:
+    """A complete run directory written in one go (an imported log, a simulation).
+
+    `requests` is an Arrow table (missing columns become nulls) or a list of
+    row dicts; `server_metrics` an Arrow table of `t, name, labels, value` or None.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(run_dir)
+    if (out / RUN_JSON).exists():
+        raise RunDirError(f"{out} already holds a run (run.json exists); choose another directory or delete that one")
+    out.mkdir(parents=True, exist_ok=True)
+    table = conform_requests(requests) if isinstance(requests, pa.Table) else request_table(requests)
+    pq.write_table(table, out / REQUESTS_PARQUET)
+    if server_metrics is not None:
+        pq.write_table(server_metrics.cast(server_metrics_arrow_schema()), out / SERVER_METRICS_PARQUET)
+    return write_run_json(out, {"servescope_version": __version__, **meta}).parent
