@@ -1,7 +1,7 @@
 """Suite-wide test setup.
 
 `tests/` goes on sys.path so every test folder can import the shared real
-servers in `tests/support/` (importlib import mode does not add it). GPU tests
+servers and builders in `tests/support/` (importlib import mode does not add it). GPU tests
 skip cleanly on machines without CUDA; browser tests without Chromium.
 """
 
@@ -14,8 +14,8 @@ import sys
 import pytest
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-# Appended, not prepended: test folders share names with the packages they test
-# (tests/kernels, tests/workloads) and must never shadow them.
+# Appended, not prepended: a test folder named like another project's package
+# (tests/kernels: Hugging Face's `kernels`) must never shadow it.
 if TESTS_DIR not in sys.path:
     sys.path.append(TESTS_DIR)
 
@@ -39,3 +39,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
         if skip_browser is not None and "browser" in item.keywords:
             item.add_marker(skip_browser)
+
+
+@pytest.fixture
+def sim():
+    """A `support.sim.Sim`: a small, exactly known run laid out on a timeline."""
+    from support.sim import Sim
+
+    return Sim()
+
+
+@pytest.fixture
+def make_sim():
+    """The Sim class, for tests that build several runs (experiment and control)."""
+    from support.sim import Sim
+
+    return Sim

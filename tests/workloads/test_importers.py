@@ -6,7 +6,10 @@ import json
 
 import pytest
 
-from workloads import WorkloadError, import_sessions, load_tokenizer, trace_sessions
+from servescope.workloads.errors import WorkloadError
+from servescope.workloads.importers import import_sessions
+from servescope.workloads.tokenizer import load_tokenizer
+from servescope.workloads.traces import trace_sessions
 
 
 @pytest.fixture(scope="module")

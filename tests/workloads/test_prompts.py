@@ -6,9 +6,10 @@ import itertools
 
 import pytest
 
-from workloads import fixed_workload, load_tokenizer, session_stream, spec_from_dict
-from workloads.generator import prompt_builder
-from workloads.prompt_builder import PromptBuilder
+from servescope.workloads.generator import prompt_builder, session_stream
+from servescope.workloads.prompt_builder import PromptBuilder
+from servescope.workloads.spec import fixed_workload, spec_from_dict
+from servescope.workloads.tokenizer import load_tokenizer
 
 LENGTHS = [*range(2, 40), 63, 64, 65, 127, 256, 511, 1000, 1024, 2047, 4096, 8191, 16384]
 
@@ -37,6 +38,7 @@ def test_every_length_is_exact(tok, api):
 def test_one_token_prompt_without_bos(hf_tokenizer_dir, tmp_path):
     """A tokenizer that adds no BOS can make a 1-token completions prompt."""
     import json
+
     from tokenizers import Tokenizer
 
     raw = Tokenizer.from_file(str(hf_tokenizer_dir / "tokenizer.json"))

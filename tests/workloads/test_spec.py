@@ -7,11 +7,11 @@ import itertools
 import pytest
 from click.testing import CliRunner
 
-from harness.commands.workloads import workloads as workloads_cmd
-from workloads import (
-    WorkloadError, fixed_workload, list_presets, load_tokenizer, load_workload, session_stream, stream_fingerprint,
-)
-from workloads.spec import Buckets
+from servescope.harness.commands.workloads import workloads as workloads_cmd
+from servescope.workloads.errors import WorkloadError
+from servescope.workloads.generator import session_stream, stream_fingerprint
+from servescope.workloads.spec import Buckets, fixed_workload, list_presets, load_workload
+from servescope.workloads.tokenizer import load_tokenizer
 
 GOOD = """
 name: mine

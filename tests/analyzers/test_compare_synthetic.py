@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from synthetic import write_run
+from support.synthetic_runs import write_run
 
 from servescope.analyzers.compare import (
     VERDICT_IMPROVED,

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from servescope.rundir.reader import RunData, requests_from_records
 
@@ -65,14 +64,3 @@ class Sim:
         frame = requests_from_records(self.rows)
         metrics = pd.DataFrame(self.metrics, columns=["t", "name", "labels", "value"])
         return RunData(run={"status": "complete", **run_json}, requests=frame, server_metrics=metrics)
-
-
-@pytest.fixture
-def sim() -> Sim:
-    return Sim()
-
-
-@pytest.fixture
-def make_sim():
-    """The Sim class, for tests that build several runs (experiment and control)."""
-    return Sim

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 from support.browser import needs_chromium, visit
-from synthetic import write_run
+from support.synthetic_runs import write_run
 
 from servescope.analyzers.compare import compare_runs
 from servescope.analyzers.regression_report import to_html

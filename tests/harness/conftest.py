@@ -2,16 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
-
-from slow_server import SlowServer  # noqa: E402
+from support.slow_server import SlowServer
 
 
 @pytest.fixture
