@@ -13,9 +13,9 @@ over `clear_fail_factor` x its threshold, or most requests failing) settles
 that step as failed without paying for the full step, which at an overloaded
 rate is the slowest part of the search (its queue must drain).
 
-The runner (`run_capacity`) is kept apart from the search (`search_capacity`),
-which takes any `probe(rate, duration_s) -> StepResult`, so the search logic is
-testable on a known curve and the runner is the only place that sends load.
+The search (`search_capacity`) takes any `probe(rate, duration_s) -> StepResult`,
+so its logic is testable on a known curve; the runner that sends the load is
+`servescope.harness.orchestration.capacity.run_capacity`.
 """
 
 from __future__ import annotations
@@ -198,52 +198,6 @@ def _fmt(value: float | None, metric: str) -> str:
     if value is None:
         return "n/a"
     return f"{value:.2%}" if metric == "error_rate" else f"{value * 1000:.0f}ms"
-
-
-# ---------------------------------------------------------------- running it for real
-
-def run_capacity(base: Any, settings: CapacitySettings, out_dir: str | Path,
-                 on_step: Callable[[StepResult], None] | None = None) -> CapacityResult:
-    """Run the search with real load: each step is `harness.api.execute_run` of `base` at one rate.
-
-    `base` is a `harness.config.RunConfig` carrying the target, workload and
-    client options; its load model, duration, output folder and SLO are set per
-    step. With no target, the reference engine is started once for the whole
-    search (not once per step) and stopped at the end.
-    """
-    from servescope.analyzers.summary import summarize
-    from servescope.harness.api import execute_run
-    from servescope.harness.targets.engine import EngineProcess
-    from servescope.rundir.reader import load_run
-    from servescope.slo import parse_slos
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    slos = parse_slos(settings.slo)
-    counter = {"n": 0}
-
-    def searched(target: str) -> CapacityResult:
-        def probe(rate: float, duration_s: float) -> StepResult:
-            counter["n"] += 1
-            step_dir = out / f"step-{counter['n']:02d}-rate-{rate:.3g}"
-            config = replace(
-                base, target=target, engine=None, engine_args=(), rate=rate, concurrency=None, sweep=None,
-                trace=None, duration_s=duration_s, requests=None, out=str(step_dir), slo=settings.slo,
-                report=False, repeat=1,
-            )
-            execute_run(config)
-            summary = summarize(load_run(step_dir), slos)
-            return judge_step(summary, rate, duration_s, settings, run_dir=str(step_dir))
-
-        return search_capacity(probe, settings, on_step)
-
-    if base.target:
-        result = searched(base.target)
-    else:
-        with EngineProcess(preset=base.engine_preset, extra_args=tuple(base.engine_args)).start() as engine:
-            result = searched(engine.base_url)
-    write_capacity(result, out)
-    return result
 
 
 def write_capacity(result: CapacityResult, out: Path) -> tuple[Path, Path]:

@@ -2,17 +2,17 @@
 
 findings.json is the list of `Finding.to_dict()` (DESIGN.md); the report
 renders the same objects plus their chart. Ranking is by severity, then by the
-rule's order in `analyzers.rules.RULES` (a stable order, so two reports of
-one run list findings identically).
+rule's order in the registry `analyzers.rules.RULES`, the one list of rule ids
+(a stable order, so two reports of one run list findings identically).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 SEVERITIES = ("high", "medium", "low", "info")
-RULE_IDS = ("client_bound", "errors", "queueing", "convoy", "preemption", "prefix_cache", "spec_decode", "tail")
 
 
 @dataclass
@@ -30,16 +30,10 @@ class Finding:
     uncertain: bool = False  # set when the load generator itself was the bottleneck
 
     def __post_init__(self) -> None:
-        if self.rule not in RULE_IDS:
-            raise ValueError(f"unknown rule id {self.rule!r}; known: {', '.join(RULE_IDS)}")
         if self.severity not in SEVERITIES:
             raise ValueError(f"severity must be one of {', '.join(SEVERITIES)}, got {self.severity!r}")
         if not self.title or not self.summary:
             raise ValueError(f"finding {self.rule}: title and summary are required")
-
-    @property
-    def rank(self) -> tuple[int, int]:
-        return SEVERITIES.index(self.severity), RULE_IDS.index(self.rule)
 
     def to_dict(self) -> dict[str, Any]:
         """The findings.json entry (the chart stays in the report)."""
@@ -55,5 +49,7 @@ class Finding:
         }
 
 
-def rank_findings(findings: list[Finding]) -> list[Finding]:
-    return sorted(findings, key=lambda f: f.rank)
+def rank_findings(findings: list[Finding], rule_order: Sequence[str]) -> list[Finding]:
+    """Most severe first; among equals, in `rule_order` (the registry's order)."""
+    position = {rule: i for i, rule in enumerate(rule_order)}
+    return sorted(findings, key=lambda f: (SEVERITIES.index(f.severity), position.get(f.rule, len(position))))

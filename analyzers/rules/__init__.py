@@ -34,16 +34,24 @@ RULES: dict[str, Rule] = {
     "spec_decode": spec_decode,
     "tail": tail,
 }
+RULE_IDS: tuple[str, ...] = tuple(RULES)
 
 
 def run_rules(ctx: DiagnosisContext) -> list[Finding]:
-    findings = [f for rule in RULES.values() if (f := rule(ctx)) is not None]
+    findings = []
+    for rule_id, rule in RULES.items():
+        finding = rule(ctx)
+        if finding is None:
+            continue
+        if finding.rule != rule_id:
+            raise ValueError(f"rule {rule_id!r} returned a finding labelled {finding.rule!r}: a finding carries its rule's id")
+        findings.append(finding)
     if any(f.rule == "client_bound" for f in findings):
         for f in findings:
             if f.rule != "client_bound":
                 f.uncertain = True
                 f.summary += " (Less certain: the load generator was itself a bottleneck in this run.)"
-    return rank_findings(findings)
+    return rank_findings(findings, RULE_IDS)
 
 
 def diagnose(run: RunData) -> list[Finding]:

@@ -2,7 +2,7 @@
 
 Exit status: 0 a rate met the SLO (and reached `--require` when given),
 1 none did (or the capacity fell short of `--require`), 2 bad usage.
-The search is `analyzers.capacity.run_capacity`; this module maps flags.
+The search is `harness.orchestration.capacity.run_capacity`; this module maps flags.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ import click
               help="Folder for the steps' run directories, capacity.json and capacity.html (default runs/capacity-<time>).")
 def capacity(**o: object) -> None:
     """Find the highest request rate that meets the SLO (grow the rate, then bisect)."""
-    from servescope.analyzers.capacity import CapacityError, CapacitySettings, run_capacity
+    from servescope.analyzers.capacity import CapacityError, CapacitySettings
+    from servescope.harness.orchestration.capacity import run_capacity
     from servescope.harness.config import ConfigError, RunConfig, parse_duration
     from servescope.slo import SLOError
 

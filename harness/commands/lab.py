@@ -1,6 +1,6 @@
 """`servescope lab NAME [--out DIR]`: run a scripted experiment and its control on the reference engine.
 
-Thin: the work is `analyzers.lab.run_lab`. Exit 0 when the expected finding
+Thin: the work is `harness.orchestration.lab.run_lab`. Exit 0 when the expected finding
 fired for the experiment and not for the control, 1 when it did not, 2 for an
 unknown lab or a run that could not start.
 """
@@ -13,26 +13,22 @@ from pathlib import Path
 
 import click
 
-LAB_NAMES = ("convoy", "preemption", "prefix-cache", "spec", "saturation")
+from servescope.harness.orchestration.lab import LABS
 
 
-@click.command("lab")
-@click.argument("name", type=click.Choice(LAB_NAMES))
+def _lab_list() -> str:
+    return "\n".join(f"{name:<13} {lab.experiment_label} vs {lab.control_label}" for name, lab in LABS.items())
+
+
+@click.command("lab", epilog="\b\nLabs (experiment vs control):\n" + _lab_list())
+@click.argument("name", type=click.Choice(tuple(LABS)))
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output directory (default: runs/lab-NAME-TIMESTAMP).")
 @click.option("--scale", type=click.FloatRange(min=0.1, max=20), default=1.0, show_default=True,
               help="Multiply each run's duration (longer runs give steadier numbers).")
 def lab(name: str, out: Path | None, scale: float) -> None:
-    """Run lab NAME: an experiment with the cause switched on and a control without it.
-
-    \b
-    convoy        chunked prefill off vs on (long prompts stalling short ones)
-    preemption    tiny vs ample KV cache budget
-    prefix-cache  shared prompt prefix vs none
-    spec          speculative decoding (ngram) on vs off
-    saturation    request rate above vs below capacity
-    """
-    from servescope.analyzers.lab import LABS, LabError, run_lab
+    """Run lab NAME: an experiment with the cause switched on and a control without it."""
+    from servescope.harness.orchestration.lab import LabError, run_lab
 
     out = out or Path("runs") / f"lab-{name}-{datetime.now():%Y%m%d-%H%M%S}"
     lab_def = LABS[name]

@@ -1,7 +1,7 @@
 """`servescope slice LOGFILE|DIR`: slice and diagnose requests without sending any load.
 
 Given a production log (JSONL or CSV), it imports the rows into a run
-directory (`analyzers.log_import`) and builds the usual diagnosis report.
+directory (`harness.orchestration.log_import`) and builds the usual diagnosis report.
 Given a run directory, it (re)builds that directory's report. Either way it
 prints the slices where latency differs most, the on-call first look.
 """
@@ -30,7 +30,7 @@ import click
 def slice_cmd(source: Path, out_dir: Path | None, pairs: tuple[str, ...], mapping_file: Path | None,
               time_unit: str | None, fmt: str | None, slo: str | None, no_report: bool) -> None:
     """Slice and diagnose the requests of LOGFILE (JSONL/CSV) or of a run directory DIR."""
-    from servescope.analyzers.log_import import ColumnMapping, LogImportError, import_log
+    from servescope.harness.orchestration.log_import import ColumnMapping, LogImportError, import_log
     from servescope.slo import SLOError, parse_slos
 
     if source.is_dir():

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from servescope.analyzers.lab import LABS, run_lab
+from servescope.harness.orchestration.lab import LABS, run_lab
 from servescope.analyzers.rules.queueing import MIN_REQUESTS as QUEUEING_MIN_REQUESTS
 
 pytest.importorskip("torch")  # the reference engine needs it (the harness does not)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from servescope.analyzers.log_import import ColumnMapping, LogImportError, import_log, read_log, to_request_rows
+from servescope.harness.orchestration.log_import import ColumnMapping, LogImportError, import_log, read_log, to_request_rows
 from servescope.cli import main
 from servescope.rundir.reader import load_run
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from servescope.analyzers.capacity import CapacitySettings, run_capacity
+from servescope.analyzers.capacity import CapacitySettings
+from servescope.harness.orchestration.capacity import run_capacity
 from servescope.analyzers.compare import VERDICT_REGRESSED, compare_runs
 from servescope.harness.api import execute_run
 from servescope.harness.config import RunConfig
