@@ -25,12 +25,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from servescope.errors import UsageError
+
 LATENCY_KEYS: tuple[tuple[str, str], ...] = (
     ("ttft_s", "p50"), ("ttft_s", "p99"), ("tpot_s", "p99"), ("itl_s", "p99"), ("e2e_s", "p50"), ("e2e_s", "p99"),
 )
 
 
-class CapacityError(ValueError):
+class CapacityError(UsageError):
     """The search cannot run as configured (message says which setting and why)."""
 
 

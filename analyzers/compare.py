@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from servescope.analyzers.stats import PERCENTILES, compare_stat, proportion_test, rank_test
+from servescope.errors import UsageError
 from servescope.rundir.reader import RunData, load_run
 from servescope.rundir.schema import RUN_JSON, RunDirError
 
@@ -49,7 +50,7 @@ VERDICT_SAME = "no significant change"
 VERDICT_FEW = "too few samples"
 
 
-class CompareInputError(ValueError):
+class CompareInputError(UsageError):
     """The two sides cannot be compared (missing runs, empty runs, different workloads)."""
 
 

@@ -3,7 +3,10 @@
 Commands are loaded lazily: `servescope run` must not pay for importing the
 analyzers, and `servescope serve` is the only command that imports torch. Each
 command lives in its own module (see COMMANDS) and stays thin: it parses
-options and calls a library function that tests can call directly.
+options, calls a library function that tests can call directly, and returns
+its exit status. Errors become exit statuses here and nowhere else: a
+`ServescopeError` is printed as `Error: ...` and exits with its type's
+`exit_code` (2 for every `UsageError`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import importlib
 
 import click
 
+from servescope.errors import ServescopeError, UsageError
 from servescope.version import __version__
 
 # command name -> ("module:attribute" of its click command, one-line help).
@@ -41,6 +45,17 @@ class LazyGroup(click.Group):
         module_name, attr = target[0].split(":")
         module = importlib.import_module(module_name)
         return getattr(module, attr)
+
+    def invoke(self, ctx: click.Context) -> None:
+        try:
+            code = super().invoke(ctx)
+        except ServescopeError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            if isinstance(exc, UsageError) and ctx.invoked_subcommand:
+                click.echo(f"Try 'servescope {ctx.invoked_subcommand} --help' for the options.", err=True)
+            ctx.exit(exc.exit_code)
+        if isinstance(code, int):
+            ctx.exit(code)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, help_text) for name, (_, help_text) in sorted(COMMANDS.items())]

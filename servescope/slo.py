@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from servescope.errors import UsageError
+
 LATENCY_METRICS = {"ttft": "ttft_s", "tpot": "tpot_s", "itl": "itl_s", "e2e": "e2e_s"}
 STATS = ("mean", "p50", "p90", "p95", "p99", "p99.9")
 _STAT_ALIASES = {"p999": "p99.9", "p99_9": "p99.9"}
@@ -22,7 +24,7 @@ _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(us|ms|s|m)?\s*$"
 _UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
 
 
-class SLOError(ValueError):
+class SLOError(UsageError):
     """An SLO string that cannot be understood; the message says which part and what is allowed."""
 
 

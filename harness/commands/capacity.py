@@ -40,8 +40,8 @@ import click
 def capacity(**o: object) -> None:
     """Find the highest request rate that meets the SLO (grow the rate, then bisect)."""
     from servescope.analyzers.capacity import CapacityError, CapacitySettings
-    from servescope.harness.orchestration.capacity import run_capacity
     from servescope.harness.config import ConfigError, RunConfig, parse_duration
+    from servescope.harness.orchestration.capacity import run_capacity
     from servescope.slo import SLOError
 
     out = o["out"] or _default_out()

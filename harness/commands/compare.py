@@ -8,7 +8,6 @@ prints the verdict and writes the requested outputs.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
@@ -46,12 +45,12 @@ def parse_fraction(text: str, flag: str) -> float:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the bootstrap (same inputs, same numbers).")
 def compare(base: Path, cand: Path, threshold: str, alpha: float, error_margin: str, gates: tuple[str, ...],
             html_out: Path | None, md_out: Path | None, junit_out: Path | None, json_out: Path | None,
-            n_boot: int, seed: int) -> None:
+            n_boot: int, seed: int) -> int:
     """Compare run BASE with run CAND (each a run directory or a folder of repeated runs).
 
     Exit 1 when a gated metric regressed significantly, 2 when the runs cannot be compared.
     """
-    from servescope.analyzers.compare import DEFAULT_GATES, CompareInputError, CompareSettings, compare_runs
+    from servescope.analyzers.compare import DEFAULT_GATES, CompareSettings, compare_runs
     from servescope.analyzers.regression_report import headline, write_outputs
 
     gate_list = tuple(g.strip() for item in gates for g in item.split(",") if g.strip()) or DEFAULT_GATES
@@ -62,18 +61,14 @@ def compare(base: Path, cand: Path, threshold: str, alpha: float, error_margin: 
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    try:
-        result = compare_runs(base, cand, settings)
-    except CompareInputError as exc:
-        click.echo(f"servescope compare: cannot compare: {exc}", err=True)
-        sys.exit(2)
+    result = compare_runs(base, cand, settings)
     html_path = html_out if html_out is not None else _default_html(cand)
     written = write_outputs(result, html=html_path, markdown=md_out, junit=junit_out, json_path=json_out)
     _print_table(result)
     click.echo(headline(result))
     for path in written:
         click.echo(f"wrote {path}")
-    sys.exit(result.exit_code)
+    return result.exit_code
 
 
 def _default_html(cand: Path) -> Path:

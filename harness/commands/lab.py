@@ -7,7 +7,6 @@ unknown lab or a run that could not start.
 
 from __future__ import annotations
 
-import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -26,20 +25,17 @@ def _lab_list() -> str:
               help="Output directory (default: runs/lab-NAME-TIMESTAMP).")
 @click.option("--scale", type=click.FloatRange(min=0.1, max=20), default=1.0, show_default=True,
               help="Multiply each run's duration (longer runs give steadier numbers).")
-def lab(name: str, out: Path | None, scale: float) -> None:
+def lab(name: str, out: Path | None, scale: float) -> int:
     """Run lab NAME: an experiment with the cause switched on and a control without it."""
-    from servescope.harness.orchestration.lab import LabError, run_lab
+    from servescope.errors import EXIT_FAILED, EXIT_OK
+    from servescope.harness.orchestration.lab import run_lab
 
     out = out or Path("runs") / f"lab-{name}-{datetime.now():%Y%m%d-%H%M%S}"
     lab_def = LABS[name]
     click.echo(f"lab {name}: {lab_def.question}")
     click.echo(f"  experiment: {lab_def.experiment_label}; control: {lab_def.control_label}")
-    try:
-        result = run_lab(name, out, duration_scale=scale, show_progress=False,
-                         on_side=lambda side, label: click.echo(f"  running {side} ({label}) …"))
-    except LabError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    result = run_lab(name, out, duration_scale=scale, show_progress=False,
+                     on_side=lambda side, label: click.echo(f"  running {side} ({label}) …"))
     for side in (result.experiment, result.control):
         rules = ", ".join(f"{f.rule} ({f.severity})" for f in side.findings) or "none"
         click.echo(f"  {side.run_dir.name:<10} findings: {rules}")
@@ -47,4 +43,4 @@ def lab(name: str, out: Path | None, scale: float) -> None:
     click.echo(f"{lab_def.rule}: fired in experiment={result.fired_in_experiment}, "
                f"silent in control={result.silent_in_control} -> {verdict}")
     click.echo(f"report: {result.report}")
-    sys.exit(0 if result.ok else 1)
+    return EXIT_OK if result.ok else EXIT_FAILED

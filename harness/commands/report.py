@@ -7,7 +7,6 @@ report was written (and, with SLOs, they were met), 1 when an SLO failed,
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
@@ -18,24 +17,16 @@ import click
 @click.option("--slo", default=None, metavar="LIST",
               help="Objectives to judge, e.g. ttft_p99=500ms,tpot_p99=50ms,e2e_p99=2s,error_rate=0.1% "
                    "(default: the run's own --slo from run.json).")
-def report(run_dir: Path, slo: str | None) -> None:
+def report(run_dir: Path, slo: str | None) -> int:
     """(Re)build RUN_DIR/summary.json, findings.json and report.html from the recorded requests."""
     import json
 
     from servescope.analyzers.report import build_report
-    from servescope.rundir.schema import RunDirError
-    from servescope.slo import SLOError, parse_slos
+    from servescope.errors import EXIT_FAILED, EXIT_OK
+    from servescope.slo import parse_slos
 
-    try:
-        slos = parse_slos(slo) if slo is not None else None
-    except SLOError as exc:
-        click.echo(f"error: --slo: {exc}", err=True)
-        sys.exit(2)
-    try:
-        path = build_report(run_dir, slos)
-    except RunDirError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    slos = parse_slos(slo) if slo is not None else None
+    path = build_report(run_dir, slos)
     summary = json.loads((path.parent / "summary.json").read_text())
     findings = json.loads((path.parent / "findings.json").read_text())
     overall = summary["overall"]
@@ -46,5 +37,4 @@ def report(run_dir: Path, slo: str | None) -> None:
         failed = [o["name"] for o in slo_result["objectives"] if not o["ok"]]
         click.echo("SLO: " + ("met" if not failed else "FAILED (" + ", ".join(failed) + ")"))
     click.echo(f"report: {path}")
-    if slo_result.get("objectives") and not slo_result.get("ok", True):
-        sys.exit(1)
+    return EXIT_FAILED if slo_result.get("objectives") and not slo_result.get("ok", True) else EXIT_OK

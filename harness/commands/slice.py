@@ -8,7 +8,6 @@ prints the slices where latency differs most, the on-call first look.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
@@ -30,8 +29,8 @@ import click
 def slice_cmd(source: Path, out_dir: Path | None, pairs: tuple[str, ...], mapping_file: Path | None,
               time_unit: str | None, fmt: str | None, slo: str | None, no_report: bool) -> None:
     """Slice and diagnose the requests of LOGFILE (JSONL/CSV) or of a run directory DIR."""
-    from servescope.harness.orchestration.log_import import ColumnMapping, LogImportError, import_log
-    from servescope.slo import SLOError, parse_slos
+    from servescope.harness.orchestration.log_import import ColumnMapping, import_log
+    from servescope.slo import parse_slos
 
     if source.is_dir():
         if pairs or mapping_file or fmt or time_unit or slo:
@@ -39,13 +38,9 @@ def slice_cmd(source: Path, out_dir: Path | None, pairs: tuple[str, ...], mappin
         run_dir = source
     else:
         run_dir = out_dir or source.with_name(source.name.split(".")[0] + "-run")
-        try:
-            parse_slos(slo)  # fail before writing anything
-            mapping = ColumnMapping.parse(pairs, mapping_file, time_unit)
-            import_log(source, run_dir, mapping, fmt, slo=slo)
-        except (LogImportError, SLOError) as exc:
-            click.echo(f"servescope slice: {exc}", err=True)
-            sys.exit(2)
+        parse_slos(slo)  # fail before writing anything
+        mapping = ColumnMapping.parse(pairs, mapping_file, time_unit)
+        import_log(source, run_dir, mapping, fmt, slo=slo)
         click.echo(f"imported {source} -> {run_dir}")
     print_slices(run_dir)
     if not no_report:

@@ -20,16 +20,16 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
+from servescope.errors import UsageError
+
 if TYPE_CHECKING:
     from servescope.analyzers.lab import LabResult, LabSideResult
 
 ENGINE = "reference:tiny"
 
 
-class LabError(RuntimeError):
+class LabError(UsageError):
     """A lab could not run (engine failed to start, a run failed); the message says which side and why."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from servescope.errors import UsageError
 from servescope.workloads.spec import Buckets
 
 TIME_UNITS: dict[str, float] = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
@@ -68,7 +69,7 @@ _KEPT_STATUSES = {"timeout": "timeout", "timed_out": "timeout", "cancelled": "ca
                   "aborted": "cancelled"}
 
 
-class LogImportError(ValueError):
+class LogImportError(UsageError):
     """The log cannot be read as asked; the message names the column/field and what the file has."""
 
 

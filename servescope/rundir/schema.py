@@ -16,13 +16,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from servescope.errors import UsageError
+
 FORMAT_VERSION = 1
 
 
-class RunDirError(ValueError):
+class RunDirError(UsageError):
     """A run directory that cannot be written or read; the message says why and what to do."""
-
-    exit_code = 2
 
 
 # Allowed values, so writers and readers agree on spelling.
