@@ -19,6 +19,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from servescope.errors import UsageError
+
 APIS = ("completions", "chat")
 ARRIVALS = ("poisson", "constant", "gamma")
 DEFAULT_DURATION_S = 60.0  # used when neither --duration nor --requests is given (trace: whole trace)
@@ -28,7 +30,7 @@ _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(us|ms|s|m|
 _UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A run option that cannot work; the message says which one, why, and how to fix it."""
 
 

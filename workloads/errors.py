@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from servescope.errors import UsageError
 
-class WorkloadError(ValueError):
+
+class WorkloadError(UsageError):
     """A workload spec, dataset or trace that cannot be used, and why."""
 
     def __init__(
