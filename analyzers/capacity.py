@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from servescope.errors import UsageError
+from servescope.units import format_duration
 
 LATENCY_KEYS: tuple[tuple[str, str], ...] = (
     ("ttft_s", "p50"), ("ttft_s", "p99"), ("tpot_s", "p99"), ("itl_s", "p99"), ("e2e_s", "p50"), ("e2e_s", "p99"),
@@ -198,8 +199,8 @@ def _record(result: CapacityResult, step: StepResult, on_step: Callable[[StepRes
 
 def _fmt(value: float | None, metric: str) -> str:
     if value is None:
-        return "n/a"
-    return f"{value:.2%}" if metric == "error_rate" else f"{value * 1000:.0f}ms"
+        return "–"
+    return f"{value:.2%}" if metric == "error_rate" else format_duration(value, digits=0)
 
 
 def write_capacity(result: CapacityResult, out: Path) -> tuple[Path, Path]:

@@ -8,8 +8,8 @@ rule's order in the registry `analyzers.rules.RULES`, the one list of rule ids
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 SEVERITIES = ("high", "medium", "low", "info")

@@ -18,6 +18,7 @@ from servescope.analyzers.compare import (
     MetricResult,
 )
 from servescope.rundir.jsonio import dumps
+from servescope.units import format_duration
 
 _ICONS = {VERDICT_REGRESSED: "🔴", VERDICT_IMPROVED: "🟢", VERDICT_FEW: "⚪"}
 
@@ -29,7 +30,7 @@ def format_value(value: float | None, unit: str) -> str:
     if value is None:
         return "–"
     if unit == "s":
-        return f"{value * 1000:.1f} ms" if value < 10 else f"{value:.2f} s"
+        return format_duration(value)
     if unit == "fraction":
         return f"{value * 100:.2f}%"
     return f"{value:.2f} {unit}"

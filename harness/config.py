@@ -20,37 +20,23 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from servescope.errors import UsageError
+from servescope.units import DurationError, parse_seconds
 
 APIS = ("completions", "chat")
 ARRIVALS = ("poisson", "constant", "gamma")
 DEFAULT_DURATION_S = 60.0  # used when neither --duration nor --requests is given (trace: whole trace)
 DEFAULT_GRACE_S = 5.0  # Ctrl-C: how long in-flight requests may finish before they are cancelled
 
-_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(us|ms|s|m|h)?\s*$")
-_UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
 class ConfigError(UsageError):
     """A run option that cannot work; the message says which one, why, and how to fix it."""
 
 
 def parse_duration(value: str | float | int, flag: str = "duration") -> float:
-    """Seconds from `500ms`, `2s`, `1m`, `1.5` (seconds) or a number."""
-    if isinstance(value, bool):
-        raise ConfigError(f"--{flag}: expected a duration like 500ms, 2s or 1m, got {value!r}")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        match = _DURATION.match(str(value))
-        if not match:
-            raise ConfigError(
-                f"--{flag}: cannot read {value!r} as a duration; write a number with a unit, "
-                "e.g. 500ms, 2s, 1m (a bare number means seconds)"
-            )
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ConfigError(f"--{flag}: must be a finite, non-negative duration, got {value!r}")
-    return seconds
+    """Seconds from `500ms`, `2s`, `1m`, `1.5` (seconds) or a number; errors name the flag."""
+    try:
+        return parse_seconds(value)
+    except DurationError as exc:
+        raise ConfigError(f"--{flag}: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import jinja2
 from markupsafe import Markup
 
 from servescope.rundir.jsonio import dumps, to_jsonable
+from servescope.units import format_duration
 
 TEMPLATE_DIR = Path(__file__).parent
 
@@ -35,16 +36,6 @@ def safe_json(value: Any) -> str:
 
 def chart_json(value: Any) -> Markup:
     return Markup(safe_json(value))
-
-
-def fmt_ms(seconds: Any, digits: int = 1) -> str:
-    """Milliseconds below one second, seconds above; `–` when unknown."""
-    if seconds is None or (isinstance(seconds, float) and not math.isfinite(seconds)):
-        return "–"
-    seconds = float(seconds)
-    if abs(seconds) < 1:
-        return f"{seconds * 1e3:.{digits}f} ms"
-    return f"{seconds:.2f} s" if abs(seconds) < 100 else f"{seconds:,.0f} s"
 
 
 def fmt_num(value: Any, digits: int = 2) -> str:
@@ -75,7 +66,7 @@ def environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(chart_json=chart_json, ms=fmt_ms, num=fmt_num, pct=fmt_pct, tojson_text=fmt_json)
+    env.filters.update(chart_json=chart_json, ms=format_duration, num=fmt_num, pct=fmt_pct, tojson_text=fmt_json)
     return env
 
 

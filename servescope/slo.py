@@ -8,7 +8,6 @@ fraction or a percentage (`0.001`, `0.1%`).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,12 +15,11 @@ import numpy as np
 import pandas as pd
 
 from servescope.errors import UsageError
+from servescope.units import DurationError, parse_seconds
 
 LATENCY_METRICS = {"ttft": "ttft_s", "tpot": "tpot_s", "itl": "itl_s", "e2e": "e2e_s"}
 STATS = ("mean", "p50", "p90", "p95", "p99", "p99.9")
 _STAT_ALIASES = {"p999": "p99.9", "p99_9": "p99.9"}
-_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(us|ms|s|m)?\s*$", re.IGNORECASE)
-_UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
 
 
 class SLOError(UsageError):
@@ -52,10 +50,10 @@ class SLO:
 
 def parse_duration(text: str) -> float:
     """Seconds from `500ms`, `2s`, `1m`, `250us`; a bare number is seconds (as everywhere in the CLI)."""
-    match = _DURATION.match(text)
-    if not match:
-        raise SLOError(f"{text!r} is not a duration: write a number with a unit, e.g. 500ms, 2s or 1m")
-    return float(match.group(1)) * _UNIT_SECONDS[(match.group(2) or "s").lower()]
+    try:
+        return parse_seconds(text)
+    except DurationError as exc:
+        raise SLOError(f"{text!r} is not a duration: {exc}") from None
 
 
 def parse_slos(text: str | None) -> list[SLO]:

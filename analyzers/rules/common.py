@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from servescope.units import format_duration
 
-def ms(seconds: float | None) -> str:
-    """`123.4 ms` (or `n/a`): findings speak in the unit people read latencies in."""
-    if seconds is None or not np.isfinite(seconds):
-        return "n/a"
-    return f"{seconds * 1e3:.1f} ms" if abs(seconds) < 1 else f"{seconds:.2f} s"
+# Findings speak in the unit people read latencies in: `123.4 ms`, `2.50 s`.
+ms = format_duration
 
 
 def median(values) -> float | None:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from servescope.units import format_duration
+
 
 @click.command("slice")
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
@@ -78,4 +80,4 @@ def print_slices(run_dir: Path, top: int = 12) -> None:
 
 
 def _ms(value: float | None) -> str:
-    return "–" if value is None else f"{value * 1000:.0f} ms"
+    return format_duration(value, digits=0)
