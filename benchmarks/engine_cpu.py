@@ -36,9 +36,9 @@ def _prompts(count: int, words: int) -> list[str]:
 def bench_in_process(concurrency: int, max_tokens: int, words: int, threads: int) -> tuple[int, float]:
     import torch
 
-    from reference_engine.config import EngineConfig
-    from reference_engine.engine import LLMEngine
-    from reference_engine.sequence import SamplingParams
+    from servescope.reference_engine.config import EngineConfig
+    from servescope.reference_engine.engine import LLMEngine
+    from servescope.reference_engine.sequence import SamplingParams
 
     torch.set_num_threads(threads)
     engine = LLMEngine.build(EngineConfig(), preset_name="tiny")
@@ -83,8 +83,8 @@ def _servescope_run(url: str, concurrency: int, max_tokens: int, words: int) -> 
 
     import pandas as pd
 
-    from harness.api import execute_run
-    from harness.config import RunConfig
+    from servescope.harness.orchestration.repeat import execute_run
+    from servescope.harness.config import RunConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         config = RunConfig(target=url, prompt_tokens=words * 4, max_tokens=max_tokens, concurrency=concurrency,
@@ -106,7 +106,7 @@ def start_server(threads: int, engine_mode: str = "thread") -> tuple[subprocess.
     """`python -m reference_engine` with its step loop in a thread or in its own process (`engine_mode`)."""
     port = _free_port()
     mode_flag = "--engine-process" if engine_mode == "process" else "--no-engine-process"
-    proc = subprocess.Popen([sys.executable, "-m", "reference_engine", "--port", str(port), "--device", "cpu",
+    proc = subprocess.Popen([sys.executable, "-m", "servescope.reference_engine", "--port", str(port), "--device", "cpu",
                              "--threads", str(threads), mode_flag], stdout=subprocess.DEVNULL,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -35,10 +34,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.append(os.path.join(ROOT, "tests"))  # last: tests/<area>/ folders must not shadow the packages
 
-from harness.client import ClientConfig, StreamingClient  # noqa: E402
-from harness.records import RequestRecord  # noqa: E402
 from support.scripted_server import ScriptedServer  # noqa: E402
-from workloads.types import RequestSpec  # noqa: E402
+
+from servescope.harness.client import ClientConfig, StreamingClient  # noqa: E402
+from servescope.rundir.schema import RequestRecord  # noqa: E402
+from servescope.workloads.types import RequestSpec  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
@@ -252,8 +252,8 @@ def bench_execute_run(srv: ScriptedServer, workers: int, rates: list[float], dur
 
     import pandas as pd
 
-    from harness.api import execute_run
-    from harness.config import RunConfig
+    from servescope.harness.orchestration.repeat import execute_run
+    from servescope.harness.config import RunConfig
 
     rows = []
     for rate in rates:

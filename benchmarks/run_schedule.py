@@ -27,9 +27,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from rich.console import Console
 
-from harness.api import execute_run
-from harness.config import RunConfig
-from harness.console import RunConsole
+from servescope.harness.orchestration.repeat import execute_run
+from servescope.harness.config import RunConfig
+from servescope.harness.console import RunConsole
 
 
 def _scripted_server_class():

@@ -1,7 +1,8 @@
-"""`execute_run(config) -> RunOutcome`: one measured run, start to finish, without the CLI.
+"""`execute_once(config) -> RunOutcome`: one measured run, start to finish, without the CLI.
 
-`servescope run`, `servescope lab`, `servescope capacity` and `--repeat` all
-come through here. The order matters and is the contract with users:
+Every run comes through here (`servescope run`, each repetition of `--repeat`,
+each step of `capacity`, each side of a `lab`; those live one layer up, in
+`harness.orchestration`). The order matters and is the contract with users:
 
 1. everything that can be checked is checked before anything starts (exit 2);
 2. run.json is written (status `running`) before the engine starts, so even a
@@ -28,11 +29,12 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from servescope.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from servescope.harness.client.client import FORCE_REJECTED_NOTICE
 from servescope.harness.config import ConfigError, RunConfig, redact_command_line
 from servescope.harness.console import RunConsole
@@ -41,12 +43,9 @@ from servescope.harness.loadgen.models import Phase, default_workers, plan_phase
 from servescope.harness.scrape import MetricsScraper, probe_metrics
 from servescope.harness.targets import EngineError, EngineProcess, auth_headers, resolve_model
 from servescope.harness.worker import WorkerSettings
-from servescope.rundir.schema import RUN_JSON, SUMMARY_JSON
-from servescope.rundir.schema import RunDirError
+from servescope.rundir.schema import RUN_JSON, SUMMARY_JSON, RunDirError
 from servescope.rundir.writer import RunDirWriter, write_json_atomic
 from servescope.version import __version__
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # With neither --workload nor --prompt-tokens/--max-tokens: a small fixed-length workload.
 DEFAULT_PROMPT_TOKENS = 128
@@ -65,35 +64,8 @@ class RunOutcome:
     runs: list["RunOutcome"] = field(default_factory=list)
 
 
-def execute_run(config: RunConfig, console: RunConsole | None = None) -> RunOutcome:
-    """Run `config` (repeated `config.repeat` times into OUT/run-1..N) and return the outcome.
-
-    Repetition i runs with seed `config.seed + i - 1`: the same seed would send the same prompts
-    again, and a server that keeps its prefix cache (vLLM's default, the reference engine's) would
-    serve every repetition after the first from it. The seeds are the same for the same
-    `--seed` and `--repeat`, so nightly runs still pair up prompt for prompt."""
-    console = console or RunConsole(config.show_progress)
-    out = Path(config.out) if config.out else default_out_dir()
-    if config.repeat == 1:
-        return _execute_once(config, out, console)
-    outcomes: list[RunOutcome] = []
-    for i in range(1, config.repeat + 1):
-        console.info(f"repeat {i}/{config.repeat}")
-        outcome = _execute_once(replace(config, repeat=1, seed=config.seed + i - 1, out=str(out / f"run-{i}")),
-                                out / f"run-{i}", console)
-        outcomes.append(outcome)
-        if outcome.status != "complete":
-            break  # interrupted or failed: the remaining repetitions would not be comparable
-    worst = max(outcomes, key=lambda o: _severity(o.exit_code))
-    return RunOutcome(out, worst.status, worst.exit_code, None, outcomes)
-
-
 def default_out_dir() -> Path:
     return Path("runs") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
-
-
-def _severity(code: int) -> int:
-    return {EXIT_OK: 0, EXIT_FAILED: 1, EXIT_INTERRUPTED: 2, EXIT_USAGE: 3}.get(code, 1)
 
 
 # -- one run ----------------------------------------------------------------------------------
@@ -112,7 +84,10 @@ class _Prepared:
     force_output_length: bool
 
 
-def _execute_once(config: RunConfig, out: Path, console: RunConsole) -> RunOutcome:
+def execute_once(config: RunConfig, out: Path | None = None, console: RunConsole | None = None) -> RunOutcome:
+    """One measured run of `config` into `out` (default: config.out, else runs/run-<time>)."""
+    console = console or RunConsole(config.show_progress)
+    out = Path(out or config.out or default_out_dir())
     prepared = _prepare(config)  # ConfigError propagates: exit 2 before anything is written
     try:
         writer = RunDirWriter(out)

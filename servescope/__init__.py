@@ -3,13 +3,14 @@
 The public API, for scripts and notebooks (each name is imported on first use,
 so `import servescope` stays cheap in worker processes):
 
-* `run(...)` / `run_config(config)` - one measured run, as `servescope run` does it;
-  returns a `RunOutcome` (run directory, status, exit code, summary);
+* `run(**options)` / `execute_run(config)` - one measured run (or `repeat` of them), as
+  `servescope run` does it; returns a `RunOutcome` (run directory, status, exit code, summary);
 * `RunConfig` - everything a run needs, validated;
 * `load_run(run_dir) -> RunData` - a run directory as pandas frames
   (`.run` is run.json, `.requests` one row per request, `.server_metrics`);
 * `build_report(run_dir, slos=None)` - summary.json, findings.json, report.html;
 * `parse_slos("ttft_p99=500ms,error_rate=0.1%")`, `SLO`;
+* `UsageError` - the base of every error a user can cause (exit status 2);
 * the run-directory contract: `FORMAT_VERSION`, `RequestRecord`,
   `REQUEST_COLUMNS`, `RunDirError` (see `servescope.rundir`).
 """
@@ -32,8 +33,8 @@ if not _os.path.isdir(_os.path.join(_HERE, "harness")) and _os.path.isfile(_os.p
     __path__.append(_ROOT)  # noqa: F821 - the package's own __path__
 
 _PUBLIC: dict[str, str] = {
-    "run": "servescope.harness.api",
-    "run_config": "servescope.harness.api",
+    "run": "servescope.harness.orchestration.repeat",
+    "execute_run": "servescope.harness.orchestration.repeat",
     "RunOutcome": "servescope.harness.api",
     "RunConfig": "servescope.harness.config",
     "load_run": "servescope.rundir.reader",
@@ -45,19 +46,22 @@ _PUBLIC: dict[str, str] = {
     "build_report": "servescope.analyzers.report",
     "parse_slos": "servescope.slo",
     "SLO": "servescope.slo",
+    "UsageError": "servescope.errors",
 }
 
 __all__ = [
     "FORMAT_VERSION", "REQUEST_COLUMNS", "SLO", "RequestRecord", "RunConfig", "RunData", "RunDirError",
-    "RunOutcome", "__version__", "build_report", "load_run", "parse_slos", "run", "run_config",
+    "RunOutcome", "UsageError", "__version__", "build_report", "execute_run", "load_run", "parse_slos", "run",
 ]
 
 if TYPE_CHECKING:
     from servescope.analyzers.report import build_report
-    from servescope.harness.api import RunOutcome, run, run_config
+    from servescope.harness.api import RunOutcome
+    from servescope.harness.orchestration.repeat import execute_run, run
     from servescope.harness.config import RunConfig
     from servescope.rundir.reader import RunData, load_run
     from servescope.rundir.schema import FORMAT_VERSION, REQUEST_COLUMNS, RequestRecord, RunDirError
+    from servescope.errors import UsageError
     from servescope.slo import SLO, parse_slos
 
 

@@ -1,6 +1,6 @@
-"""`servescope run`: parse the flags into a RunConfig and call `harness.api.execute_run`.
+"""`servescope run`: parse the flags into a RunConfig and call `harness.orchestration.repeat.execute_run`.
 
-Everything the command does is in `harness.api`; this module only maps flags
+Everything the command does is in the harness; this module only maps flags
 to fields and exit codes (0 complete, 1 SLO missed / run failed, 2 bad usage,
 130 interrupted).
 """
@@ -51,29 +51,23 @@ WORKERS_HELP = (
 @click.option("--force-output-length", is_flag=True, help="Send min_tokens/ignore_eos so outputs have max_tokens tokens.")
 @click.option("--repeat", type=int, default=1, show_default=True, help="Run N times into OUT/run-1..N (for noise-aware compare).")
 @click.option("--grace", default="5s", show_default=True, help="Ctrl-C: how long in-flight requests may finish.")
-def run(**options: object) -> None:
+def run(**options: object) -> int:
     """Drive a target (or the bundled engine) with a workload and measure every request."""
-    from servescope.harness.api import EXIT_USAGE, execute_run
-    from servescope.harness.config import ConfigError, RunConfig
+    from servescope.harness.config import RunConfig
+    from servescope.harness.orchestration.repeat import execute_run
 
-    try:
-        config = RunConfig(
-            target=options["target"], engine=options["engine"], engine_args=tuple(options["engine_args"]),
-            model=options["model"], api=options["api"], workload=options["workload"],
-            prompt_tokens=options["prompt_tokens"], max_tokens=options["max_tokens"],
-            concurrency=options["concurrency"], rate=options["rate"], arrival=options["arrival"],
-            sweep=options["sweep"], trace=options["trace"], trace_speed=options["trace_speed"],
-            duration_s=options["duration"], requests=options["num_requests"], warmup_s=options["warmup"],
-            ramp_s=options["ramp"], tokenizer=options["tokenizer"], metrics_url=options["metrics_url"],
-            workers=options["workers"], timeout_s=options["timeout"], seed=options["seed"], slo=options["slo"],
-            api_key_env=options["api_key_env"], out=options["out"], report=not options["no_report"],
-            stream=not options["no_stream"], transport=options["transport"],
-            force_output_length=options["force_output_length"],
-            repeat=options["repeat"], grace_s=options["grace"], command_line=tuple(sys.argv),
-        )
-        outcome = execute_run(config)
-    except ConfigError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        click.echo("Try 'servescope run --help' for the options.", err=True)
-        sys.exit(EXIT_USAGE)
-    sys.exit(outcome.exit_code)
+    config = RunConfig(
+        target=options["target"], engine=options["engine"], engine_args=tuple(options["engine_args"]),
+        model=options["model"], api=options["api"], workload=options["workload"],
+        prompt_tokens=options["prompt_tokens"], max_tokens=options["max_tokens"],
+        concurrency=options["concurrency"], rate=options["rate"], arrival=options["arrival"],
+        sweep=options["sweep"], trace=options["trace"], trace_speed=options["trace_speed"],
+        duration_s=options["duration"], requests=options["num_requests"], warmup_s=options["warmup"],
+        ramp_s=options["ramp"], tokenizer=options["tokenizer"], metrics_url=options["metrics_url"],
+        workers=options["workers"], timeout_s=options["timeout"], seed=options["seed"], slo=options["slo"],
+        api_key_env=options["api_key_env"], out=options["out"], report=not options["no_report"],
+        stream=not options["no_stream"], transport=options["transport"],
+        force_output_length=options["force_output_length"],
+        repeat=options["repeat"], grace_s=options["grace"], command_line=tuple(sys.argv),
+    )
+    return execute_run(config).exit_code

@@ -19,7 +19,7 @@ from servescope.analyzers.capacity import (
     write_capacity,
 )
 from servescope.analyzers.summary import summarize
-from servescope.harness.api import execute_run
+from servescope.harness.orchestration.repeat import execute_run
 from servescope.harness.targets.engine import EngineProcess
 from servescope.rundir.reader import load_run
 from servescope.slo import parse_slos

@@ -147,7 +147,7 @@ def _run_side(run_dir: Path, side: LabSide, label: str, duration_scale: float, s
     from rich.console import Console
 
     from servescope.analyzers.lab import judge_side
-    from servescope.harness.api import execute_run
+    from servescope.harness.orchestration.repeat import execute_run
     from servescope.harness.config import RunConfig
     from servescope.harness.console import RunConsole
 

@@ -21,7 +21,7 @@ import pytest
 from servescope.analyzers.capacity import CapacitySettings
 from servescope.harness.orchestration.capacity import run_capacity
 from servescope.analyzers.compare import VERDICT_REGRESSED, compare_runs
-from servescope.harness.api import execute_run
+from servescope.harness.orchestration.repeat import execute_run
 from servescope.harness.config import RunConfig
 from servescope.harness.targets.engine import EngineProcess
 

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from rich.console import Console
 from support.scripted_server import ScriptedServer
 
-from servescope.harness.api import execute_run
+from servescope.harness.orchestration.repeat import execute_run
 from servescope.harness.commands.run import run as run_command
 from servescope.harness.config import RunConfig
 from servescope.harness.console import RunConsole

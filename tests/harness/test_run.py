@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from servescope.harness.api import execute_run
+from servescope.harness.orchestration.repeat import execute_run
 from servescope.harness.commands.run import run as run_command
 from servescope.harness.config import RunConfig
 from servescope.harness.console import RunConsole

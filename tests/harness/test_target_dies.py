@@ -15,7 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from support.scripted_server import ScriptedServer
 
-from servescope.harness.api import EXIT_FAILED, TargetDownWatch, execute_run
+from servescope.harness.api import TargetDownWatch
+from servescope.harness.orchestration.repeat import execute_run
+from servescope.errors import EXIT_FAILED
 from servescope.harness.config import RunConfig
 
 pytestmark = pytest.mark.timeout(120)
