@@ -182,10 +182,12 @@ class RunConfig:
             raise ConfigError(f"--workers: must be at least 1, got {self.workers}")
         if self.repeat < 1:
             raise ConfigError(f"--repeat: must be at least 1, got {self.repeat}")
-        from servescope.harness.client.config import TRANSPORTS
+        from servescope.harness.client.config import check_transport
 
-        if self.transport not in TRANSPORTS:
-            raise ConfigError(f"--transport: {self.transport!r} is not one of {', '.join(TRANSPORTS)}")
+        try:
+            check_transport(self.transport)
+        except ValueError as exc:
+            raise ConfigError(f"--transport: {exc}") from None
         if self.slo is not None:
             self.slo = check_slo(self.slo)
         if self.api_key_env is not None and not self.api_key_env.strip():

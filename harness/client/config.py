@@ -14,6 +14,13 @@ from urllib.parse import urlsplit
 TRANSPORTS = ("auto", "fast", "httpx", "aiohttp")
 
 
+def check_transport(name: str) -> str:
+    """`name` if it is a known transport; otherwise a ValueError naming the choices."""
+    if name not in TRANSPORTS:
+        raise ValueError(f"transport {name!r} is unknown; choose one of {', '.join(TRANSPORTS)}")
+    return name
+
+
 @dataclass
 class ClientConfig:
     """Settings of a `StreamingClient`.
@@ -50,7 +57,6 @@ class ClientConfig:
             raise ValueError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
         if self.pool_size < 1:
             raise ValueError(f"pool_size must be >= 1 (size it to the concurrency), got {self.pool_size}")
-        if self.transport not in TRANSPORTS:
-            raise ValueError(f"transport {self.transport!r} is unknown; choose one of {', '.join(TRANSPORTS)}")
+        check_transport(self.transport)
         if self.api_key is not None and any(c in self.api_key for c in "\r\n"):
             raise ValueError("api_key contains a line break; check the environment variable it came from")

@@ -46,7 +46,7 @@ WORKERS_HELP = (
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: runs/run-<time>).")
 @click.option("--no-report", is_flag=True, help="Skip report.html (summary.json is still written).")
 @click.option("--no-stream", is_flag=True, help="Non-streaming requests (E2E only).")
-@click.option("--transport", type=click.Choice(["auto", "fast", "httpx", "aiohttp"]), default="auto", show_default=True,
+@click.option("--transport", default="auto", show_default=True, metavar="auto|fast|httpx|aiohttp",
               help="HTTP client: auto is the fast asyncio+httptools one; httpx and aiohttp are fallbacks.")
 @click.option("--force-output-length", is_flag=True, help="Send min_tokens/ignore_eos so outputs have max_tokens tokens.")
 @click.option("--repeat", type=int, default=1, show_default=True, help="Run N times into OUT/run-1..N (for noise-aware compare).")
