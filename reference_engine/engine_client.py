@@ -8,12 +8,18 @@ facts the front end needs (`EngineFacts`), the admission figure `num_waiting`,
 `generate()` yielding `RequestOutput`s, and the metrics text and engine state
 as coroutines (in process mode they are a round trip to the child). Handlers
 never touch the scheduler or a `Sequence`, which may live in another process.
+
+Both clients speak to one `step_loop.StepLoop`: `generate()` posts its "add"
+and "abort" commands (`_post`, the one thing a mode supplies) and `_deliver`
+hands each "out" message's outputs to the waiting handlers.
 """
 
 from __future__ import annotations
 
 import abc
-import os
+import asyncio
+import itertools
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -33,9 +39,7 @@ class EngineFacts:
 
     limits: PromptLimits
     max_waiting: int | None
-    with_spec: bool  # usage then carries spec_accepted_tokens / spec_draft_tokens
     device: str
-    pid: int  # the process that runs the step loop
 
     @property
     def max_model_len(self) -> int:
@@ -51,8 +55,7 @@ class EngineFacts:
 
     @classmethod
     def of(cls, engine: LLMEngine) -> EngineFacts:
-        return cls(engine.limits, engine.config.max_waiting, engine.config.spec is not None, str(engine.device),
-                   os.getpid())
+        return cls(engine.limits, engine.config.max_waiting, str(engine.device))
 
 
 class RequestOutput(NamedTuple):
@@ -77,6 +80,10 @@ class EngineClient(abc.ABC):
     def __init__(self, facts: EngineFacts, tokenizer: EngineTokenizer) -> None:
         self.facts = facts
         self.tokenizer = tokenizer
+        self._streams: dict[int, asyncio.Queue] = {}  # key -> its handler's queue, until the finished output
+        self._keys = itertools.count()
+        self._adds_posted = 0
+        self._lost: str | None = None  # why the engine can serve nothing more
 
     @property
     def max_model_len(self) -> int:
@@ -85,10 +92,6 @@ class EngineClient(abc.ABC):
     @property
     def max_waiting(self) -> int | None:
         return self.facts.max_waiting
-
-    @property
-    def with_spec(self) -> bool:
-        return self.facts.with_spec
 
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """InvalidRequest when the engine could never serve this request (checked before admission)."""
@@ -102,13 +105,59 @@ class EngineClient(abc.ABC):
     @property
     def alive(self) -> bool:
         """False once the engine can serve nothing more (its process died); /health then answers 503."""
-        return True
+        return self._lost is None
 
     @abc.abstractmethod
-    def generate(self, prompt_token_ids: list[int], params: SamplingParams, tenant: str = "",
-                 request_id: str = "", arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+    def _post(self, command: tuple) -> None:
+        """Send one command (step_loop.py lists them) to the step loop, without blocking."""
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, tenant: str = "",
+                       request_id: str = "", arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
         """This request's outputs until the finished one; raises EngineFailed if the engine cannot serve it.
         Closing the iterator early aborts the request and frees its KV blocks."""
+        if self._lost is not None:
+            raise EngineFailed(self._lost)
+        key = next(self._keys)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[key] = queue
+        self._adds_posted += 1
+        self._post(("add", key, prompt_token_ids, params, tenant, request_id,
+                    arrival_time if arrival_time is not None else time.perf_counter()))
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, EngineFailed):
+                    raise EngineFailed(*item.args)
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:  # the client left (or the request failed): free its blocks
+                self._streams.pop(key, None)
+                self._post(("abort", key))
+
+    def _deliver(self, outputs: list[tuple], failures: list[tuple[int, str]]) -> None:
+        """An "out" message's outputs and failures, to their handlers (on the event loop)."""
+        streams = self._streams
+        for key, text, finished, finish_reason, usage in outputs:
+            queue = streams.get(key)
+            if queue is None:
+                continue  # its handler left; the abort is on its way
+            if finished:
+                del streams[key]
+            queue.put_nowait(RequestOutput(text, finished, finish_reason, usage))
+        for key, error in failures:
+            queue = streams.pop(key, None)
+            if queue is not None:
+                queue.put_nowait(EngineFailed(error))
+
+    def _fail_all(self, reason: str) -> None:
+        """Every waiting handler gets EngineFailed(reason)."""
+        streams, self._streams = self._streams, {}
+        for queue in streams.values():
+            queue.put_nowait(EngineFailed(reason))
 
     @abc.abstractmethod
     async def render_metrics(self) -> bytes:

@@ -12,20 +12,12 @@ Start-up (`start_engine_process`, blocking, before the HTTP port is bound): a
 ("ready", EngineFacts) or ("error", type name, message, traceback); a
 ConfigError keeps its type so the CLI reports it as it always has.
 
-The wire (`frames.py`) is a private socketpair. HTTP process -> engine: each
-frame is a list of commands, all the commands posted in one event-loop
-iteration:
-    ("add", key, prompt ids, SamplingParams, tenant, request id, arrival time)
-    ("abort", key)
-    ("call", call id, "metrics" | "state")
-    ("stop",)
-Engine -> HTTP process, one frame per step (or per batch of commands that
-changed the admission figures):
-    ("out", [(key, text, finished, finish reason, usage or None), ...],
-            [(key, error message), ...], adds taken so far, scheduler waiting length)
-    ("reply", call id, value)
-Arrival times are `time.perf_counter()` (CLOCK_MONOTONIC on Linux), one clock
-for both processes, so TTFT and queue-time metrics stay exact.
+The wire (`frames.py`) is a private socketpair carrying the step loop's
+commands and messages (`step_loop.py`): HTTP process -> engine, each frame is
+the list of commands posted in one event-loop iteration; engine -> HTTP
+process, one frame per message. Arrival times are `time.perf_counter()`
+(CLOCK_MONOTONIC on Linux), one clock for both processes, so TTFT and
+queue-time metrics stay exact.
 
 Neither side can deadlock on full socket buffers: the HTTP side never blocks (an
 asyncio Protocol that buffers writes and reads whatever arrives), so the
@@ -38,7 +30,6 @@ Ctrl-C reaches the server, which stops it in order.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import multiprocessing
 import select
@@ -46,24 +37,18 @@ import signal
 import socket
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from servescope.reference_engine.config import EngineConfig
-from servescope.reference_engine.engine_client import EngineClient, EngineFacts, EngineFailed, RequestOutput
+from servescope.reference_engine.engine_client import EngineClient, EngineFacts, EngineFailed
 from servescope.reference_engine.errors import ConfigError
 from servescope.reference_engine.frames import FrameDecoder, encode
-from servescope.reference_engine.protocol import usage
-from servescope.reference_engine.sequence import SamplingParams
+from servescope.reference_engine.step_loop import StepLoop
 from servescope.reference_engine.tokenization import EngineTokenizer, tokenizer_dir_for
-
-if TYPE_CHECKING:
-    from servescope.reference_engine.engine import LLMEngine
-    from servescope.reference_engine.metrics import EngineMetrics
-    from servescope.reference_engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -118,44 +103,19 @@ def _child_main(launch: EngineLaunch, sock: socket.socket) -> None:
     except OSError:
         return  # the server is gone already
     if engine is not None:
-        _EngineLoop(engine, metrics, sock).run()
+        wire = _Wire(sock)
+        StepLoop(engine, metrics, "process").run(wire.receive, wire.send)
     sock.close()
 
 
-class _EngineLoop:
-    """The child's step loop: drain commands, step, send one frame with the step's outputs."""
+class _Wire:
+    """The engine process's end of the socket: the step loop's `receive` and `send`."""
 
-    def __init__(self, engine: LLMEngine, metrics: EngineMetrics, sock: socket.socket) -> None:
-        self.engine = engine
-        self.metrics = metrics
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.with_spec = engine.config.spec is not None
         self.decoder = FrameDecoder()
-        self.seqs: dict[int, Sequence] = {}  # key -> sequence, while it runs
-        self.keys: dict[int, int] = {}  # seq_id -> key
-        self.failures: list[tuple[int, str]] = []  # (key, message) not yet sent
-        self.adds_taken = 0
-        self.reported = (0, 0)  # (adds taken, waiting) the parent last heard
-        self.running = True
 
-    def run(self) -> None:
-        engine = self.engine
-        while self.running:
-            commands = self._receive(block=not engine.has_unfinished())
-            if commands is None:  # end of file: the server went away
-                return
-            for command in commands:
-                self._handle(command)
-            if not self.running:
-                return
-            outputs = self._step() if engine.has_unfinished() else []
-            waiting = len(engine.scheduler.waiting)
-            if outputs or self.failures or (self.adds_taken, waiting) != self.reported:
-                self._send(("out", outputs, self.failures, self.adds_taken, waiting))
-                self.failures = []
-                self.reported = (self.adds_taken, waiting)
-
-    def _receive(self, block: bool) -> list[tuple] | None:
+    def receive(self, block: bool) -> list[tuple] | None:
         """Every command that has arrived, without waiting unless `block` and none has; None at end of file."""
         commands: list[tuple] = []
         while True:
@@ -173,67 +133,8 @@ class _EngineLoop:
             for frame in self.decoder.feed(data):
                 commands.extend(frame)
 
-    def _send(self, message: tuple) -> None:
-        try:
-            self.sock.sendall(encode(message))
-        except OSError:  # the server is gone: nothing left to serve
-            self.running = False
-
-    def _handle(self, command: tuple) -> None:
-        kind = command[0]
-        if kind == "add":
-            _, key, prompt_token_ids, params, tenant, request_id, arrival_time = command
-            self.adds_taken += 1
-            try:
-                seq = self.engine.add_request(prompt_token_ids, params, tenant, request_id, arrival_time)
-            except Exception as exc:  # validated by the front end already; report, never crash the loop
-                self.failures.append((key, str(exc)))
-                return
-            self.seqs[key] = seq
-            self.keys[seq.seq_id] = key
-        elif kind == "abort":
-            seq = self.seqs.pop(command[1], None)
-            if seq is not None:
-                del self.keys[seq.seq_id]
-                if not seq.finished:
-                    self.engine.abort(seq)  # frees its KV blocks now
-                    self.metrics.refresh_idle(self.engine)
-        elif kind == "call":
-            _, call_id, name = command
-            if name == "metrics":
-                value: Any = self.metrics.render()
-            else:
-                value = {**self.engine.snapshot(), "mode": "process"}
-            self._send(("reply", call_id, value))
-        elif kind == "stop":
-            self.running = False
-
-    def _step(self) -> list[tuple]:
-        engine = self.engine
-        try:
-            step_outputs = engine.step()
-        except Exception as exc:  # keep serving: fail the requests in flight, not the process
-            log.exception("engine step failed")
-            for key, seq in self.seqs.items():
-                if not seq.finished:
-                    engine.abort(seq)
-                self.failures.append((key, str(exc)))
-            self.seqs.clear()
-            self.keys.clear()
-            return []
-        outputs = []
-        keys = self.keys
-        for out in step_outputs:
-            key = keys.get(out.seq.seq_id)
-            if key is None:
-                continue
-            if out.finished:
-                del keys[out.seq.seq_id]
-                del self.seqs[key]
-                outputs.append((key, out.text, True, out.finish_reason, usage(out.seq, self.with_spec)))
-            elif out.text:  # a token that adds no text yet (half a character, a held-back stop) needs no frame
-                outputs.append((key, out.text, False, None, None))
-        return outputs
+    def send(self, message: tuple) -> None:
+        self.sock.sendall(encode(message))  # OSError once the server is gone: the step loop ends
 
 
 # -- the parent: start-up and shutdown ----------------------------------------------------------------
@@ -353,20 +254,16 @@ class ProcessEngineClient(EngineClient):
 
     mode = "process"
 
-    def __init__(self, handle: EngineProcessHandle, on_lost: Callable[[str], None] | None = None) -> None:
+    def __init__(self, handle: EngineProcessHandle) -> None:
         super().__init__(handle.facts, EngineTokenizer(handle.launch.tokenizer_path))
         self.handle = handle
-        self.on_lost = on_lost  # called once if the engine process goes away on its own
+        self.on_lost: Callable[[str], None] | None = None  # called once if the engine process goes away on its own
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transport: asyncio.Transport | None = None
-        self._streams: dict[int, asyncio.Queue] = {}  # key -> the handler's queue
         self._calls: dict[int, asyncio.Future] = {}
-        self._keys = itertools.count()
         self._pending: list[tuple] = []  # commands of this event-loop iteration, sent in one frame
-        self._adds_posted = 0
         self._adds_taken = 0  # as last reported by the engine
         self._waiting = 0  # the scheduler's waiting length, as last reported
-        self._lost: str | None = None  # why the engine can serve nothing more
         self._stopping = False
 
     # -- lifecycle ----------------------------------------------------------
@@ -388,40 +285,11 @@ class ProcessEngineClient(EngineClient):
         self._fail_all("the server is shutting down")
 
     @property
-    def alive(self) -> bool:
-        return self._lost is None
-
-    @property
     def num_waiting(self) -> int:
         """Adds the engine has not taken yet plus its scheduler's waiting queue at its last report."""
         return self._adds_posted - self._adds_taken + self._waiting
 
     # -- requests -------------------------------------------------------------
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, tenant: str = "",
-                       request_id: str = "", arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
-        if self._lost is not None:
-            raise EngineFailed(self._lost)
-        key = next(self._keys)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[key] = queue
-        self._adds_posted += 1
-        self._post(("add", key, prompt_token_ids, params, tenant, request_id,
-                    arrival_time if arrival_time is not None else time.perf_counter()))
-        finished = False
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, EngineFailed):
-                    raise EngineFailed(*item.args)
-                yield item
-                if item.finished:
-                    finished = True
-                    return
-        finally:
-            if not finished:  # the client left (or the request failed): free its blocks
-                self._streams.pop(key, None)
-                self._post(("abort", key))
-
     async def render_metrics(self) -> bytes:
         return await self._call("metrics")
 
@@ -459,18 +327,7 @@ class ProcessEngineClient(EngineClient):
         kind = message[0]
         if kind == "out":
             _, outputs, failures, adds_taken, waiting = message
-            streams = self._streams
-            for key, text, finished, finish_reason, usage_ in outputs:
-                queue = streams.get(key)
-                if queue is None:
-                    continue  # its handler left; the abort is on its way
-                if finished:
-                    del streams[key]
-                queue.put_nowait(RequestOutput(text, finished, finish_reason, usage_))
-            for key, error in failures:
-                queue = streams.pop(key, None)
-                if queue is not None:
-                    queue.put_nowait(EngineFailed(error))
+            self._deliver(outputs, failures)
             self._adds_taken = adds_taken
             self._waiting = waiting
         elif kind == "reply":
@@ -494,9 +351,7 @@ class ProcessEngineClient(EngineClient):
                 self.on_lost(self._lost)
 
     def _fail_all(self, reason: str) -> None:
-        streams, self._streams = self._streams, {}
-        for queue in streams.values():
-            queue.put_nowait(EngineFailed(reason))
+        super()._fail_all(reason)
         for future in self._calls.values():
             if not future.done():
                 future.set_exception(EngineFailed(reason))
