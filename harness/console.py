@@ -7,7 +7,6 @@ progress bar: only the start line, the final table and warnings, in plain text.
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
@@ -141,6 +140,3 @@ def _ms(seconds: Any) -> str:
 def _num(value: Any) -> str:
     return "-" if value is None else f"{value:.1f}"
 
-
-def stdout_is_terminal() -> bool:
-    return sys.stdout.isatty()

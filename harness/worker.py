@@ -157,7 +157,7 @@ class Worker:
         if isinstance(message, Job):
             queue = self.phase_queues.get(message.phase)
             if queue is None or self.stopping:
-                self.outbox.put(SessionDone(self.index, message.phase, skipped=True))
+                self.outbox.put(SessionDone(self.index, message.phase))
             else:
                 queue.put_nowait(message)
         elif isinstance(message, StartPhase):
@@ -203,7 +203,7 @@ class Worker:
         refused = 0  # connection failures in a row: a closed loop must not spin on a dead port
         while (job := await queue.get()) is not _END:
             if self.stopping or (deadline is not None and self.now() >= deadline):
-                self.outbox.put(SessionDone(self.index, job.phase, skipped=True))
+                self.outbox.put(SessionDone(self.index, job.phase))
                 continue
             last = await self._run_session(job.session, job.phase, free_since)
             refused = refused + 1 if last is not None and last.error_kind == "connect" else 0
@@ -218,18 +218,16 @@ class Worker:
         Returns the record of the last turn sent (None when none was)."""
         scheduled = at
         previous_end = scheduled
-        started = False
         record = None
         for number, spec in enumerate(session.turns):
             if number > 0:
                 scheduled = previous_end + spec.think_time_s
             if not await self._sleep_until(scheduled):
                 break
-            started = True
             record = self._new_record(spec, phase, scheduled)
             await self._execute(spec, record)
             previous_end = record.end_at if record.end_at is not None else self.now()
-        self.outbox.put(SessionDone(self.index, phase, skipped=not started))
+        self.outbox.put(SessionDone(self.index, phase))
         return record
 
     async def _sleep_until(self, at: float) -> bool:
@@ -302,7 +300,7 @@ class Worker:
         for phase, queue in list(self.phase_queues.items()):
             while not queue.empty():
                 if queue.get_nowait() is not _END:
-                    self.outbox.put(SessionDone(self.index, phase, skipped=True))
+                    self.outbox.put(SessionDone(self.index, phase))
             queue.put_nowait(_END)
         if self.executing and grace_s > 0:
             await asyncio.wait(list(self.executing), timeout=grace_s)

@@ -72,7 +72,6 @@ class Progress:
     phase_started_at: float | None = None
     phase_duration_s: float | None = None
     phase_expected: int | None = None
-    phase_dispatched: int = 0
     phase_done: int = 0
     records: int = 0
     errors: int = 0
@@ -248,7 +247,6 @@ class Dispatcher:
 
     def _hand_out(self, worker: int, job: Job) -> None:
         self.outstanding[worker] += 1
-        self.progress.phase_dispatched += 1
         self.channel.send(worker, job)
 
     def _pump(self) -> list[Any]:

@@ -76,7 +76,6 @@ class Records:
 class SessionDone:
     worker: int
     phase: str
-    skipped: bool = False  # handed out but not started (deadline passed or run stopped)
 
 
 @dataclass(slots=True)

@@ -112,9 +112,6 @@ class EngineProcess:
             f"command: {' '.join(self.argv)}\n--- engine stderr (last lines) ---\n{tail}"
         )
 
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
     def died(self) -> str | None:
         """Why the engine is gone, if it stopped on its own during the run."""
         if self.process is None or self.process.poll() is None:
