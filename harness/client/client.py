@@ -128,6 +128,11 @@ class StreamingClient:
                 record.ttft_s = record.first_token_at - record.sent_at
             if record.end_at is not None:
                 record.e2e_s = record.end_at - record.sent_at
+        if record.scheduled_at is not None:  # what a user saw when the generator was late
+            if record.first_token_at is not None:
+                record.ttft_from_scheduled_s = record.first_token_at - record.scheduled_at
+            if record.end_at is not None:
+                record.e2e_from_scheduled_s = record.end_at - record.scheduled_at
         if (record.status == "ok" and record.ttft_s is not None and record.e2e_s is not None
                 and record.output_tokens is not None and record.output_tokens > 1):
             record.tpot_s = (record.e2e_s - record.ttft_s) / (record.output_tokens - 1)
