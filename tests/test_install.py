@@ -9,6 +9,7 @@ neutral folder (the installed copy) and from the repository root, where
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -36,11 +37,24 @@ def _python(code: str, *, cwd: Path, python: str = sys.executable, path: Path | 
     return proc.stdout
 
 
+def _clean_copy(dest: Path) -> Path:
+    """The checkout's files as a clean clone has them (tracked and new, not ignored): no stale build/ folder."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                            check=True, timeout=60).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = ROOT / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`pip install --target DIR .`: a built wheel, unpacked, as a user's site-packages would hold it."""
+    """`pip install --target DIR .` of a clean copy: a built wheel, unpacked, as a user's site-packages holds it."""
+    source = _clean_copy(tmp_path_factory.mktemp("clone"))
     target = tmp_path_factory.mktemp("site")
-    _pip("--target", str(target), ".")
+    _pip("--target", str(target), str(source))
     return target
 
 

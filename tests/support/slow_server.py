@@ -6,7 +6,7 @@ requests in flight and records each request's arrival time (perf_counter: the
 same CLOCK_MONOTONIC as the harness) so tests can check what the load
 generator really did. GET /_stats returns those figures.
 
-    python tests/run/slow_server.py --port 0 --first-token-delay 1.0
+    python tests/support/slow_server.py --port 0 --first-token-delay 1.0
     -> prints "LISTENING <port>" once it accepts connections.
 """
 
