@@ -26,7 +26,7 @@ from servescope.reference_engine.model_runner import ModelRunner
 from servescope.reference_engine.ops import build_ops
 from servescope.reference_engine.sampler import DeviceSampler, Sampler, SampleRequest
 from servescope.reference_engine.scheduler import Scheduler, SchedulerOutput
-from servescope.reference_engine.sequence import SamplingParams, Sequence, SequenceStatus
+from servescope.reference_engine.sequence import SamplingParams, Sequence, SequenceStatus, stop_reason
 from servescope.reference_engine.spec_decode import NgramProposer
 from servescope.reference_engine.tokenization import EngineTokenizer, IncrementalDetokenizer, tokenizer_dir_for
 from servescope.reference_engine.weights import DEVICE_INIT_MIN_PARAMS, init_random_weights, load_hf_weights
@@ -107,7 +107,6 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.ops, model_config, config, self.num_blocks,
                                   self.device, self.dtype)
         self.eos_token_ids = tuple(sorted(set(tokenizer.eos_token_ids) | set(model_config.eos_token_ids)))
-        self._eos_set = frozenset(self.eos_token_ids)
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
         proposer = NgramProposer(config.spec) if config.spec else None
         self.scheduler = Scheduler(config, self.block_manager, self.eos_token_ids, proposer)
@@ -264,7 +263,7 @@ class LLMEngine:
                 self.prompt_tokens_total += seq.num_prompt_tokens
             detok = self.detokenizers[seq.seq_id]
             text, stopped = detok.push(tokens)
-            if stopped and not seq.finished:
+            if stopped and not seq.finished:  # stop_reason's last rule: no token rule ended it this step
                 self.scheduler.finish(seq, "stop")
             if seq.finished:
                 text += detok.flush()
@@ -325,7 +324,7 @@ class LLMEngine:
     def _advance(self, out: SchedulerOutput, flight: _InFlight) -> None:
         """Move the launched step's sequences forward as postprocess would, with placeholder tokens."""
         row = 0
-        max_len = self.config.max_model_len
+        eos, max_len = self.scheduler.eos_token_ids, self.config.max_model_len
         for item in out.scheduled:
             seq = item.seq
             samples = item.samples  # read before num_computed_tokens moves
@@ -337,14 +336,15 @@ class LLMEngine:
             flight.entries.append((seq, seq.num_tokens - 1, row))
             row += 1
             # Its filled blocks are registered in the prefix cache once the token is known (_resolve).
-            if seq.num_output_tokens >= seq.params.max_tokens or (max_len and seq.num_tokens >= max_len):
-                self.scheduler.finish(seq, "length")  # frees its blocks: later GPU work is stream-ordered
+            reason = stop_reason(seq, seq.num_tokens, eos, max_len)  # a placeholder: the length rules only
+            if reason is not None:
+                self.scheduler.finish(seq, reason)  # frees its blocks: later GPU work is stream-ordered
 
     def _resolve(self, flight: _InFlight) -> list[StepOutput]:
         """Read a launched step's sampled ids and apply them: EOS and stop strings, detokenization."""
         tokens = flight.tokens()
         now = time.perf_counter()
-        max_len = self.config.max_model_len
+        eos, max_len = self.scheduler.eos_token_ids, self.config.max_model_len
         outputs: list[StepOutput] = []
         for seq, pos, row in flight.entries:
             detok = self.detokenizers.get(seq.seq_id)
@@ -352,16 +352,10 @@ class LLMEngine:
                 continue  # aborted, or computed once past a stop: dropped
             token = tokens[row]
             seq.token_ids[pos] = token
-            params = seq.params
-            produced = pos + 1 - seq.num_prompt_tokens
-            at_limit = produced >= params.max_tokens or bool(max_len and pos + 1 >= max_len)
             text, stopped = detok.push([token])
-            # The host path's order: max_tokens before EOS before the context limit; a stop string
-            # never overrides a length finish of the same token.
-            eos_stop = (token in self._eos_set and not params.ignore_eos and params.min_tokens <= produced
-                        and produced < params.max_tokens)
-            if eos_stop or (stopped and not at_limit):
-                if seq.finished:  # finished ahead by a length limit of this or a later token
+            # A length finish of this token was applied ahead (_advance); only a stop is new here.
+            if stop_reason(seq, pos + 1, eos, max_len, stop_string=stopped) == "stop":
+                if seq.finished:  # finished ahead by a length limit of a later token
                     seq.finish_reason = "stop"
                 else:
                     self.scheduler.finish(seq, "stop")
@@ -372,7 +366,7 @@ class LLMEngine:
                 del self.detokenizers[seq.seq_id]
             elif seq.status is SequenceStatus.RUNNING:
                 self.block_manager.commit(seq)
-            first = produced == 1
+            first = pos == seq.num_prompt_tokens
             if first:
                 seq.first_token_time = now
                 self.prompt_tokens_total += seq.num_prompt_tokens

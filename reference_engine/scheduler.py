@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from servescope.reference_engine.block_manager import BlockManager
 from servescope.reference_engine.config import EngineConfig
-from servescope.reference_engine.sequence import Sequence, SequenceStatus
+from servescope.reference_engine.sequence import Sequence, SequenceStatus, stop_reason
 from servescope.reference_engine.spec_decode import NgramProposer
 
 
@@ -195,36 +195,26 @@ class Scheduler:
                 seq.spec_accepted_tokens += accepted
                 self.spec_draft_tokens += len(item.drafts)
                 self.spec_accepted_tokens += accepted
-            appended = self._append(seq, tokens)
+            appended, reason = self._append(seq, tokens)
             if seq.first_token_time is None:
                 seq.first_token_time = now
             else:
                 seq.last_token_gap = now - seq.last_token_time
             seq.last_token_time = now
-            if seq.finish_reason is None:
+            if reason is None:
                 self.bm.commit(seq)
             else:
-                finished_reason = seq.finish_reason
-                seq.finish_reason = None
-                self.finish(seq, finished_reason)
+                self.finish(seq, reason)
             results.append((seq, appended))
         return results
 
-    def _append(self, seq: Sequence, tokens: list[int]) -> list[int]:
-        """Append tokens until max_tokens or EOS; marks seq.finish_reason (finished by the caller)."""
-        params = seq.params
+    def _append(self, seq: Sequence, tokens: list[int]) -> tuple[list[int], str | None]:
+        """Append tokens up to the first that ends the sequence; returns them and why it ends (or None)."""
         appended: list[int] = []
         for token in tokens:
             seq.token_ids.append(token)
             appended.append(token)
-            produced = seq.num_output_tokens
-            if produced >= params.max_tokens:
-                seq.finish_reason = "length"
-                break
-            if (token in self.eos_token_ids and not params.ignore_eos and produced >= params.min_tokens):
-                seq.finish_reason = "stop"
-                break
-            if self.config.max_model_len and seq.num_tokens >= self.config.max_model_len:
-                seq.finish_reason = "length"
-                break
-        return appended
+            reason = stop_reason(seq, seq.num_tokens, self.eos_token_ids, self.config.max_model_len)
+            if reason is not None:
+                return appended, reason
+        return appended, None

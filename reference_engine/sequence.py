@@ -106,3 +106,24 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+
+def stop_reason(seq: Sequence, num_tokens: int, eos_token_ids: frozenset[int], max_model_len: int | None,
+                stop_string: bool = False) -> str | None:
+    """Why `seq` ends at its `num_tokens`-th token (prompt included): "length", "stop", or None to go on.
+
+    The one set of stop rules, in order: max_tokens ("length"); an EOS id, unless ignore_eos or
+    fewer than min_tokens outputs ("stop"); the context limit ("length"); a stop string the
+    detokenizer found in the text up to this token (`stop_string`, "stop"), so a stop string never
+    overrides a length finish of the same token. A placeholder token (negative: not sampled yet) is
+    never an EOS id, so only the length rules can end a sequence at one.
+    """
+    params = seq.params
+    produced = num_tokens - seq.num_prompt_tokens
+    if produced >= params.max_tokens:
+        return "length"
+    if seq.token_ids[num_tokens - 1] in eos_token_ids and not params.ignore_eos and produced >= params.min_tokens:
+        return "stop"
+    if max_model_len and num_tokens >= max_model_len:
+        return "length"
+    return "stop" if stop_string else None

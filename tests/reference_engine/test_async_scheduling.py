@@ -31,7 +31,6 @@ def _run(engine_factory, params, eos: int | None = None, **overrides):
     engine = engine_factory(**overrides)
     if eos is not None:  # make a token the model emits mid-way act as EOS
         engine.eos_token_ids = (eos,)
-        engine._eos_set = frozenset({eos})
         engine.scheduler.eos_token_ids = frozenset({eos})
     seqs = engine.generate(_prompts(engine), params)
     assert engine.block_manager.num_free_blocks == engine.num_blocks
