@@ -63,6 +63,21 @@ class LazyGroup(click.Group):
             formatter.write_dl(rows)
 
 
+def help_markdown() -> str:
+    """docs/cli.md: every command's --help, as `servescope CMD --help` prints it (100 columns)."""
+    parts = ["# servescope command line", "",
+             "Every command's `--help`. Regenerate after changing an option:", "",
+             "```bash", 'python -c "from servescope.cli import help_markdown; print(help_markdown(), end=\'\')" > docs/cli.md',
+             "```", ""]
+    for name in [None, *sorted(COMMANDS)]:
+        command = main if name is None else main.get_command(click.Context(main), name)
+        info_name = "servescope" if name is None else f"servescope {name}"
+        with click.Context(command, info_name=info_name, terminal_width=100, max_content_width=100) as ctx:
+            text = command.get_help(ctx)
+        parts += [f"## `{info_name}`", "", "```text", text.rstrip(), "```", ""]
+    return "\n".join(parts)
+
+
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="servescope")
 def main() -> None:
