@@ -30,11 +30,9 @@ MAX_BATCH = 32
 class BatchTokenizer:
     """`await encode(text)`: the prompt's ids, from one `encode_batch` per event-loop iteration."""
 
-    def __init__(self, tokenizer: EngineTokenizer, inline_chars: int = INLINE_CHARS,
-                 max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, tokenizer: EngineTokenizer, inline_chars: int = INLINE_CHARS) -> None:
         self.tokenizer = tokenizer
         self.inline_chars = inline_chars
-        self.max_batch = max_batch
         self._executor: ThreadPoolExecutor | None = None
         self._pending: dict[bool, list[tuple[str, asyncio.Future[list[int]]]]] = {}
         self._tasks: set[asyncio.Future[None]] = set()
@@ -53,8 +51,8 @@ class BatchTokenizer:
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, {}
-        chunks = [(flag, items[i:i + self.max_batch]) for flag, items in pending.items()
-                  for i in range(0, len(items), self.max_batch)]
+        chunks = [(flag, items[i:i + MAX_BATCH]) for flag, items in pending.items()
+                  for i in range(0, len(items), MAX_BATCH)]
         for add_special_tokens, items in chunks:
             texts = [text for text, _ in items]
             futures = [future for _, future in items]

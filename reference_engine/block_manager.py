@@ -131,13 +131,11 @@ class BlockManager:
             block = self.blocks[seq.block_table[i]]
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             key = self._block_key(parent, seq.tenant, tokens)
+            # Where another sequence registered the same prefix first, this copy stays private; its
+            # children still chain from the shared key, so later lookups work.
             if block.key is None and key not in self.key_to_block:
                 block.key, block.token_ids = key, tokens
                 self.key_to_block[key] = block.block_id
-            elif block.key != key:
-                # Another sequence registered the same prefix first; this copy stays private.
-                # Its children still chain from the shared key, so later lookups work.
-                pass
             parent = key
             seq.num_hashed_blocks = i + 1
 

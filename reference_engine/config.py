@@ -10,7 +10,6 @@ a forward pass.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -262,6 +261,3 @@ class EngineConfig:
         if self.async_scheduling is None:
             return self.device.startswith("cuda") and self.spec is None
         return self.async_scheduling
-
-    def blocks_needed(self, num_tokens: int) -> int:
-        return math.ceil(num_tokens / self.block_size)

@@ -1,9 +1,9 @@
-"""The engine and its step loop: schedule, forward, sample, postprocess, detokenize.
+"""The engine and its step: schedule, forward, sample, postprocess, detokenize.
 
-`LLMEngine` is synchronous and single-threaded on purpose; the server runs it
-in its own thread (`async_engine.py`) or its own process (`engine_process.py`),
-and tests and benchmarks drive it directly with `add_request()` / `step()` or
-`generate()`.
+`LLMEngine` is synchronous and single-threaded on purpose; the server drives it
+with one step loop (`step_loop.py`), in its own thread (`async_engine.py`) or
+its own process (`engine_process.py`), and tests and benchmarks drive it
+directly with `add_request()` / `step()` or `generate()`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from servescope.reference_engine.tokenization import EngineTokenizer, Incrementa
 from servescope.reference_engine.weights import DEVICE_INIT_MIN_PARAMS, init_random_weights, load_hf_weights
 
 DEFAULT_CPU_KV_MEMORY = 256 << 20
+GENERATE_MAX_STEPS = 100_000  # generate() gives up after this many steps rather than spin forever
 
 
 @dataclass(slots=True)
@@ -191,7 +192,7 @@ class LLMEngine:
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, tenant: str = "",
                     request_id: str = "", arrival_time: float | None = None) -> Sequence:
         """Queue a request; InvalidRequest when it cannot fit the context or uses unknown tokens."""
-        self.validate_prompt(prompt_token_ids, params)
+        self.limits.check(prompt_token_ids, params)
         seq = Sequence(list(prompt_token_ids), params, tenant=tenant, request_id=request_id,
                        arrival_time=arrival_time if arrival_time is not None else time.perf_counter())
         self.detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop)
@@ -202,9 +203,6 @@ class LLMEngine:
     def limits(self) -> PromptLimits:
         """What a request may ask for (also checked by the HTTP front end, which may be in another process)."""
         return PromptLimits(self.model_config.vocab_size, self.max_model_len, self.num_blocks, self.config.block_size)
-
-    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.limits.check(prompt_token_ids, params)
 
     def snapshot(self) -> dict[str, Any]:
         """Block-pool and scheduler figures for `/internal/engine` (tests and debugging), with this
@@ -378,15 +376,15 @@ class LLMEngine:
         return outputs
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                 tenants: list[str] | None = None, max_steps: int = 100_000) -> list[Sequence]:
+                 tenants: list[str] | None = None) -> list[Sequence]:
         """Run prompts to completion (tests, benchmarks): returns the finished sequences in order."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         seqs = [self.add_request(p, sp, tenant=(tenants[i] if tenants else ""))
                 for i, (p, sp) in enumerate(zip(prompts, params_list))]
-        for _ in range(max_steps):
+        for _ in range(GENERATE_MAX_STEPS):
             if not self.has_unfinished():
                 break
             self.step()
         else:
-            raise RuntimeError(f"generate() did not finish within {max_steps} steps")
+            raise RuntimeError(f"generate() did not finish within {GENERATE_MAX_STEPS} steps")
         return seqs

@@ -43,7 +43,6 @@ class ScheduledSeq:
 @dataclass(slots=True)
 class SchedulerOutput:
     scheduled: list[ScheduledSeq]  # single-token decodes first, then multi-token segments
-    preempted: list[Sequence]
 
     @property
     def num_tokens(self) -> int:
@@ -172,7 +171,7 @@ class Scheduler:
             if not scheduled:
                 self._schedule_running(budget, scheduled, preempted, decodes_only=True)
         scheduled.sort(key=lambda s: not s.is_decode)  # stable: decode rows first
-        return SchedulerOutput(scheduled, preempted)
+        return SchedulerOutput(scheduled)
 
     # -- after the forward pass --------------------------------------------
     def postprocess(self, out: SchedulerOutput, sampled: list[list[int]]) -> list[tuple[Sequence, list[int]]]:

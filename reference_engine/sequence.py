@@ -78,7 +78,6 @@ class Sequence:
         self.num_preemptions = 0
         self.spec_draft_tokens = 0
         self.spec_accepted_tokens = 0
-        self.draft_token_ids: list[int] = []
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
@@ -97,11 +96,6 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def is_prefilling(self) -> bool:
-        """True while tokens other than the last one still lack K/V (prompt, or recompute after preemption)."""
-        return self.num_computed_tokens < self.num_tokens - 1
 
     @property
     def finished(self) -> bool:

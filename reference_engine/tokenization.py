@@ -76,10 +76,6 @@ class EngineTokenizer:
         """
         return token_id if token_id < self.vocab_size else token_id % self.vocab_size
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Render messages with the generation prompt and encode them (no extra special tokens)."""
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
-
     def render_chat(self, messages: list[dict[str, Any]]) -> str:
         """The chat template's text for these messages, with the generation prompt (encode it
         without adding special tokens: the template writes them)."""
