@@ -1,4 +1,4 @@
-"""`servescope serve` (and `python -m reference_engine`): parse engine flags, build the engine, serve.
+"""`servescope serve` (and `python -m servescope.reference_engine`): parse engine flags, build the engine, serve.
 
 Thin on purpose: options become an `EngineConfig`; `LLMEngine.build` makes the
 engine here (thread mode) or `engine_process.start_engine_process` makes it in

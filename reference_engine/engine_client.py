@@ -59,8 +59,8 @@ class EngineFacts:
 
 
 class RequestOutput(NamedTuple):
-    """One step's news for one request, as a handler needs it. A tuple: the process client builds one
-    per token from the plain tuples the engine process sends."""
+    """One step's news for one request, as a handler needs it. A tuple: the client builds one per
+    output from the plain tuples of the step loop's "out" messages."""
 
     text: str
     finished: bool

@@ -1,6 +1,6 @@
 """Rebuild the bundled tokenizer files from the bundled corpus, reproducibly.
 
-    python -m reference_engine.tokenizer.build
+    python -m servescope.reference_engine.tokenizer.build
 
 Byte-level BPE (GPT-2 style pre-tokenization) so every string round-trips and
 every byte has a token; 8,192 entries in all (a multiple of 64 keeps the

@@ -160,10 +160,10 @@ def test_config_error_reaches_the_cli_as_a_usage_error() -> None:
 
 @contextlib.contextmanager
 def _cli_server(*args: str) -> Iterator[tuple[subprocess.Popen, str]]:
-    """`python -m reference_engine --engine-process` until /health answers; killed at the end if still up."""
+    """`python -m servescope.reference_engine --engine-process` until /health answers; killed at the end if still up."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "servescope.reference_engine", "--port", str(port), "--device", "cpu",
-                             "--num-kv-blocks", "256", "--engine-process", *args],
+    proc = subprocess.Popen([sys.executable, "-m", "servescope.reference_engine", "--port", str(port),
+                             "--device", "cpu", "--num-kv-blocks", "256", "--engine-process", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"

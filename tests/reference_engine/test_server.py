@@ -28,10 +28,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module", params=["--no-engine-process", "--engine-process"])
 def cli_server(request):
-    """`python -m reference_engine` as a real subprocess (what the harness starts), in each mode."""
+    """`python -m servescope.reference_engine` as a real subprocess (what the harness starts), in each mode."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "servescope.reference_engine", "--port", str(port), "--device", "cpu",
-                             "--num-kv-blocks", "256", "--spec", "ngram:k=3", request.param],
+    proc = subprocess.Popen([sys.executable, "-m", "servescope.reference_engine", "--port", str(port),
+                             "--device", "cpu", "--num-kv-blocks", "256", "--spec", "ngram:k=3", request.param],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
