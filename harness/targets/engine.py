@@ -1,7 +1,7 @@
 """Starting and stopping the bundled reference engine as a subprocess.
 
 The harness never imports the engine (or torch): it runs
-`python -m reference_engine --host 127.0.0.1 --port P ...` on a free port,
+`python -m servescope.reference_engine --host 127.0.0.1 --port P ...` on a free port,
 waits for `GET /health`, and talks to it over HTTP like any other target.
 The engine gets its own session (process group), so the user's Ctrl-C stops
 the load, not the server that in-flight requests are waiting on; the harness
