@@ -102,8 +102,8 @@ def decode_attention_ref(
 
 # Per-step values (table width, split count, and the metadata tensors, which the engine slices out of
 # one packed upload at offsets that vary step to step) are not specialized on: each new value class or
-# pointer alignment would otherwise compile a new variant in the middle of serving (0.5-1.5 s stalls of
-# every request, seen as TTFT tails in benchmarks/engine_gpu.py part (d) before this).
+# pointer alignment would otherwise compile a new variant in the middle of serving, a 0.5-1.5 s stall of
+# every request in flight (tests/kernels/test_specialization.py guards it).
 @triton.jit(do_not_specialize=["stride_table", "num_splits"],
             do_not_specialize_on_alignment=["block_tables_ptr", "context_lens_ptr"])
 def _decode_split_kernel(

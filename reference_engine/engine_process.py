@@ -2,8 +2,7 @@
 
 Why a process: the step loop is host-bound Python on a GPU, and as a thread of
 the server it shares one GIL with the event loop that encodes and writes every
-SSE chunk; served throughput measured 60% of in-process throughput on an H200
-(README, part (e)). In a child process the model, scheduler, detokenizer and
+SSE chunk (docs/benchmarks.md measures both modes). In a child process the model, scheduler, detokenizer and
 Prometheus metrics run on their own interpreter; the HTTP process only parses,
 tokenizes, validates, admits (429) and streams.
 

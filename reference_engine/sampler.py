@@ -157,8 +157,8 @@ class DeviceSampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self._eos = torch.tensor(self.eos_token_ids, dtype=torch.int64, device=device)
         # The masking value as a device tensor: `logits[i, j] = float("-inf")` copies the scalar
-        # from pageable host memory, which waits for the GPU to finish the step in flight (it cost
-        # 2.4 ms a step at batch 128 on an H200: benchmarks/engine_gpu.py (e0), min_tokens alone).
+        # from pageable host memory, which waits for the GPU to finish the step in flight and so
+        # undoes overlapped scheduling (tests/reference_engine/test_gpu.py runs under sync-debug "error").
         self._neg_inf = torch.tensor(float("-inf"), device=device)
         # Rows without top-k (temperature, top-p) through kernels/sampling.py: no sort, one pass
         # for temperature alone. By default on CUDA, where benchmarks/sampling.py measured it

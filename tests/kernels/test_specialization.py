@@ -3,8 +3,7 @@
 Triton compiles a new variant for each new alignment of a pointer argument and each new class
 (1, divisible by 16, other) of an integer argument. The engine hands the attention kernels slices of
 one packed per-step upload and widths and counts that change every step, so specializing on them
-compiled new variants mid-serving: every request stalled 0.5-1.5 s (benchmarks/results/
-engine_gpu_nvidia_h200.md, part (d)). The interpreter used by the other CPU tests has no
+would compile new variants mid-serving: every request in flight would stall 0.5-1.5 s. The interpreter used by the other CPU tests has no
 specialization, so this reads the compiled-mode kernels' parameters in a fresh interpreter.
 """
 

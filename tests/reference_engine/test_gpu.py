@@ -13,7 +13,7 @@ from servescope.reference_engine.sequence import SamplingParams
 pytestmark = pytest.mark.gpu
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-# Issue 9 item 5 on trained weights: a local Llama-family checkpoint directory (config.json, safetensors,
+# On trained weights: a local Llama-family checkpoint directory (config.json, safetensors,
 # tokenizer) here runs the llama3-1b comparison on it instead of the preset's random weights, and adds
 # the literal criterion, every prompt's greedy tokens identical for 32 steps. Random weights leave
 # near-ties that part even the torch path from itself, and weights cannot be downloaded on CI.
@@ -219,7 +219,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_llama3_1b_triton_path_matches_torch_path_bf16() -> None:
-    """Issue 9 item 5: llama3-1b in bf16 through the GPU path (Triton kernels, CUDA graphs,
+    """llama3-1b in bf16 through the GPU path (Triton kernels, CUDA graphs,
     overlapped scheduling) against the plain-torch path, 8 prompts x 40 greedy steps.
 
     - logits: against float32 logits of the same weights and tokens, the Triton path's error is no
