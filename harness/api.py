@@ -47,7 +47,7 @@ from servescope.rundir.schema import RUN_JSON, SUMMARY_JSON, RunDirError
 from servescope.rundir.writer import RunDirWriter, write_json_atomic
 from servescope.version import __version__
 
-# With neither --workload nor --prompt-tokens/--max-tokens: a small fixed-length workload.
+# Without --workload: a small fixed-length workload (--prompt-tokens / --max-tokens replace either length).
 DEFAULT_PROMPT_TOKENS = 128
 DEFAULT_MAX_TOKENS = 64
 ENGINE_DEFAULT_PRESET = "tiny"  # what `python -m reference_engine` serves without --preset
@@ -132,7 +132,7 @@ def execute_once(config: RunConfig, out: Path | None = None, console: RunConsole
 def _prepare(config: RunConfig) -> _Prepared:
     from servescope.workloads.errors import WorkloadError
     from servescope.workloads.generator import session_stream
-    from servescope.workloads.spec import fixed_workload, load_workload
+    from servescope.workloads.spec import fixed_workload, load_workload, with_lengths
     from servescope.workloads.tokenizer import load_tokenizer
     from servescope.workloads.traces import trace_sessions
 
@@ -151,6 +151,8 @@ def _prepare(config: RunConfig) -> _Prepared:
         else:
             if config.workload:
                 spec = load_workload(config.workload)
+                if config.length_overrides:
+                    spec = with_lengths(spec, prompt_tokens=config.prompt_tokens, output_tokens=config.max_tokens)
             else:
                 spec = fixed_workload(config.prompt_tokens or DEFAULT_PROMPT_TOKENS, config.max_tokens or DEFAULT_MAX_TOKENS,
                                       config.api or "completions")
@@ -422,6 +424,7 @@ def _initial_meta(config: RunConfig, prepared: _Prepared, started: datetime) -> 
         "model": config.model,
         "api": config.api,
         "workload": prepared.workload_meta,
+        "length_overrides": config.length_overrides,
         "load": {"kind": config.load_kind, "phases": [p.describe() for p in prepared.phases]},
         "seed": config.seed,
         "slo": config.slo,

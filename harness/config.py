@@ -221,16 +221,13 @@ class RunConfig:
     def _check_workload(self) -> None:
         if self.api is not None and self.api not in APIS:
             raise ConfigError(f"--api: must be completions or chat, got {self.api!r}")
-        fixed = (self.prompt_tokens, self.max_tokens)
-        if any(v is not None for v in fixed):
-            if self.workload:
-                raise ConfigError("give either --workload or --prompt-tokens/--max-tokens, not both")
-            if None in fixed:
-                raise ConfigError("--prompt-tokens and --max-tokens go together; give both, e.g. --prompt-tokens 512 --max-tokens 128")
-            if self.prompt_tokens < 1 or self.max_tokens < 1:
-                raise ConfigError(f"--prompt-tokens/--max-tokens must be at least 1, got {self.prompt_tokens}/{self.max_tokens}")
-        if self.trace and (self.workload or self.prompt_tokens is not None):
-            raise ConfigError("--trace brings its own requests; drop --workload/--prompt-tokens")
+        # Each of --prompt-tokens / --max-tokens, alone or together, fixes that length in the workload
+        # (the default one without --workload): workloads.spec.with_lengths.
+        for flag, value in (("--prompt-tokens", self.prompt_tokens), ("--max-tokens", self.max_tokens)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag}: must be at least 1, got {value}")
+        if self.trace and (self.workload or self.prompt_tokens is not None or self.max_tokens is not None):
+            raise ConfigError("--trace brings its own requests; drop --workload/--prompt-tokens/--max-tokens")
 
     def _check_load(self) -> None:
         given = [name for name, v in (("--concurrency", self.concurrency), ("--rate", self.rate),
@@ -257,6 +254,12 @@ class RunConfig:
         if not self.engine:
             return None
         return self.engine.partition(":")[2] or None
+
+    @property
+    def length_overrides(self) -> dict[str, int]:
+        """The workload lengths fixed by --prompt-tokens / --max-tokens, named by workload field (for run.json)."""
+        return {name: value for name, value in (("prompt_tokens", self.prompt_tokens), ("output_tokens", self.max_tokens))
+                if value is not None}
 
     @property
     def load_kind(self) -> str:

@@ -22,16 +22,18 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from workloads.errors import WorkloadError
+from servescope.workloads.errors import WorkloadError, suggest
 
 KINDS = ("fixed", "uniform", "normal", "lognormal", "empirical")
+# The keys each kind takes, in the order messages list them.
 _PARAMS = {
-    "fixed": {"dist", "value", "min", "max"},
-    "uniform": {"dist", "min", "max"},
-    "normal": {"dist", "mean", "std", "min", "max"},
-    "lognormal": {"dist", "mean", "median", "sigma", "min", "max"},
-    "empirical": {"dist", "table", "min", "max"},
+    "fixed": ("dist", "value", "min", "max"),
+    "uniform": ("dist", "min", "max"),
+    "normal": ("dist", "mean", "std", "min", "max"),
+    "lognormal": ("dist", "mean", "median", "sigma", "min", "max"),
+    "empirical": ("dist", "table", "min", "max"),
 }
+ALL_PARAMS = ("dist", "value", "min", "max", "mean", "std", "median", "sigma", "table")
 
 
 @dataclass(frozen=True)
@@ -50,31 +52,11 @@ class Distribution:
     _cum_weights: tuple[float, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise WorkloadError(f"unknown distribution {self.kind!r}", field="dist", allowed=KINDS)
-        need = {
-            "fixed": ("value",), "uniform": ("min", "max"), "normal": ("mean", "std"),
-            "lognormal": ("sigma",), "empirical": ("table",),
-        }[self.kind]
-        for name in need:
-            if getattr(self, name) in (None, ()):
-                raise WorkloadError(f"a {self.kind} distribution needs `{name}`", field=name)
-        for name in ("value", "mean", "std", "median", "sigma", "min", "max"):
-            v = getattr(self, name)
-            if v is not None and (not math.isfinite(v) or v < 0):
-                raise WorkloadError(f"must be a finite number >= 0, got {v}", field=name)
-        if self.min is not None and self.max is not None and self.min > self.max:
-            raise WorkloadError(f"min ({self.min}) is above max ({self.max})", field="min")
-        if self.kind == "lognormal":
-            if (self.mean is None) == (self.median is None):
-                raise WorkloadError("a lognormal distribution needs exactly one of `mean` or `median`", field="mean")
-            if (self.mean or self.median) == 0:
-                raise WorkloadError("a lognormal mean/median must be > 0", field="mean")
+        problems = _problems(self.kind, {name: getattr(self, name) for name in _FIELDS})
+        if problems:
+            raise WorkloadError.collect(problems)
         if self.kind == "empirical":
-            weights = [w for _, w in self.table]
-            if any(w < 0 for w in weights) or sum(weights) <= 0 or any(v < 0 for v, _ in self.table):
-                raise WorkloadError("empirical table needs values >= 0 and weights >= 0 with a positive sum", field="table")
-            object.__setattr__(self, "_cum_weights", tuple(itertools.accumulate(weights)))
+            object.__setattr__(self, "_cum_weights", tuple(itertools.accumulate(w for _, w in self.table)))
 
     def sample(self, rng: random.Random) -> float:
         kind = self.kind
@@ -112,47 +94,91 @@ class Distribution:
         return math.inf
 
 
+_FIELDS = ("value", "mean", "std", "median", "sigma", "table", "min", "max")
+_NEEDS = {"fixed": ("value",), "uniform": ("min", "max"), "normal": ("mean", "std"), "lognormal": ("sigma",),
+          "empirical": ("table",)}
+
+
+def _problems(kind: str, params: dict[str, Any]) -> list[WorkloadError]:
+    """Everything wrong with a distribution's parameters (fields relative to the distribution)."""
+    if kind not in KINDS:
+        return [WorkloadError(f"unknown distribution {kind!r}", field="dist", allowed=KINDS)]
+    get = params.get
+    out = [WorkloadError(f"a {kind} distribution needs `{name}`", field=name)
+           for name in _NEEDS[kind] if get(name) in (None, ())]
+    for name in ("value", "mean", "std", "median", "sigma", "min", "max"):
+        v = get(name)
+        if v is not None and (not math.isfinite(v) or v < 0):
+            out.append(WorkloadError(f"must be a finite number >= 0, got {v:g}", field=name))
+    if get("min") is not None and get("max") is not None and get("min") > get("max"):
+        out.append(WorkloadError(f"min ({get('min'):g}) is above max ({get('max'):g})", field="min"))
+    if kind == "lognormal":
+        if (get("mean") is None) == (get("median") is None):
+            out.append(WorkloadError("a lognormal distribution needs exactly one of `mean` or `median`", field="mean"))
+        elif (get("mean") or get("median")) == 0:
+            out.append(WorkloadError("a lognormal mean/median must be > 0", field="mean"))
+    table = get("table") or ()
+    if kind == "empirical" and table:
+        weights = [w for _, w in table]
+        if any(w < 0 for w in weights) or sum(weights) <= 0 or any(v < 0 for v, _ in table):
+            out.append(WorkloadError("empirical table needs values >= 0 and weights >= 0 with a positive sum",
+                                     field="table"))
+    return out
+
+
 def parse_distribution(raw: Any, path: str) -> Distribution:
-    """Build a Distribution from its YAML form; errors name `path`."""
+    """Build a Distribution from its YAML form; every problem found is raised at once, each naming its path."""
     if isinstance(raw, bool):
         raise WorkloadError(f"expected a number or a mapping with `dist`, got {raw!r}", field=path)
     if isinstance(raw, (int, float)):
         raw = {"dist": "fixed", "value": raw}
     if not isinstance(raw, dict):
         raise WorkloadError(f"expected a number or a mapping with `dist`, got {type(raw).__name__}", field=path)
+    problems: list[WorkloadError] = []
     kind = raw.get("dist")
-    if kind not in KINDS:
-        raise WorkloadError(f"unknown or missing distribution kind {kind!r}", field=f"{path}.dist", allowed=KINDS)
-    unknown = set(raw) - _PARAMS[kind]
-    if unknown:
-        raise WorkloadError(
-            f"unknown key(s) {sorted(unknown)} for a {kind} distribution", field=path, allowed=sorted(_PARAMS[kind])
-        )
+    allowed = _PARAMS.get(kind, ALL_PARAMS) if isinstance(kind, str) else ALL_PARAMS
+    unknown = [k for k in raw if k not in allowed]
+    problems += [WorkloadError.unknown_key(k, path, allowed) for k in unknown]
+    if kind is None:
+        if not any(suggest(str(k), ("dist",)) for k in unknown):  # a misspelt `dist` is reported once, above
+            problems.append(WorkloadError("missing `dist` (the distribution kind)", field=f"{path}.dist", allowed=KINDS))
+    elif kind not in KINDS:
+        problems.append(WorkloadError(f"unknown distribution kind {kind!r}", field=f"{path}.dist", allowed=KINDS))
     kwargs: dict[str, Any] = {"kind": kind}
+    unusable = set(unknown)  # keys already reported: not reported again as missing
     for key, value in raw.items():
-        if key == "dist":
+        if key == "dist" or key in unknown:
             continue
         if key == "table":
-            kwargs["table"] = _parse_table(value, f"{path}.table")
+            try:
+                kwargs["table"] = _parse_table(value, f"{path}.table")
+            except WorkloadError as err:
+                problems.append(err)
+                unusable.add(key)
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise WorkloadError(f"expected a number, got {value!r}", field=f"{path}.{key}")
+            problems.append(WorkloadError(f"expected a number, got {value!r}", field=f"{path}.{key}"))
+            unusable.add(key)
         else:
             kwargs[key] = float(value)
-    try:
-        return Distribution(**kwargs)
-    except WorkloadError as err:
-        raise err.within(prefix=path) from None
+    if kind in KINDS:
+        problems += [p.within(prefix=path) for p in _problems(kind, kwargs) if p.field not in unusable]
+    if problems:
+        raise WorkloadError.collect(problems)
+    return Distribution(**kwargs)
 
 
 def _parse_table(value: Any, path: str) -> tuple[tuple[float, float], ...]:
     if not isinstance(value, list) or not value:
         raise WorkloadError("expected a non-empty list of [value, weight] pairs", field=path)
-    rows = []
+    rows, problems = [], []
     for i, row in enumerate(value):
         if (
             not isinstance(row, (list, tuple)) or len(row) != 2
             or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in row)
         ):
-            raise WorkloadError(f"expected [value, weight], got {row!r}", field=f"{path}[{i}]")
-        rows.append((float(row[0]), float(row[1])))
+            problems.append(WorkloadError(f"expected [value, weight], got {row!r}", field=f"{path}[{i}]"))
+        else:
+            rows.append((float(row[0]), float(row[1])))
+    if problems:
+        raise WorkloadError.collect(problems)
     return tuple(rows)

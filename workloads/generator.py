@@ -10,8 +10,15 @@ turn t-1's `max_tokens` tokens + a fresh `prompt_tokens` sample of new tokens
 (the chat framing of the reply and of the new user message included), so
 `prompt_tokens[t] = prompt_tokens[t-1] + max_tokens[t-1] + new[t]` exactly.
 Lengths below a shape's fixed cost (BOS, chat framing, the shared prefix) are
-raised to the smallest possible prompt; `RequestSpec.prompt_tokens` is always
-the exact count.
+raised to the smallest possible prompt, and a reply carried into the next turn
+to the shortest piece that can follow text; `RequestSpec.prompt_tokens` is
+always the exact count.
+
+`session_stream` first checks the workload against the tokenizer (`preflight`):
+a tokenizer that cannot build its prompts token-exact (no chat template for a
+chat class, a template that refuses a system message that a shared prefix
+needs, counts that do not come out exact) is refused with one WorkloadError
+that lists every class's problem, before any session is built.
 """
 
 from __future__ import annotations
@@ -27,10 +34,11 @@ from dataclasses import asdict
 from functools import lru_cache
 from typing import Any
 
-from workloads.prompt_builder import PromptBuilder
-from workloads.spec import RequestClass, WorkloadSpec
-from workloads.tokenizer import PromptTokenizer
-from workloads.types import RequestSpec, Session
+from servescope.workloads.errors import WorkloadError
+from servescope.workloads.prompt_builder import PromptBuilder
+from servescope.workloads.spec import RequestClass, WorkloadSpec
+from servescope.workloads.tokenizer import PromptTokenizer
+from servescope.workloads.types import RequestSpec, Session
 
 
 @lru_cache(maxsize=4)
@@ -97,6 +105,8 @@ class _SessionFactory:
                 body, total, state = self._first_prompt(cls, api, new_tokens, start)
             else:
                 body, total, state = self._next_prompt(api, state, new_tokens, start, rng)
+            if cls.session.history and t + 1 < n_turns:  # the next turn carries this reply as a corpus piece
+                out_tokens = max(out_tokens, self.builder.min_piece_tokens(lead=api == "chat"))
             state["out"] = out_tokens
             req = RequestSpec(
                 request_id=f"{session_id}-{t}", api=api, prompt_tokens=total,
@@ -124,16 +134,17 @@ class _SessionFactory:
                 member = b.member_start(prefix.group, self.members[prefix.group])
                 self.members[prefix.group] += 1
                 head = b.prefix(prefix.group, prefix.tokens, api)
-                total = max(tokens, prefix.tokens + 1)
-                text = b.completion(total, member, head=head, head_tokens=prefix.tokens)
+                total = max(tokens, b.min_completion_tokens(head.tokens))
+                text = b.completion(total, member, head=head.text, head_tokens=head.tokens)
             return {"prompt": text}, total, {"text": text, "total": total}
         history: list[dict[str, Any]] = []
         history_tokens = 0
         if prefix is not None:
-            start = b.member_start(prefix.group, self.members[prefix.group])
+            start = b.member_start(prefix.group, self.members[prefix.group], api)
             self.members[prefix.group] += 1
-            history = [{"role": "system", "content": b.prefix(prefix.group, prefix.tokens, api)}]
-            history_tokens = prefix.tokens - b.pre_user(("system", "user"))
+            head = b.prefix(prefix.group, prefix.tokens, api)
+            history = [{"role": "system", "content": head.text}]
+            history_tokens = head.tokens
         roles = tuple(m["role"] for m in history) + ("user",)
         total = max(tokens, b.min_chat_tokens(roles, history_tokens))
         chat = b.chat(total, start, history=history, history_tokens=history_tokens)
@@ -146,9 +157,10 @@ class _SessionFactory:
         out = state["out"]
         reply_start = rng.randrange(len(b.index))
         if api == "completions":
+            # The previous prompt without the special tokens after its text, then the reply, then new text.
             head = state["text"] + b.piece(out, reply_start, lead=False)
-            head_tokens = state["total"] + out
-            total = head_tokens + new_tokens
+            head_tokens = state["total"] - b.eos + out
+            total = max(head_tokens + new_tokens + b.eos, b.min_completion_tokens(head_tokens))
             text = b.completion(total, start, head=head, head_tokens=head_tokens)
             return {"prompt": text}, total, {"text": text, "total": total}
         history = state["messages"] + [{"role": "assistant", "content": b.piece(out, reply_start, lead=True)}]
@@ -161,18 +173,93 @@ class _SessionFactory:
         }
 
 
+def _chat_shapes(cls: RequestClass) -> list[tuple[tuple[str, ...], str]]:
+    """The role sequences a chat class sends, each with why (for messages)."""
+    system = ("system",) if cls.prefix is not None else ()
+    why = "its shared prefix is sent as a system message" if system else "single user messages"
+    shapes = [(system + ("user",), why)]
+    if cls.session.history and cls.session.turns.upper_bound > 1:
+        shapes.append((system + ("user", "assistant", "user"), "multi-turn sessions carry earlier replies"))
+    return shapes
+
+
+def _count(tokenizer: PromptTokenizer, req: RequestSpec) -> int:
+    """The prompt's length as the server counts it."""
+    return tokenizer.count(req.prompt) if req.api == "completions" else tokenizer.count_chat(req.messages)
+
+
+def preflight(spec: WorkloadSpec, tokenizer: PromptTokenizer, *, api: str | None = None, sessions: int = 2) -> None:
+    """Refuse, before anything is sent, a tokenizer that cannot build this workload's prompts token-exact.
+
+    Every class is checked with the shapes it sends: a chat class needs a chat template that
+    accepts its roles (a system message for a shared prefix, assistant replies for sessions
+    with history), and a few of its sessions are built and re-encoded in full. When a count
+    differs the builder switches to verify mode and the check runs again; a tokenizer that is
+    still not exact is refused. Raises one WorkloadError that lists every problem found."""
+    builder = prompt_builder(tokenizer)
+    problems: list[WorkloadError] = []
+    for i, cls in enumerate(spec.classes):
+        cls_api = api or cls.api
+        where = f"class {cls.name!r} (classes[{i}])"
+        if cls_api == "chat":
+            if tokenizer.template_problem is not None:
+                problems.append(WorkloadError(
+                    f"{where} sends chat requests, but tokenizer {tokenizer.name} cannot render them: "
+                    f"{tokenizer.template_problem}; add a `chat_template` to {tokenizer.path}/tokenizer_config.json "
+                    "(or a chat_template.jinja file beside it), or use --api completions", source=str(tokenizer.path)))
+                continue
+            refused = next(((roles, why, reason) for roles, why in _chat_shapes(cls)
+                            if (reason := builder.refusal(roles)) is not None), None)
+            if refused is not None:
+                roles, why, reason = refused
+                fix = ("drop `prefix` from the class, " if "system" in roles else "") + (
+                    "set `session: {history: false}`, " if "assistant" in roles and "system" not in roles else "")
+                problems.append(WorkloadError(
+                    f"{where} sends conversations of roles {', '.join(roles)} ({why}), which tokenizer "
+                    f"{tokenizer.name} cannot render ({reason}); use a tokenizer whose chat template accepts "
+                    f"them, {fix}or use --api completions", source=str(tokenizer.path)))
+                continue
+        try:
+            bad = _inexact_turn(WorkloadSpec(name=spec.name, classes=(cls,)), tokenizer, api, sessions)
+            if bad is not None and not builder.verify:
+                builder.verify = True  # sums do not add up for this shape: re-encode every prompt from now on
+                bad = _inexact_turn(WorkloadSpec(name=spec.name, classes=(cls,)), tokenizer, api, sessions)
+        except WorkloadError as err:
+            problems.append(WorkloadError(f"{where}: {err.message}", source=err.source or str(tokenizer.path)))
+            continue
+        if bad is not None:
+            asked, got = bad
+            problems.append(WorkloadError(
+                f"{where}: prompts cannot be made token-exact with tokenizer {tokenizer.name} (asked for {asked} "
+                f"tokens, the tokenizer counts {got} even with every prompt re-encoded); pass the target model's own "
+                "tokenizer folder",
+                source=str(tokenizer.path)))
+    if problems:
+        raise WorkloadError.collect(problems)
+
+
+def _inexact_turn(spec: WorkloadSpec, tokenizer: PromptTokenizer, api: str | None, n: int) -> tuple[int, int] | None:
+    """(asked, counted) of the first turn of `n` sessions whose prompt is not exactly its length, or None."""
+    factory = _SessionFactory(spec, tokenizer, 0, api, False)
+    for index in range(n):
+        for req in factory.session(index).turns:
+            got = _count(tokenizer, req)
+            if got != req.prompt_tokens:
+                return req.prompt_tokens, got
+    return None
+
+
 def session_stream(spec: WorkloadSpec, tokenizer: PromptTokenizer, seed: int, *,
                    api: str | None = None, force_output_length: bool = False) -> Iterator[Session]:
-    """Endless sessions drawn from `spec` (api, if given, overrides every class's api)."""
+    """Endless sessions drawn from `spec` (api, if given, overrides every class's api).
+
+    The workload is checked against the tokenizer first (`preflight`), so a tokenizer that
+    cannot build its prompts raises WorkloadError here, before any session exists."""
     if api is not None and api not in ("completions", "chat"):
-        from workloads.errors import WorkloadError
-
         raise WorkloadError(f"unknown api {api!r}", field="api", allowed=("completions", "chat"))
+    preflight(spec, tokenizer, api=api)
     factory = _SessionFactory(spec, tokenizer, seed, api, force_output_length)
-    for index in itertools.count():
-        yield factory.session(index)
-
-
+    return (factory.session(index) for index in itertools.count())
 def stream_fingerprint(sessions: Iterable[Session], n: int) -> str:
     """sha256 of the first `n` sessions (every field): equal streams give equal fingerprints."""
     digest = hashlib.sha256()

@@ -18,12 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from workloads.errors import WorkloadError
-from workloads.generator import apply_output_length
-from workloads.jsonstream import first_record, iter_json_array, iter_jsonl
-from workloads.spec import Buckets
-from workloads.tokenizer import PromptTokenizer
-from workloads.types import RequestSpec, Session
+from servescope.workloads.errors import WorkloadError
+from servescope.workloads.generator import apply_output_length
+from servescope.workloads.jsonstream import first_record, iter_json_array, iter_jsonl
+from servescope.workloads.spec import Buckets
+from servescope.workloads.tokenizer import PromptTokenizer
+from servescope.workloads.types import RequestSpec, Session
 
 FORMATS = ("auto", "sharegpt", "prompts")
 _ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from workloads.errors import WorkloadError
+from servescope.workloads.errors import WorkloadError
 
 CHUNK_CHARS = 1 << 16
 _DECODER = json.JSONDecoder()

@@ -20,20 +20,24 @@ Token counts accept `1k` (= 1024) style strings. In a session, `prompt_tokens`
 is the first turn's prompt length; each later turn adds a fresh sample of it
 (the new user message with its chat framing) on top of the history (previous
 prompt + the previous reply of `max_tokens` tokens) when `history: true`.
+
+A file is validated as a whole: every problem is listed at once, each with its
+field path, and an unknown key is named with the keys allowed where it sits.
+`with_lengths` fixes one dimension of a spec (`--prompt-tokens`, `--max-tokens`).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from workloads.distributions import Distribution, parse_distribution
-from workloads.errors import WorkloadError
+from servescope.workloads.distributions import Distribution, parse_distribution
+from servescope.workloads.errors import WorkloadError
 
 APIS = ("completions", "chat")
 ARRIVALS = ("poisson", "constant", "gamma:CV")
@@ -86,10 +90,13 @@ class Buckets:
     output: tuple[int, ...] = DEFAULT_OUTPUT_EDGES
 
     def __post_init__(self) -> None:
-        for name in ("prompt", "output"):
-            edges = getattr(self, name)
-            if not edges or any(e <= 0 for e in edges) or list(edges) != sorted(set(edges)):
-                raise WorkloadError(f"bucket edges must be positive and strictly increasing, got {list(edges)}", field=name)
+        problems = [
+            WorkloadError(f"bucket edges must be positive and strictly increasing, got {list(edges)}", field=name)
+            for name, edges in (("prompt", self.prompt), ("output", self.output))
+            if not edges or any(e <= 0 for e in edges) or list(edges) != sorted(set(edges))
+        ]
+        if problems:
+            raise WorkloadError.collect(problems)
 
     def prompt_label(self, tokens: int) -> str:
         return _edges_label(self.prompt, tokens)
@@ -106,10 +113,14 @@ class PrefixSettings:
     tokens: int
 
     def __post_init__(self) -> None:
+        problems = []
         if not self.group or not _NAME.match(self.group):
-            raise WorkloadError(f"prefix group must be a name of letters, digits, _.:-, got {self.group!r}", field="group")
+            problems.append(WorkloadError(f"prefix group must be a name of letters, digits, _.:-, got {self.group!r}",
+                                          field="group"))
         if self.tokens < 1:
-            raise WorkloadError(f"prefix tokens must be >= 1, got {self.tokens}", field="tokens")
+            problems.append(WorkloadError(f"prefix tokens must be >= 1, got {self.tokens}", field="tokens"))
+        if problems:
+            raise WorkloadError.collect(problems)
 
 
 @dataclass(frozen=True)
@@ -140,18 +151,28 @@ class RequestClass:
     labels: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.name or not _NAME.match(self.name):
-            raise WorkloadError(f"class name must be letters, digits, _.:-, got {self.name!r}", field="name")
-        if not (math.isfinite(self.weight) and self.weight > 0):
-            raise WorkloadError(f"weight must be a number > 0, got {self.weight}", field="weight")
-        if self.api not in APIS:
-            raise WorkloadError(f"unknown api {self.api!r}", field="api", allowed=APIS)
-        if self.prefix is not None and self.prompt_tokens.upper_bound <= self.prefix.tokens:
-            raise WorkloadError(
-                f"prompts (at most {self.prompt_tokens.upper_bound:g} tokens) must be longer than the "
-                f"shared prefix ({self.prefix.tokens} tokens): raise prompt_tokens or lower prefix.tokens",
-                field="prompt_tokens",
-            )
+        problems = _class_problems(self.name, self.weight, self.api, self.prompt_tokens, self.prefix)
+        if problems:
+            raise WorkloadError.collect(problems)
+
+
+def _class_problems(name: str | None, weight: float, api: Any, prompt_tokens: Distribution | None,
+                    prefix: PrefixSettings | None) -> list[WorkloadError]:
+    """What is wrong with one class's own fields (paths relative to the class)."""
+    problems = []
+    if name is not None and (not name or not _NAME.match(name)):
+        problems.append(WorkloadError(f"class name must be letters, digits, _.:-, got {name!r}", field="name"))
+    if not (math.isfinite(weight) and weight > 0):
+        problems.append(WorkloadError(f"weight must be a number > 0, got {weight}", field="weight"))
+    if api not in APIS:
+        problems.append(WorkloadError(f"unknown api {api!r}", field="api", allowed=APIS))
+    if prefix is not None and prompt_tokens is not None and prompt_tokens.upper_bound <= prefix.tokens:
+        problems.append(WorkloadError(
+            f"prompts (at most {prompt_tokens.upper_bound:g} tokens) must be longer than the "
+            f"shared prefix ({prefix.tokens} tokens): raise prompt_tokens or lower prefix.tokens",
+            field="prompt_tokens",
+        ))
+    return problems
 
 
 @dataclass(frozen=True)
@@ -167,24 +188,16 @@ class WorkloadSpec:
     source: str | None = None  # the file it came from, for messages and run.json
 
     def __post_init__(self) -> None:
+        problems = _mix_problems([(i, c.name, c.prefix) for i, c in enumerate(self.classes)])
         if not self.classes:
-            raise WorkloadError("a workload needs at least one class", field="classes")
-        names = [c.name for c in self.classes]
-        if len(set(names)) != len(names):
-            raise WorkloadError(f"class names must be unique, got {names}", field="classes")
-        groups: dict[str, int] = {}
-        for i, cls in enumerate(self.classes):
-            if cls.prefix is None:
-                continue
-            seen = groups.setdefault(cls.prefix.group, cls.prefix.tokens)
-            if seen != cls.prefix.tokens:
-                raise WorkloadError(
-                    f"prefix group {cls.prefix.group!r} has {seen} tokens in one class and "
-                    f"{cls.prefix.tokens} in another: one group, one length",
-                    field=f"classes[{i}].prefix.tokens",
-                )
+            problems.append(WorkloadError("a workload needs at least one class", field="classes"))
         if self.arrival is not None:
-            parse_arrival(self.arrival)
+            try:
+                parse_arrival(self.arrival)
+            except WorkloadError as err:
+                problems.append(err)
+        if problems:
+            raise WorkloadError.collect(problems)
 
     @property
     def total_weight(self) -> float:
@@ -199,6 +212,29 @@ class WorkloadSpec:
             cls["session"]["turns"] = _dist_dict(cls["session"]["turns"])
             cls["session"]["think_time_s"] = _dist_dict(cls["session"]["think_time_s"])
         return data
+
+
+def _mix_problems(classes: list[tuple[int, str | None, PrefixSettings | None]]) -> list[WorkloadError]:
+    """What is wrong between classes (names unique, one length per prefix group), from each class's
+    (index, name, prefix); a part that could not be read is None and is left out."""
+    problems = []
+    first_named: dict[str, int] = {}
+    groups: dict[str, int] = {}
+    for i, name, prefix in classes:
+        seen = first_named.setdefault(name, i) if name is not None else i
+        if seen != i:
+            problems.append(WorkloadError(f"class name {name!r} is used by classes[{seen}] too: "
+                                          "class names must be unique", field=f"classes[{i}].name"))
+        if prefix is None:
+            continue
+        tokens = groups.setdefault(prefix.group, prefix.tokens)
+        if tokens != prefix.tokens:
+            problems.append(WorkloadError(
+                f"prefix group {prefix.group!r} has {tokens} tokens in one class and "
+                f"{prefix.tokens} in another: one group, one length",
+                field=f"classes[{i}].prefix.tokens",
+            ))
+    return problems
 
 
 def _dist_dict(d: dict[str, Any]) -> dict[str, Any]:
@@ -223,118 +259,186 @@ def parse_arrival(text: str) -> tuple[str, float | None]:
 
 
 # ---- YAML -> spec ---------------------------------------------------------------------------
+#
+# The parser reads the whole file before it raises: each part that cannot be used adds its
+# problems to one list (every one with its field path), and parsing goes on with the rest.
 
 _SPEC_KEYS = ("name", "description", "seed", "arrival", "buckets", "classes")
 _CLASS_KEYS = ("name", "weight", "api", "prompt_tokens", "output_tokens", "tenant", "prefix", "session", "labels")
+_PREFIX_KEYS = ("group", "tokens")
 _SESSION_KEYS = ("turns", "think_time_s", "history")
+_BUCKET_KEYS = ("prompt", "output")
+_SIZE_KEYS = ("value", "min", "max", "mean", "median")
 
 
-def _check_keys(data: Any, allowed: tuple[str, ...], path: str) -> dict[str, Any]:
+class _Problems(list):
+    """The problems found so far; `attempt` runs one step and keeps its error instead of raising it."""
+
+    def attempt(self, step, *args: Any, prefix: str | None = None) -> Any:
+        try:
+            return step(*args)
+        except WorkloadError as err:
+            self.append(err.within(prefix=prefix) if prefix else err)
+            return None
+
+
+def _mapping(data: Any, allowed: tuple[str, ...], path: str, problems: _Problems) -> dict[str, Any] | None:
+    """`data` as a mapping; each unknown key is a problem (and is left out)."""
     if not isinstance(data, dict):
-        raise WorkloadError(f"expected a mapping, got {type(data).__name__}", field=path or None)
-    unknown = [k for k in data if k not in allowed]
-    if unknown:
-        where = f"{path}.{unknown[0]}" if path else str(unknown[0])
-        raise WorkloadError(f"unknown key {unknown[0]!r}", field=where, allowed=allowed)
-    return data
+        problems.append(WorkloadError(f"expected a mapping, got {type(data).__name__}", field=path or None))
+        return None
+    for key in data:
+        if key not in allowed:
+            problems.append(WorkloadError.unknown_key(key, path, allowed))
+    return {k: v for k, v in data.items() if k in allowed}
 
 
 def _tokens_dist(raw: Any, path: str) -> Distribution:
     """A token-count distribution; `4k` strings are accepted wherever a number is."""
     if isinstance(raw, str):
-        raw = parse_size(raw, path)
-    elif isinstance(raw, dict):
-        raw = {
-            k: (parse_size(v, f"{path}.{k}") if k in ("value", "min", "max", "mean", "median") and isinstance(v, str) else v)
-            for k, v in raw.items()
-        }
-    return parse_distribution(raw, path)
+        return parse_distribution(parse_size(raw, path), path)
+    if not isinstance(raw, dict):
+        return parse_distribution(raw, path)
+    problems = _Problems()
+    sizes = {k: problems.attempt(parse_size, v, f"{path}.{k}") if k in _SIZE_KEYS and isinstance(v, str) else v
+             for k, v in raw.items()}
+    if not problems:
+        return parse_distribution(sizes, path)
+    # The rest of the mapping is still checked, without the unreadable sizes (already reported).
+    reported = {p.field for p in problems}
+    try:
+        parse_distribution({k: v for k, v in sizes.items() if v is not None}, path)
+    except WorkloadError as err:
+        problems.extend(p for p in err.problems if p.field not in reported)
+    raise WorkloadError.collect(problems)
 
 
-def _parse_class(raw: Any, path: str) -> RequestClass:
-    data = _check_keys(raw, _CLASS_KEYS, path)
+def _parse_prefix(raw: Any, path: str, problems: _Problems) -> PrefixSettings | None:
+    data = _mapping(raw, _PREFIX_KEYS, path, problems)
+    if data is None:
+        return None
+    missing = [k for k in _PREFIX_KEYS if k not in data]
+    for key in missing:
+        problems.append(WorkloadError(f"a prefix needs `group` and `tokens`; `{key}` is missing", field=f"{path}.{key}"))
+    tokens = problems.attempt(parse_size, data["tokens"], f"{path}.tokens") if "tokens" in data else None
+    if missing or tokens is None:
+        return None
+    return problems.attempt(PrefixSettings, str(data["group"]), int(tokens), prefix=path)
+
+
+def _parse_session(raw: Any, path: str, problems: _Problems) -> SessionSettings | None:
+    data = _mapping(raw, _SESSION_KEYS, path, problems)
+    if data is None:
+        return None
+    kwargs: dict[str, Any] = {}
+    before = len(problems)
+    for key in ("turns", "think_time_s"):
+        if key in data:
+            kwargs[key] = problems.attempt(parse_distribution, data[key], f"{path}.{key}")
+    if "history" in data:
+        if isinstance(data["history"], bool):
+            kwargs["history"] = data["history"]
+        else:
+            problems.append(WorkloadError(f"expected true or false, got {data['history']!r}", field=f"{path}.history"))
+    if len(problems) > before:
+        return None
+    return problems.attempt(lambda: SessionSettings(**kwargs), prefix=path)
+
+
+def _parse_class(raw: Any, path: str, problems: _Problems) -> RequestClass | None:
+    data = _mapping(raw, _CLASS_KEYS, path, problems)
+    if data is None:
+        return None
+    before = len(problems)
     for required in ("name", "prompt_tokens", "output_tokens"):
         if required not in data:
-            raise WorkloadError(f"missing required key `{required}`", field=f"{path}.{required}")
-    kwargs: dict[str, Any] = {
-        "name": str(data["name"]),
-        "prompt_tokens": _tokens_dist(data["prompt_tokens"], f"{path}.prompt_tokens"),
-        "output_tokens": _tokens_dist(data["output_tokens"], f"{path}.output_tokens"),
-    }
+            problems.append(WorkloadError(f"missing required key `{required}`", field=f"{path}.{required}"))
+    kwargs: dict[str, Any] = {"name": str(data.get("name", ""))}
+    for key in ("prompt_tokens", "output_tokens"):
+        if key in data:
+            kwargs[key] = problems.attempt(_tokens_dist, data[key], f"{path}.{key}")
     if "weight" in data:
         if isinstance(data["weight"], bool) or not isinstance(data["weight"], (int, float)):
-            raise WorkloadError(f"expected a number > 0, got {data['weight']!r}", field=f"{path}.weight")
-        kwargs["weight"] = float(data["weight"])
+            problems.append(WorkloadError(f"expected a number > 0, got {data['weight']!r}", field=f"{path}.weight"))
+        else:
+            kwargs["weight"] = float(data["weight"])
     if "api" in data:
         kwargs["api"] = data["api"]
     if data.get("tenant") is not None:
         kwargs["tenant"] = str(data["tenant"])
     if data.get("prefix") is not None:
-        prefix = _check_keys(data["prefix"], ("group", "tokens"), f"{path}.prefix")
-        if "group" not in prefix or "tokens" not in prefix:
-            raise WorkloadError("a prefix needs `group` and `tokens`", field=f"{path}.prefix")
-        try:
-            kwargs["prefix"] = PrefixSettings(str(prefix["group"]), int(parse_size(prefix["tokens"], f"{path}.prefix.tokens")))
-        except WorkloadError as err:
-            raise err.within(prefix=f"{path}.prefix") from None
+        kwargs["prefix"] = _parse_prefix(data["prefix"], f"{path}.prefix", problems)
     if data.get("session") is not None:
-        sess = _check_keys(data["session"], _SESSION_KEYS, f"{path}.session")
-        skw: dict[str, Any] = {}
-        if "turns" in sess:
-            skw["turns"] = parse_distribution(sess["turns"], f"{path}.session.turns")
-        if "think_time_s" in sess:
-            skw["think_time_s"] = parse_distribution(sess["think_time_s"], f"{path}.session.think_time_s")
-        if "history" in sess:
-            if not isinstance(sess["history"], bool):
-                raise WorkloadError(f"expected true or false, got {sess['history']!r}", field=f"{path}.session.history")
-            skw["history"] = sess["history"]
-        try:
-            kwargs["session"] = SessionSettings(**skw)
-        except WorkloadError as err:
-            raise err.within(prefix=f"{path}.session") from None
+        kwargs["session"] = _parse_session(data["session"], f"{path}.session", problems)
     if data.get("labels") is not None:
-        labels = data["labels"]
-        if not isinstance(labels, dict):
-            raise WorkloadError("expected a mapping of label names to values", field=f"{path}.labels")
-        kwargs["labels"] = {str(k): str(v) for k, v in labels.items()}
-    try:
-        return RequestClass(**kwargs)
-    except WorkloadError as err:
-        raise err.within(prefix=path) from None
+        if isinstance(data["labels"], dict):
+            kwargs["labels"] = {str(k): str(v) for k, v in data["labels"].items()}
+        else:
+            problems.append(WorkloadError("expected a mapping of label names to values", field=f"{path}.labels"))
+    if len(problems) > before:
+        # What could be read is still checked as a class, so its other problems (name, api, ...) are listed too.
+        problems.extend(p.within(prefix=path) for p in _class_problems(
+            None if "name" not in data else kwargs["name"], kwargs.get("weight", 1.0), kwargs.get("api", "completions"),
+            kwargs.get("prompt_tokens"), kwargs.get("prefix")))
+        return None
+    return problems.attempt(lambda: RequestClass(**kwargs), prefix=path)
+
+
+def _parse_buckets(raw: Any, problems: _Problems) -> Buckets | None:
+    data = _mapping(raw, _BUCKET_KEYS, "buckets", problems)
+    if data is None:
+        return None
+    kwargs = {}
+    before = len(problems)
+    for key, edges in data.items():
+        if not isinstance(edges, list):
+            problems.append(WorkloadError("expected a list of edges such as [256, 1k, 4k]", field=f"buckets.{key}"))
+            continue
+        sizes = [problems.attempt(parse_size, v, f"buckets.{key}") for v in edges]
+        kwargs[key] = tuple(int(v) for v in sizes if v is not None)
+    if len(problems) > before:
+        return None
+    return problems.attempt(lambda: Buckets(**kwargs), prefix="buckets")
 
 
 def spec_from_dict(data: Any, source: str | None = None) -> WorkloadSpec:
-    """Validate plain data (parsed YAML) into a WorkloadSpec; errors carry `source` and the field path."""
-    try:
-        data = _check_keys(data, _SPEC_KEYS, "")
-        classes = data.get("classes")
-        if not isinstance(classes, list) or not classes:
-            raise WorkloadError("expected a non-empty list of request classes", field="classes")
-        kwargs: dict[str, Any] = {
-            "name": str(data.get("name") or (Path(source).stem if source else "workload")),
-            "description": str(data.get("description") or ""),
-            "classes": tuple(_parse_class(c, f"classes[{i}]") for i, c in enumerate(classes)),
-            "source": source,
-        }
-        if data.get("seed") is not None:
-            if isinstance(data["seed"], bool) or not isinstance(data["seed"], int):
-                raise WorkloadError(f"expected an integer, got {data['seed']!r}", field="seed")
+    """Validate plain data (parsed YAML) into a WorkloadSpec.
+
+    Every problem of the file is raised at once (`WorkloadError.problems`), each with the
+    file (`source`) and its field path."""
+    problems = _Problems()
+    data = _mapping(data, _SPEC_KEYS, "", problems)
+    if data is None:
+        raise WorkloadError.collect(problems, source=source)
+    kwargs: dict[str, Any] = {
+        "name": str(data.get("name") or (Path(source).stem if source else "workload")),
+        "description": str(data.get("description") or ""),
+        "source": source,
+    }
+    classes = data.get("classes")
+    if not isinstance(classes, list) or not classes:
+        problems.append(WorkloadError("expected a non-empty list of request classes", field="classes"))
+        parsed = []
+    else:
+        parsed = [_parse_class(c, f"classes[{i}]", problems) for i, c in enumerate(classes)]
+    if data.get("seed") is not None:
+        if isinstance(data["seed"], bool) or not isinstance(data["seed"], int):
+            problems.append(WorkloadError(f"expected an integer, got {data['seed']!r}", field="seed"))
+        else:
             kwargs["seed"] = data["seed"]
-        if data.get("arrival") is not None:
-            kwargs["arrival"] = str(data["arrival"])
-        if data.get("buckets") is not None:
-            raw = _check_keys(data["buckets"], ("prompt", "output"), "buckets")
-            bkw = {}
-            for key in ("prompt", "output"):
-                if key in raw:
-                    if not isinstance(raw[key], list):
-                        raise WorkloadError("expected a list of edges such as [256, 1k, 4k]", field=f"buckets.{key}")
-                    bkw[key] = tuple(int(parse_size(v, f"buckets.{key}")) for v in raw[key])
-            try:
-                kwargs["buckets"] = Buckets(**bkw)
-            except WorkloadError as err:
-                raise err.within(prefix="buckets") from None
-        return WorkloadSpec(**kwargs)
+    if data.get("arrival") is not None:
+        kwargs["arrival"] = str(data["arrival"])
+        problems.attempt(parse_arrival, kwargs["arrival"])
+    if data.get("buckets") is not None:
+        kwargs["buckets"] = _parse_buckets(data["buckets"], problems)
+    if problems:
+        # The classes that did parse are still checked against each other (unique names, prefix lengths).
+        problems.extend(_mix_problems([
+            (i, str(raw["name"]) if isinstance(raw, dict) and "name" in raw else None, c.prefix if c else None)
+            for i, (raw, c) in enumerate(zip(classes or [], parsed))]))
+        raise WorkloadError.collect(problems, source=source)
+    try:
+        return WorkloadSpec(**{k: v for k, v in kwargs.items() if v is not None}, classes=tuple(parsed))
     except WorkloadError as err:
         raise err.within(source=source) from None
 
@@ -401,3 +505,32 @@ def fixed_workload(prompt_tokens: int, max_tokens: int, api: str = "completions"
         description=f"{prompt_tokens}-token prompts, {max_tokens}-token outputs",
         classes=(cls,),
     )
+
+
+def with_lengths(spec: WorkloadSpec, *, prompt_tokens: int | None = None,
+                 output_tokens: int | None = None) -> WorkloadSpec:
+    """`spec` with the prompt and/or output length of every class fixed (`--prompt-tokens N`, `--max-tokens N`).
+
+    Everything else (classes, weights, apis, prefixes, sessions) stays. In a session every
+    turn adds `prompt_tokens` new tokens on top of its history, as a fixed distribution does."""
+    problems = []
+    for flag, value in (("--prompt-tokens", prompt_tokens), ("--max-tokens", output_tokens)):
+        if value is not None and value < 1:
+            problems.append(WorkloadError(f"must be at least 1, got {value}", field=flag))
+    if prompt_tokens is not None:
+        for i, cls in enumerate(spec.classes):
+            if cls.prefix is not None and prompt_tokens <= cls.prefix.tokens:
+                problems.append(WorkloadError(
+                    f"{prompt_tokens} tokens is not longer than the shared prefix of class {cls.name!r} "
+                    f"(classes[{i}].prefix.tokens: {cls.prefix.tokens}); give a longer --prompt-tokens",
+                    field="--prompt-tokens"))
+    if problems:
+        raise WorkloadError.collect(problems, source=spec.source)
+    changes: dict[str, Distribution] = {}
+    if prompt_tokens is not None:
+        changes["prompt_tokens"] = Distribution("fixed", value=prompt_tokens)
+    if output_tokens is not None:
+        changes["output_tokens"] = Distribution("fixed", value=output_tokens)
+    fixed = ", ".join(f"{k} fixed at {int(d.value)}" for k, d in changes.items())
+    return replace(spec, classes=tuple(replace(cls, **changes) for cls in spec.classes),
+                   description=f"{spec.description} ({fixed})" if spec.description else fixed)

@@ -23,7 +23,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from workloads.errors import WorkloadError
+from servescope.workloads.errors import WorkloadError
 
 # The bundled tokenizer, found by path: importing reference_engine could pull in torch.
 BUNDLED_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "reference_engine" / "tokenizer"
@@ -51,7 +51,14 @@ class PromptTokenizer:
         # False when the bundled tokenizer stands in for an unknown target's own: lengths are then approximate.
         self.exact_for_target = exact_for_target
         self.fingerprint = fingerprint
-        self._template = _compile_template(chat_template) if chat_template else None
+        self._template = None
+        self._template_problem = None if chat_template else "it has no chat_template"
+        if chat_template:
+            try:
+                self._template = _compile_template(chat_template)
+            except Exception as exc:  # noqa: BLE001 - jinja2's TemplateSyntaxError and kin: the template is unusable
+                self._template_problem = f"its chat_template does not compile ({type(exc).__name__}: {exc})"
+        self._added: tuple[int, int] | None = None
 
     def __repr__(self) -> str:
         return f"PromptTokenizer({self.name!r}, exact_for_target={self.exact_for_target})"
@@ -71,6 +78,25 @@ class PromptTokenizer:
     def encode_batch_plain(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
+    def token_ends(self, text: str) -> list[int]:
+        """Where each token of `encode_plain(text)` ends in `text` (a character offset), to cut text at a token."""
+        return [end for _, end in self._tok.encode(text, add_special_tokens=False).offsets]
+
+    @property
+    def added_around(self) -> tuple[int, int]:
+        """(before, after): the special tokens a completions server adds around any prompt text.
+
+        Llama-style tokenizers add a BOS before (1, 0); BERT-style ones [CLS] before and [SEP]
+        after (1, 1); T5-style ones </s> after (0, 1). Only tokens before the text are shared
+        by prompts that share a prefix."""
+        if self._added is None:
+            probe = "Hello world. The cache is warm."
+            full, plain = self.encode(probe), self.encode_plain(probe)
+            extra = len(full) - len(plain)
+            before = next((i for i in range(extra + 1) if full[i:i + len(plain)] == plain), extra)
+            self._added = (before, extra - before)
+        return self._added
+
     def count(self, text: str) -> int:
         return len(self._tok.encode(text, add_special_tokens=True).ids)
 
@@ -81,16 +107,29 @@ class PromptTokenizer:
     def has_chat_template(self) -> bool:
         return self._template is not None
 
+    @property
+    def template_problem(self) -> str | None:
+        """Why chat prompts cannot be rendered with this tokenizer (None when they can)."""
+        return self._template_problem
+
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         if self._template is None:
             raise WorkloadError(
-                "this tokenizer has no chat_template, so chat prompts cannot be counted: "
-                "use --api completions, or pass --tokenizer with a folder whose tokenizer_config.json has one",
+                f"tokenizer {self.name}: {self._template_problem}, so chat prompts cannot be built or counted: "
+                "add a `chat_template` to its tokenizer_config.json (or a chat_template.jinja file beside it), "
+                "or use --api completions",
                 source=str(self.path),
             )
-        return self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
-        )
+        try:
+            return self._template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
+            )
+        except WorkloadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any jinja2 failure: the template cannot render these messages
+            raise WorkloadError(f"the chat template failed on messages with roles "
+                                f"{', '.join(str(m.get('role')) for m in messages)}: {type(exc).__name__}: {exc}",
+                                source=str(self.path)) from None
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         """Token ids of the chat prompt as the server builds it (template + generation prompt)."""
@@ -106,7 +145,7 @@ def _compile_template(source: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str) -> None:
-        raise WorkloadError(f"chat template refused the messages: {message}")
+        raise WorkloadError(f"the chat template refused the messages: {message}")
 
     def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
                separators: Any = None, sort_keys: bool = False) -> str:

@@ -20,13 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from workloads.errors import WorkloadError
-from workloads.generator import apply_output_length, prompt_builder
-from workloads.jsonstream import iter_jsonl
-from workloads.prompt_builder import PromptBuilder, stable_int
-from workloads.spec import Buckets
-from workloads.tokenizer import PromptTokenizer
-from workloads.types import RequestSpec, Session
+from servescope.workloads.errors import WorkloadError
+from servescope.workloads.generator import apply_output_length, prompt_builder
+from servescope.workloads.jsonstream import iter_jsonl
+from servescope.workloads.prompt_builder import PromptBuilder, stable_int
+from servescope.workloads.spec import Buckets
+from servescope.workloads.tokenizer import PromptTokenizer
+from servescope.workloads.types import RequestSpec, Session
 
 FORMATS = ("auto", "burstgpt", "mooncake")
 BURSTGPT_COLUMNS = ("Timestamp", "Request tokens", "Response tokens")
@@ -138,9 +138,10 @@ class _Synthesizer:
 
     def prompt(self, tokens: int, hash_ids: list[int], start: int) -> tuple[dict[str, Any], int]:
         b = self.b
-        # Fixed cost before the text: BOS (completions) or the framing before the user text (chat).
+        # Fixed cost before the text: BOS (completions) or the framing before the user text (chat);
+        # in all, with what a completions server adds after the text or the framing after it.
         head_cost = b.bos if self.api == "completions" else b.pre_user(("user",))
-        total_cost = b.bos if self.api == "completions" else b.framing(("user",))
+        total_cost = b.bos + b.eos if self.api == "completions" else b.framing(("user",))
         tokens = max(tokens, total_cost + 1)
         text, used, full = "", 0, 0  # text so far, its tokens, whole blocks in it
         content = tokens - total_cost

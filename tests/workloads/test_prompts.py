@@ -14,9 +14,10 @@ from servescope.workloads.tokenizer import load_tokenizer
 LENGTHS = [*range(2, 40), 63, 64, 65, 127, 256, 511, 1000, 1024, 2047, 4096, 8191, 16384]
 
 
-@pytest.fixture(scope="module", params=["bundled", "test-built"])
-def tok(request, hf_tokenizer_dir):
-    return load_tokenizer(None) if request.param == "bundled" else load_tokenizer(str(hf_tokenizer_dir))
+@pytest.fixture(scope="module")
+def tok(family_tokenizer):
+    """Each tokenizer family of conftest.py in turn."""
+    return family_tokenizer
 
 
 def _count(tok, req) -> int:
@@ -28,6 +29,7 @@ def test_every_length_is_exact(tok, api):
     b = prompt_builder(tok)
     for i, n in enumerate(LENGTHS):
         if api == "completions":
+            n = max(n, b.min_completion_tokens())
             got = tok.count(b.completion(n, i * 37))
         else:
             n = max(n, b.min_chat_tokens(("user",)))
@@ -57,12 +59,16 @@ def test_verify_mode_is_exact_too(tok):
         assert tok.count(b.completion(n, n)) == n
 
 
-def test_template_matches_transformers(hf_tokenizer_dir):
+def test_template_matches_transformers(tok):
+    """What the server counts: transformers' rendering and encoding, for each family's folder."""
     transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoTokenizer.from_pretrained(str(hf_tokenizer_dir))
-    tok = load_tokenizer(str(hf_tokenizer_dir))
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the queue long?"}]
-    assert tok.render_chat(msgs) == hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tok.path))
+    for msgs in ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the queue long?"}],
+                 [{"role": "user", "content": "Why is the queue long?"}, {"role": "assistant", "content": "A burst."},
+                  {"role": "user", "content": "And now?"}]):
+        rendered = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert tok.render_chat(msgs) == rendered
+        assert tok.encode_chat(msgs) == hf(rendered, add_special_tokens=False).input_ids
     assert tok.encode("The cache is warm.") == hf("The cache is warm.").input_ids
 
 

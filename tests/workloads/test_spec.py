@@ -31,7 +31,7 @@ def _write(tmp_path, text):
 @pytest.mark.parametrize("bad, field, says", [
     (GOOD.replace("{dist: uniform,", "{dist: triangle,"), "classes[0].prompt_tokens.dist", "allowed: fixed, uniform"),
     (GOOD + "    api: grpc\n", "classes[0].api", "allowed: completions, chat"),
-    (GOOD + "    colour: red\n", "classes[0].colour", "allowed: name, weight"),
+    (GOOD + "    colour: red\n", "classes[0].colour", "unknown key 'colour' at classes[0]; allowed: name, weight"),
     (GOOD + "arrival: bursty\n", "arrival", "allowed: poisson, constant, gamma:CV"),
     (GOOD.replace("output_tokens: 16", "output_tokens: {dist: normal, mean: 5}"), "classes[0].output_tokens.std", "needs `std`"),
     (GOOD + "    prefix: {group: g, tokens: 100}\n", "classes[0].prompt_tokens", "longer than the shared prefix"),
@@ -44,8 +44,9 @@ def test_malformed_specs_name_file_field_and_allowed(tmp_path, bad, field, says)
     with pytest.raises(WorkloadError) as info:
         load_workload(str(path))
     err = info.value
-    assert err.source == str(path) and err.field == field
-    assert str(path) in str(err) and field in str(err) and says in str(err)
+    assert err.source == str(path) and err.field == field and len(err.problems) == 1
+    assert str(path) in str(err) and says in str(err)
+    assert field in str(err) or err.key is not None  # an unknown key is named with the path it sits at
 
 
 def test_unknown_preset_lists_presets():
@@ -104,3 +105,81 @@ def test_cli_list_and_show():
     assert shown.exit_code == 0 and "arrival: gamma:3" in shown.output
     missing = runner.invoke(workloads_cmd, ["show", "nope"])
     assert missing.exit_code == 2 and "presets:" in missing.output
+
+
+MANY_MISTAKES = """
+name: broken
+arrival: bursty
+colour: blue
+buckets: {prompt: [1k, 256]}
+classes:
+  - name: chat
+    api: chat
+    prompt_tokens: {distribution: uniform, min: 32, max: 64}
+    output_tokens: {dist: normal, mean: 5}
+    session: {turns: 3, history: yes please}
+  - name: rag
+    weight: -2
+    api: grpc
+    prompt_tokens: {dist: triangle, min: 10, max: 20}
+    output_tokens: {dist: uniform, min: 8, max: lots}
+    prefix: {group: g, tokns: 100}
+  - name: chat
+    prompt_tokens: {dist: lognormal, mean: 100, sigma: 0.5, mode: 3}
+    output_tokens: 16
+"""
+
+
+def test_every_mistake_of_a_file_is_listed_at_once_with_its_path(tmp_path):
+    path = _write(tmp_path, MANY_MISTAKES)
+    with pytest.raises(WorkloadError) as info:
+        load_workload(str(path))
+    err = info.value
+    fields = [p.field for p in err.problems]
+    assert fields == [
+        "colour",
+        "classes[0].prompt_tokens.distribution",
+        "classes[0].output_tokens.std",
+        "classes[0].session.history",
+        "classes[1].prompt_tokens.dist",
+        "classes[1].output_tokens.max",
+        "classes[1].prefix.tokns",
+        "classes[1].prefix.tokens",
+        "classes[1].weight",
+        "classes[1].api",
+        "classes[2].prompt_tokens.mode",
+        "arrival",
+        "buckets.prompt",
+        "classes[2].name",
+    ]
+    assert all(p.source == str(path) for p in err.problems)
+    text = str(err)
+    assert text.startswith(f"{path}: 14 problems:\n")
+    assert "unknown key 'distribution' at classes[0].prompt_tokens; allowed: dist, value, min, max" in text
+    assert "(did you mean 'dist'?)" in text
+    assert "unknown key 'colour' at the top level; allowed: name, description, seed, arrival, buckets, classes" in text
+    assert "unknown key 'tokns' at classes[1].prefix; allowed: group, tokens (did you mean 'tokens'?)" in text
+    assert "unknown key 'mode' at classes[2].prompt_tokens; allowed: dist, mean, median, sigma, min, max" in text
+    assert "classes[1].api: unknown api 'grpc'; allowed: completions, chat" in text
+    assert "classes[2].name: class name 'chat' is used by classes[0] too" in text
+    assert len(text.splitlines()) == 15, "one line per problem"
+
+
+def test_a_misspelt_dist_is_one_problem_not_two():
+    from servescope.workloads.spec import spec_from_dict
+
+    with pytest.raises(WorkloadError) as info:
+        spec_from_dict({"classes": [{"name": "a", "prompt_tokens": {"distribution": "uniform", "min": 1, "max": 9},
+                                     "output_tokens": 4}]})
+    err = info.value
+    assert [p.field for p in err.problems] == ["classes[0].prompt_tokens.distribution"]
+    assert str(err) == ("unknown key 'distribution' at classes[0].prompt_tokens; allowed: dist, value, min, max, "
+                        "mean, std, median, sigma, table (did you mean 'dist'?)")
+    with pytest.raises(WorkloadError, match=r"classes\[0\].prompt_tokens.dist: missing `dist`"):
+        spec_from_dict({"classes": [{"name": "a", "prompt_tokens": {"min": 1, "max": 9}, "output_tokens": 4}]})
+
+
+def test_presets_still_validate():
+    """The collecting parser accepts every bundled preset, and a good file is unchanged by it."""
+    for info in list_presets():
+        assert load_workload(info.name).classes
