@@ -50,7 +50,7 @@ from servescope.version import __version__
 # Without --workload: a small fixed-length workload (--prompt-tokens / --max-tokens replace either length).
 DEFAULT_PROMPT_TOKENS = 128
 DEFAULT_MAX_TOKENS = 64
-ENGINE_DEFAULT_PRESET = "tiny"  # what `python -m reference_engine` serves without --preset
+ENGINE_DEFAULT_PRESET = "tiny"  # what `python -m servescope.reference_engine` serves without --preset
 
 
 @dataclass

@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from servescope.harness.orchestration.repeat import execute_run
-from servescope.harness.commands.run import run as run_command
+from servescope.cli import main
 from servescope.harness.config import RunConfig
 from servescope.harness.console import RunConsole
+from servescope.harness.orchestration.repeat import execute_run
 from servescope.harness.targets import free_port
 from servescope.rundir.schema import REQUEST_COLUMNS, request_arrow_schema
 
@@ -136,7 +136,7 @@ def test_a_target_that_refuses_connections_still_leaves_a_run(tmp_path):
     (["--workload", "no-such-preset-xyz", "--target", "http://127.0.0.1:1", "--model", "m"], "no-such-preset-xyz"),
 ])
 def test_bad_flags_exit_2_with_a_helpful_message(args, message, tmp_path):
-    result = CliRunner().invoke(run_command, [*args, "--out", str(tmp_path / "never")])
+    result = CliRunner().invoke(main, ["run", *args, "--out", str(tmp_path / "never")])
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "never").exists()
