@@ -1,9 +1,8 @@
-"""Benchmark the Triton kernels on a CUDA GPU against the chip's measured limits and torch.
+"""How fast are the Triton kernels on a CUDA GPU, against the chip's measured limits and torch?
 
-Run on the GPU machine, from the repository root:
-
-    python -m benchmarks.kernels [--sweep] [--out DIR]
-    python -m benchmarks.kernels --gemv [--gemv-table FILE]   # decode projections only
+    python -m benchmarks.kernels [--sweep | --long-sweep]     # on a GPU: kernels_<device>.json
+    python -m benchmarks.kernels --gemv [--gemv-table FILE]   # decode projections: kernels_gemv_<device>.json
+    python -m benchmarks.kernels --smoke [--gemv]             # CPU check on Triton's interpreter, times nothing
 
 It first measures the two ceilings in the same run (device-to-device copy
 bandwidth, counting bytes read + written, and the bf16 8192^3 matmul rate),
@@ -14,7 +13,9 @@ engine's decode graphs run it: a ~100 us kernel launched eagerly from Python can
 be bound by the host's launch time rather than the GPU, which made the short
 cases swing by up to 60% between machines; the graph figure is the GPU's. With
 --sweep it also tries launch configurations of the two attention kernels and
-reports the best. Results go to DIR/kernels_<device>.json.
+reports the best; --long-sweep tries every decode tile configuration on the
+2 x 32k shape. The parts (elementwise, decode, decode-splits, decode-long,
+prefill) go to benchmarks/results/kernels_<device>.json.
 
 --gemv instead times the skinny-matrix kernel (kernels/gemv.py) on the
 llama3-8b decode projections at 1-16 rows against cuBLAS (F.linear, torch.mv,
@@ -23,9 +24,10 @@ fused RMSNorm / SiLU-mul prologues against the separate Triton kernel plus the
 faster plain product. Each time is per call inside a CUDA graph that runs the
 product over enough distinct weight copies to stream far more than L2 holds
 (as the engine's graph does, one layer after another). It writes
-DIR/kernels_gemv_<device>.json and the tuned table that GemvPolicy reads
-(--gemv-table, default kernels/gemv_tuned.json): an entry wherever the kernel
-was at least 2% faster.
+benchmarks/results/kernels_gemv_<device>.json and this device's entry of the
+tuned table that GemvPolicy reads (--gemv-table, default kernels/gemv_tuned.json;
+other devices' entries are kept): an entry wherever the kernel was at least 2%
+faster. With --smoke the table goes to a temporary folder.
 """
 
 from __future__ import annotations
@@ -33,17 +35,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 
-# `python benchmarks/kernels.py` would put benchmarks/ first on sys.path, where this
-# very file shadows the `kernels` package: put the repository root first instead.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __package__ in (None, ""):  # `python benchmarks/<script>.py`: import from the repository root, not benchmarks/
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 if "--smoke" in sys.argv:  # CPU dry run of this script's own logic, on Triton's interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -52,18 +53,20 @@ import triton  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
-from kernels.gemv import TUNED_PATH, GemvConfig, gemv  # noqa: E402
-from kernels.kv_write import write_kv, write_kv_ref  # noqa: E402
-from kernels.paged_decode_attention import DEFAULT_CONFIG as DECODE_DEFAULT  # noqa: E402
-from kernels.paged_decode_attention import DecodeConfig, decode_attention, decode_attention_ref  # noqa: E402
-from kernels.paged_prefill_attention import PrefillConfig, prefill_attention, prefill_attention_ref  # noqa: E402
-from kernels.rmsnorm import rms_norm, rms_norm_ref  # noqa: E402
-from kernels.rope import rope, rope_ref  # noqa: E402
+from benchmarks.common import ResultsFile, add_results_args, print_table, run_info  # noqa: E402
+from benchmarks.gpu_common import measure_limits as chip_limits  # noqa: E402
+from servescope.kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
+from servescope.kernels.gemv import TUNED_PATH, GemvConfig, gemv  # noqa: E402
+from servescope.kernels.kv_write import write_kv, write_kv_ref  # noqa: E402
+from servescope.kernels.paged_decode_attention import DEFAULT_CONFIG as DECODE_DEFAULT  # noqa: E402
+from servescope.kernels.paged_decode_attention import DecodeConfig, decode_attention, decode_attention_ref  # noqa: E402
+from servescope.kernels.paged_prefill_attention import PrefillConfig, prefill_attention, prefill_attention_ref  # noqa: E402
+from servescope.kernels.rmsnorm import rms_norm, rms_norm_ref  # noqa: E402
+from servescope.kernels.rope import rope, rope_ref  # noqa: E402
 
 DTYPE = torch.bfloat16
 PAGE = 16
-# The issue's decode target: batch 64 x 4k context, 32 query / 8 KV heads, d=128.
+# The decode target shape: batch 64 x 4k context, 32 query / 8 KV heads, d=128.
 DECODE = dict(batch=64, context=4096, q_heads=32, kv_heads=8, head_dim=128)
 # A latency case where split-K matters: few long sequences.
 DECODE_LONG = dict(batch=2, context=32768, q_heads=32, kv_heads=8, head_dim=128)
@@ -95,16 +98,8 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def measure_limits() -> dict:
-    n = 1 << 30 if DEVICE == "cuda" else 1 << 20  # 1 GiB per buffer
-    src = torch.randn(n // 2, dtype=DTYPE, device=DEVICE)
-    dst = torch.empty_like(src)
-    copy_us = median_us(lambda: dst.copy_(src))
-    del src, dst
-    size = 8192 if DEVICE == "cuda" else 256
-    a = torch.randn(size, size, dtype=DTYPE, device=DEVICE)
-    b = torch.randn(size, size, dtype=DTYPE, device=DEVICE)
-    mm_us = median_us(lambda: a @ b)
-    return {"copy_GBps": 2 * n / copy_us / 1e3, "matmul_bf16_TFLOPs": 2 * size**3 / mm_us / 1e6}
+    """The chip's copy bandwidth and bf16 matmul rate (benchmarks/gpu_common.py), measured here."""
+    return chip_limits(DEVICE)
 
 
 def paged_cache(lens: list[int], kv_heads: int, head_dim: int, gen: torch.Generator):
@@ -438,8 +433,9 @@ def bench_gemv(limits: dict, gen, budget_s: float, shapes: dict = GEMV_SHAPES, r
     return results
 
 
-def gemv_table(device: str, results: dict) -> dict:
-    """The tuned table GemvPolicy reads: per shape, prologue and row bucket, the config or null."""
+def gemv_table(device: str, results: dict, existing: dict | None = None) -> dict:
+    """The tuned table GemvPolicy reads: per shape, prologue and row bucket, the config or null.
+    This device's entry replaces its old one; other devices' entries in `existing` are kept."""
     entries: dict = {}
     for res in results["shapes"].values():
         shape = entries.setdefault(f"{res['n']}x{res['k']}", {"none": {}})
@@ -449,38 +445,44 @@ def gemv_table(device: str, results: dict) -> dict:
             shape["none"][rows] = row["use"]
             if "fused" in row:
                 shape.setdefault(row["fused"]["prologue"], {})[rows] = row["fused"]["use"]
+    devices = dict((existing or {}).get("devices", {}))
+    devices[device] = entries
     return {"note": "written by `python -m benchmarks.kernels --gemv`; a null entry means cuBLAS (and the "
                     "separate elementwise kernel) measured faster", "measured": time.strftime("%Y-%m-%d"),
-            "devices": {device: entries}}
+            "devices": devices}
 
 
 def print_gemv(results: dict, limits: dict) -> None:
-    print(f"\n== gemv: us per call inside a CUDA graph (fraction of copy BW {limits['copy_GBps']:.0f} GB/s)")
-    print(f"{'proj':8s} {'M':>3s} {'F.linear':>14s} {'best triton':>14s} {'speedup':>8s}  config / fused prologue")
+    rows = []
     for name, res in results["shapes"].items():
-        for rows, row in res["rows"].items():
+        for m, row in res["rows"].items():
             if "skipped" in row:
-                print(f"{name:8s} {rows:>3s} skipped (budget)")
+                rows.append([name, m, "skipped (budget)", "", "", "", ""])
                 continue
             lin, b = row["cublas"]["linear"], row["best"]
-            text = f"{name:8s} {rows:>3s} {lin:7.2f} ({row['linear_frac_copy_bw']:4.0%})"
-            if b:
-                text += f" {b['us']:7.2f} ({b['frac_copy_bw']:4.0%}) {lin / b['us']:7.2f}x  {GemvConfig(**b['config']).key()}"
-            if "fused" in row and row["fused"]["best"]:
-                f = row["fused"]
-                text += f"; {f['prologue']} fused {f['best']['us']:.2f} vs separate {f['separate_us']:.2f}"
-            print(text)
+            fused = row.get("fused") or {}
+            rows.append([name, m, f"{lin:.2f} ({row['linear_frac_copy_bw']:.0%})",
+                         f"{b['us']:.2f} ({b['frac_copy_bw']:.0%})" if b else "-",
+                         f"{lin / b['us']:.2f}x" if b else "-", GemvConfig(**b["config"]).key() if b else "-",
+                         (f"{fused['prologue']}: {fused['separate_us']:.2f} -> {fused['best']['us']:.2f}"
+                          + (" (used)" if fused.get("use") else "")) if fused.get("best") else ""])
+    print_table(["proj", "M", "F.linear us", "best Triton us", "speedup", "config", "prologue: separate -> fused us"],
+                rows, title=f"gemv: us per call inside a CUDA graph (fraction of copy BW "
+                            f"{limits['copy_GBps']:.0f} GB/s)")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="also try launch configurations and report the best")
-    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter: checks this script, times nothing")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes on the CPU interpreter: checks this script, times nothing; "
+                             "results in a temporary folder")
     parser.add_argument("--long-sweep", action="store_true", help="try every decode tile config on the 2 x 32k shape")
-    parser.add_argument("--gemv", action="store_true", help="only the decode projections (kernels/gemv.py) against cuBLAS")
+    parser.add_argument("--gemv", action="store_true",
+                        help="only the decode projections (kernels/gemv.py) against cuBLAS")
     parser.add_argument("--gemv-table", default=str(TUNED_PATH), help="where --gemv writes the tuned table")
     parser.add_argument("--budget-s", type=float, default=240.0, help="--gemv: skip row counts after this many seconds")
+    add_results_args(parser, default_save=True)
     args = parser.parse_args()
     global DEVICE, DECODE, DECODE_LONG, PREFILL
     if args.smoke:
@@ -488,49 +490,47 @@ def main() -> None:
         DECODE = dict(batch=4, context=40, q_heads=8, kv_heads=2, head_dim=64)
         DECODE_LONG = dict(batch=1, context=100, q_heads=8, kv_heads=2, head_dim=64)
         PREFILL = dict(batch=1, seqlen=40, q_heads=4, kv_heads=2, head_dim=64)
+        args.out = tempfile.mkdtemp(prefix="kernels_smoke_")
+        args.gemv_table = os.path.join(args.out, "gemv_tuned.json")
     elif not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU (the kernels' CPU tests are in tests/kernels/); try --smoke")
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu-smoke"
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     started = time.time()
-    result: dict = {"device": device, "torch": torch.__version__, "triton": triton.__version__}
-    path = os.path.join(args.out, "kernels_" + re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_") + ".json")
-    os.makedirs(args.out, exist_ok=True)
-
-    def save() -> None:
-        with open(path, "w") as fh:
-            json.dump(result, fh, indent=1, default=str)
-
-    limits = result["limits"] = measure_limits()
-    print(f"{device}: copy {limits['copy_GBps']:.0f} GB/s (read+write), bf16 matmul {limits['matmul_bf16_TFLOPs']:.0f} TFLOP/s", flush=True)
+    limits = measure_limits()
+    run = run_info(device=device, torch=torch.__version__, triton=triton.__version__, limits=limits)
+    print(f"{device}: copy {limits['copy_GBps']:.0f} GB/s (read+write), bf16 matmul "
+          f"{limits['matmul_bf16_TFLOPs']:.0f} TFLOP/s", flush=True)
     if args.gemv:
-        path = path.replace("kernels_", "kernels_gemv_")
+        results = ResultsFile("kernels_gemv", device, args.out, args.copy_to, save=args.save)
         shapes = GEMV_SHAPES if not args.smoke else {"qkv": (48, 64, "norm"), "o": (32, 64, None),
                                                       "down": (32, 64, "silu_mul")}
-        result["gemv"] = bench_gemv(limits, gen, args.budget_s, shapes, GEMV_ROWS if not args.smoke else (1, 3))
-        result["elapsed_s"] = time.time() - started
-        save()
-        table = gemv_table(device, result["gemv"])
+        gemv_results = bench_gemv(limits, gen, args.budget_s, shapes, GEMV_ROWS if not args.smoke else (1, 3))
+        results.put("gemv", gemv_results, {**run, "elapsed_s": time.time() - started})
+        existing = json.loads(Path(args.gemv_table).read_text()) if Path(args.gemv_table).exists() else None
         with open(args.gemv_table, "w") as fh:
-            json.dump(table, fh, indent=1)
+            json.dump(gemv_table(device, gemv_results, existing), fh, indent=1)
             fh.write("\n")
-        print_gemv(result["gemv"], limits)
-        print(f"results: {path}; tuned table: {args.gemv_table}")
+        print_gemv(gemv_results, limits)
+        print(f"results: {results.path if args.save else 'not saved'}; tuned table: {args.gemv_table}")
         return
-    save()
-    result["elementwise"] = bench_elementwise(limits, gen)
-    save()
+    results = ResultsFile("kernels", device, args.out, args.copy_to, save=args.save)
+    measured: dict = {}
+
+    def put(part: str, figures: dict) -> None:
+        measured[part] = figures
+        results.put(part, figures, {**run, "elapsed_s": time.time() - started})
+
+    put("elementwise", {"rows": bench_elementwise(limits, gen)})
     decode_configs = decode_sweep() if args.sweep else [DECODE_DEFAULT]
     if args.smoke:
         decode_configs = [DecodeConfig(block_n=16, num_splits=s) for s in (None, 2)]
-    result["decode"] = bench_decode(DECODE, decode_configs, limits, gen, with_sdpa=True)
-    save()
+    put("decode", bench_decode(DECODE, decode_configs, limits, gen, with_sdpa=True))
     if args.sweep:  # does splitting help even when the grid already covers the GPU? Try it on the top three.
-        ranked = sorted((r for r in result["decode"]["variants"] if "us" in r), key=lambda r: r["us"])[:3]
+        ranked = sorted((r for r in measured["decode"]["variants"] if "us" in r), key=lambda r: r["us"])[:3]
         split_configs = [DecodeConfig(**{**r["config"], "num_splits": n}) for r in ranked for n in (2, 4)]
-        result["decode_splits"] = bench_decode(DECODE, split_configs, limits, gen, with_sdpa=False)
-        save()
-    best = result["decode"]["best"]
+        put("decode-splits", bench_decode(DECODE, split_configs, limits, gen, with_sdpa=False))
+    best = measured["decode"]["best"]
     base = DecodeConfig(**best["config"]) if best else DECODE_DEFAULT
     # The split count matters most at few sequences: always time a few fixed counts beside the rule's;
     # --long-sweep also tries tile shapes at the rule's split count.
@@ -541,53 +541,57 @@ def main() -> None:
         long_configs += [plain] + [DecodeConfig(**{**asdict(plain), "num_splits": s}) for s in long_splits]
     if args.long_sweep:
         long_configs += [c for c in decode_sweep() if c != base]
-    result["decode_long"] = bench_decode(DECODE_LONG, long_configs, limits, gen, with_sdpa=True)
-    save()
+    put("decode-long", bench_decode(DECODE_LONG, long_configs, limits, gen, with_sdpa=True))
     prefill_configs = prefill_sweep() if args.sweep else [PrefillConfig()]
     if args.smoke:
         prefill_configs = [PrefillConfig(block_m=16, block_n=16)]
-    result["prefill"] = bench_prefill(PREFILL, prefill_configs, limits, gen)
-    result["elapsed_s"] = time.time() - started
-    save()
-    print_summary(result)
+    put("prefill", bench_prefill(PREFILL, prefill_configs, limits, gen))
+    print_summary(device, limits, measured)
+    print(f"results: {results.path if args.save else 'not saved'}")
 
 
-def print_summary(result: dict) -> None:
-    lim = result["limits"]
-    print(f"\n== {result['device']}  torch {result['torch']}  triton {result['triton']}")
-    print(f"limits: copy {lim['copy_GBps']:.0f} GB/s, bf16 matmul {lim['matmul_bf16_TFLOPs']:.0f} TFLOP/s")
-    print("times in us: eager (do_bench median) | per call inside a CUDA graph")
-    print(f"{'kernel':40s} {'triton':>15s} {'torch':>15s} {'of copy':>13s} {'err':>8s}")
-    for row in result["elementwise"]:
-        torch_graph = row["torch_graph_us"]
-        torch_graph = f"{torch_graph:6.1f}" if isinstance(torch_graph, float) else "     -"
-        print(f"{row['kernel']:40s} {row['triton_us']:6.1f} | {row['triton_graph_us']:6.1f} "
-              f"{row['torch_us']:6.1f} | {torch_graph} "
-              f"{row['frac_copy_bw']:5.0%} | {row['graph_frac_copy_bw']:5.0%} {row['rel_err']:8.1e}")
+def fastest(times: dict) -> tuple[str, float]:
+    found = [(n, v) for n, v in times.items() if isinstance(v, float)]
+    return min(found, key=lambda nv: nv[1]) if found else ("none", float("nan"))
 
-    def fastest(times: dict) -> tuple[str, float]:
-        found = [(n, v) for n, v in times.items() if isinstance(v, float)]
-        return min(found, key=lambda nv: nv[1]) if found else ("none", float("nan"))
 
-    for key in ("decode", "decode_long"):
-        dec = result[key]
-        for label, field, sdpa_field in (("eager", "us", "sdpa_contiguous_us"),
-                                         ("graph", "graph_us", "sdpa_contiguous_graph_us")):
-            best = dec["best"] if field == "us" else dec.get("best_in_graph")
-            name, sdpa_us = fastest(dec.get(sdpa_field, {}))
-            if best:
-                bw = dec["bytes"] / best[field] / 1e3
-                print(f"{key} {label}: {best[field]:.1f} us, {bw:.0f} GB/s = {bw / lim['copy_GBps']:.0%} of copy, "
-                      f"{best[field] / sdpa_us:.2f}x fastest SDPA ({name} {sdpa_us:.1f} us); config {best['config']}")
-        print(f"   shape {dec['shape']}; SDPA on contiguous KV: eager {dec.get('sdpa_contiguous_us')}, "
-              f"graph {dec.get('sdpa_contiguous_graph_us')}")
-    pre = result["prefill"]
+def print_summary(device: str, limits: dict, parts: dict) -> None:
+    rows = []
+    for row in parts["elementwise"]["rows"]:
+        torch_graph = row["torch_graph_us"] if isinstance(row["torch_graph_us"], float) else "-"
+        rows.append([row["kernel"], row["triton_us"], row["triton_graph_us"], row["torch_us"], torch_graph,
+                     f"{row['graph_frac_copy_bw']:.0%} of copy BW", f"{row['rel_err']:.1e}"])
+    for key in ("decode", "decode-long"):
+        dec = parts[key]
+        shape = dec["shape"]
+        name = f"{key} {shape['batch']} x {shape['context']}"
+        eager, graph = dec["best"], dec.get("best_in_graph")
+        _, sdpa_us = fastest(dec.get("sdpa_contiguous_us", {}))
+        sdpa_name, sdpa_graph_us = fastest(dec.get("sdpa_contiguous_graph_us", {}))
+        if eager and graph:
+            rows.append([name, eager["us"], graph["graph_us"], sdpa_us, sdpa_graph_us,
+                         f"{graph['graph_frac_copy_bw']:.0%} of copy BW, {graph['graph_us'] / sdpa_graph_us:.2f}x SDPA "
+                         f"{sdpa_name}", f"{graph['rel_err']:.1e}"])
+    pre = parts["prefill"]
     best = pre["best"]
     flash = pre["sdpa_TFLOPs"].get("flash", float("nan"))
+    flash_us = pre["sdpa_contiguous_us"].get("flash")
+    flash_graph = (pre.get("sdpa_contiguous_graph_us") or {}).get("flash")
     if best:
-        print(f"prefill {pre['shape']}: {best['us']:.1f} us (graph {best['graph_us']:.1f}), {best['TFLOPs']:.0f} TFLOP/s = "
-              f"{best['TFLOPs'] / flash:.0%} of SDPA flash ({flash:.0f} TFLOP/s); config {best['config']}; err {best['rel_err']:.1e}")
-    print(f"   SDPA TFLOP/s: { {k: round(v) for k, v in pre['sdpa_TFLOPs'].items()} }; graph us: {pre.get('sdpa_contiguous_graph_us')}")
+        rows.append([f"prefill {pre['shape']['batch']} x {pre['shape']['seqlen']}", best["us"], best["graph_us"],
+                     flash_us if isinstance(flash_us, float) else "-",
+                     flash_graph if isinstance(flash_graph, float) else "-",
+                     f"{best['TFLOPs']:.0f} TFLOP/s = {best['TFLOPs'] / flash:.0%} of SDPA flash",
+                     f"{best['rel_err']:.1e}"])
+    print_table(["kernel", "Triton us", "in graph", "torch us", "in graph", "graph figure against its limit", "rel err"],
+                rows,
+                title=f"{device}: eager (do_bench median) and per call inside a CUDA graph; torch = the reference "
+                      f"(attention: fastest SDPA on contiguous KV); copy {limits['copy_GBps']:.0f} GB/s, "
+                      f"matmul {limits['matmul_bf16_TFLOPs']:.0f} TFLOP/s")
+    for key in ("decode", "decode-long"):
+        for label, best in (("eager", parts[key]["best"]), ("graph", parts[key].get("best_in_graph"))):
+            if best:
+                print(f"{key} best {label} config: {best['config']}")
 
 
 if __name__ == "__main__":

@@ -1,51 +1,65 @@
-"""How much load one client process can drive, and how exactly it times what it sees.
+"""How much load can one client process drive, and how exactly does it time what it sees?
 
 Against the scripted SSE server (tests/support/scripted_server.py) running in
-its own process, this measures for each transport of `harness.client`:
+its own process, this measures for each transport of `servescope.harness.client`:
 
-  (a) throughput: content chunks per CPU-second of this (the client) process and
-      sustained chunks/s, paced (64 streams, one chunk every 2 ms each: one read
-      per chunk, so the figure is the true per-chunk cost) and flooded (no delay);
-  (b) timing error: client timestamp minus the server's logged write time of
-      the same chunk (joined on response id + chunk index, same monotonic
-      clock), p50/p99/max over all chunks and over first chunks (TTFT), at 64,
-      256 and 1024 concurrent streams, plus the first wave's start spread (last
-      minus first send time of the requests launched together after pre-warm);
-  (c) the highest open-loop request rate whose p99 schedule lag (sent_at minus
-      scheduled_at) stays under 5 ms, for short requests from one process.
+  throughput     content chunks per CPU-second of this (the client) process and
+                 sustained chunks/s, paced (64 streams, one chunk every 2 ms each: one read
+                 per chunk, so the figure is the true per-chunk cost) and flooded (no delay);
+  timing-error   client timestamp minus the server's logged write time of
+                 the same chunk (joined on response id + chunk index, same monotonic
+                 clock), p50/p99/max over all chunks and over first chunks (TTFT), at 64,
+                 256 and 1024 concurrent streams, plus the first wave's start spread (last
+                 minus first send time of the requests launched together after pre-warm);
+  open-loop      the highest open-loop request rate whose p99 schedule lag (sent_at minus
+                 scheduled_at) stays under 5 ms, for short requests from one process;
+  execute-run    the same open-loop steps through the whole load generator
+                 (`servescope.execute_run`: worker processes, run directory), 1 and 2 workers.
 
-    python benchmarks/loadgen_capacity.py                 # all transports, ~2-3 min
-    python benchmarks/loadgen_capacity.py --transports fast --json out.json
+    python -m benchmarks.loadgen_capacity                     # all transports, ~2-3 min
+    python -m benchmarks.loadgen_capacity --transports fast --save
+    python -m benchmarks.loadgen_capacity --smoke             # a quick check of this script
+
+Percentiles are nearest-rank (servescope.analyzers.metrics). With --save the figures go to
+benchmarks/results/loadgen_capacity_<cpu>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.append(os.path.join(ROOT, "tests"))  # last: tests/<area>/ folders must not shadow the packages
+if __package__ in (None, ""):  # `python benchmarks/<script>.py`: import from the repository root, not benchmarks/
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from support.scripted_server import ScriptedServer  # noqa: E402
-
+from benchmarks.common import (  # noqa: E402
+    ResultsFile,
+    add_results_args,
+    cpu_name,
+    print_table,
+    quiet_console,
+    run_info,
+    scripted_server_class,
+)
+from servescope.analyzers.metrics import quantile  # noqa: E402
 from servescope.harness.client import ClientConfig, StreamingClient  # noqa: E402
 from servescope.rundir.schema import RequestRecord  # noqa: E402
 from servescope.workloads.types import RequestSpec  # noqa: E402
 
+ScriptedServer = scripted_server_class()
+
 
 def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+    """The q-th percentile (q in 0-100), nearest-rank; NaN without values."""
+    value = quantile(values, q / 100)
+    return float("nan") if value is None else value
 
 
 def spec(i: int, script: dict[str, Any], max_tokens: int) -> RequestSpec:
@@ -74,7 +88,7 @@ def client_for(srv: ScriptedServer, transport: str, pool: int) -> StreamingClien
     return StreamingClient(ClientConfig(srv.base_url, "bench", 0.0, transport=transport, pool_size=pool, timeout_s=30))
 
 
-# ---------------------------------------------------------------------------- (a) throughput
+# ---------------------------------------------------------------------------- throughput
 @dataclass
 class Throughput:
     transport: str
@@ -127,7 +141,7 @@ def bench_throughput(srv: ScriptedServer, transport: str, mode: str, loop: str, 
     return run_in_loop(loop, go)
 
 
-# ---------------------------------------------------------------------------- (b) timing error
+# ---------------------------------------------------------------------------- timing error
 @dataclass
 class TimingError:
     transport: str
@@ -182,7 +196,7 @@ def bench_timing(srv: ScriptedServer, transport: str, streams: int, loop: str) -
     )
 
 
-# ---------------------------------------------------------------------------- (c) open-loop rate
+# ---------------------------------------------------------------------------- open-loop rate
 @dataclass
 class RateStep:
     transport: str
@@ -245,15 +259,12 @@ def bench_rate(srv: ScriptedServer, transport: str, loop: str, rates: list[float
     return steps
 
 
-# ---------------------------------------------------------------------------- (d) the real load generator
-def bench_execute_run(srv: ScriptedServer, workers: int, rates: list[float], duration_s: float) -> list[dict[str, Any]]:
-    """The same open-loop test through harness.api.execute_run (worker processes, run directory)."""
+# ---------------------------------------------------------------------------- the whole load generator
+def bench_execute_run(srv, workers: int, rates: list[float], duration_s: float) -> list[dict[str, Any]]:
+    """The same open-loop test through servescope.execute_run (worker processes, run directory)."""
     import tempfile
 
-    import pandas as pd
-
-    from servescope.harness.orchestration.repeat import execute_run
-    from servescope.harness.config import RunConfig
+    from servescope import RunConfig, execute_run, load_run
 
     rows = []
     for rate in rates:
@@ -261,16 +272,13 @@ def bench_execute_run(srv: ScriptedServer, workers: int, rates: list[float], dur
             config = RunConfig(target=srv.base_url, model="scripted", prompt_tokens=16, max_tokens=2, rate=rate,
                                arrival="constant", duration_s=duration_s, workers=workers, out=os.path.join(tmp, "run"),
                                report=False, show_progress=False)
-            outcome = execute_run(config)
-            run_dir = getattr(outcome, "run_dir", os.path.join(tmp, "run"))
-            path = os.path.join(run_dir, "requests.parquet")
-            df = pd.read_parquet(path) if os.path.exists(path) else pd.read_json(os.path.join(run_dir, "requests.jsonl"), lines=True)
+            outcome = execute_run(config, quiet_console())
+            df = load_run(outcome.run_dir).requests
         lags = df["schedule_lag_s"].dropna().tolist()
         span = df["end_at"].max() - df["scheduled_at"].min()
         row = {"workers": workers, "rate": rate, "sent": len(df), "achieved_rps": float(len(df) / span),
                "lag_p50_ms": pct(lags, 50) * 1e3, "lag_p99_ms": pct(lags, 99) * 1e3,
                "errors": int((df["status"] != "ok").sum())}
-        row = {k: (float(v) if isinstance(v, float) else v) for k, v in row.items()}  # numpy scalars -> JSON
         row["ok"] = bool(row["lag_p99_ms"] < 5.0 and row["errors"] == 0 and row["achieved_rps"] >= 0.95 * rate)
         rows.append(row)
         if not row["ok"]:
@@ -279,83 +287,92 @@ def bench_execute_run(srv: ScriptedServer, workers: int, rates: list[float], dur
 
 
 # ---------------------------------------------------------------------------- main
-def table(title: str, header: list[str], rows: list[list[Any]]) -> str:
-    cells = [[f"{c:,.1f}" if isinstance(c, float) else f"{c:,}" if isinstance(c, int) else str(c) for c in r] for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells if len(r[i]) < 30]) for i, h in enumerate(header)]
-    lines = [title, "  ".join(h.rjust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
-    return "\n".join(lines) + "\n"
+PARTS = ("throughput", "timing-error", "open-loop", "execute-run")
 
 
 def main() -> None:
     sys.stdout.reconfigure(line_buffering=True)  # tables appear as each part finishes
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of: {', '.join(PARTS)}")
     ap.add_argument("--transports", default="fast,httpx,aiohttp")
     ap.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop", help="client event loop")
     ap.add_argument("--streams", default="64,256,1024", help="concurrency levels of the timing-error runs")
     ap.add_argument("--duration", type=float, default=3.0, help="seconds per throughput run")
     ap.add_argument("--rates", default="500,1000,1500,2000,2500,3000,4000,5000")
     ap.add_argument("--rate-duration", type=float, default=2.0)
-    ap.add_argument("--skip-execute-run", action="store_true", help="skip part (d), the full load generator")
-    ap.add_argument("--json", dest="json_out", help="also write every figure to this JSON file")
+    ap.add_argument("--workers", default="1,2", help="execute-run: worker process counts")
+    ap.add_argument("--smoke", action="store_true", help="a quick check: fast transport, short runs, low rates")
+    add_results_args(ap, default_save=False)
     args = ap.parse_args()
+    if args.smoke:
+        args.transports, args.streams, args.duration = "fast", "64", 0.5
+        args.rates, args.rate_duration, args.workers = "200,400", 0.5, "1"
+    parts = [p for p in args.parts.split(",") if p]
+    if set(parts) - set(PARTS):
+        unknown = ", ".join(sorted(set(parts) - set(PARTS)))
+        raise SystemExit(f"unknown part(s) {unknown}; the parts are: {', '.join(PARTS)}")
     transports = [t for t in args.transports.split(",") if t]
-    out: dict[str, Any] = {"host": {"python": platform.python_version(), "cpus": os.cpu_count(), "loop": args.loop},
-                           "throughput": [], "timing": [], "rate": []}
+    rates = [float(x) for x in args.rates.split(",")]
+    results = ResultsFile("loadgen_capacity", cpu_name(), args.out, args.copy_to, save=args.save)
+    run = run_info(client_loop=args.loop)
     started = time.perf_counter()
     with ScriptedServer() as srv:
-        rows = []
-        for t in transports:
-            for mode in ("paced", "flood"):
-                r = bench_throughput(srv, t, mode, args.loop, args.duration)
-                out["throughput"].append({**r.__dict__, "chunks_per_s": r.chunks_per_s, "chunks_per_cpu_s": r.chunks_per_cpu_s})
-                rows.append([t, mode, r.chunks, r.chunks_per_s, r.chunks_per_cpu_s, 100 * r.cpu_s / r.wall_s, r.errors])
-        print(table("(a) throughput, 64 streams x 100 tokens (paced: 2 ms/chunk/stream; flood: no delay)",
-                    ["transport", "mode", "chunks", "chunks/s", "chunks/CPU-s", "client CPU %", "errors"], rows))
-        rows = []
-        for t in transports:
-            for n in (int(x) for x in args.streams.split(",")):
-                if t == "httpx" and n > 256:
-                    # httpx already needed ~26 s to start 256 streams (wave spread); 1024 takes minutes.
-                    rows.append([t, n, "skipped: httpx starts 256 streams over tens of seconds"] + [""] * 7)
-                    continue
-                r = bench_timing(srv, t, n, args.loop)
-                out["timing"].append(r.__dict__)
-                rows.append([t, n, r.n_chunks, r.p50_ms, r.p99_ms, r.max_ms, r.ttft_p99_ms, r.wave_spread_ms,
-                             r.wave_new_connections, r.errors])
-        print(table("(b) timing error = client timestamp - server write time, ms (16 tokens, 50 ms apart)",
-                    ["transport", "streams", "chunks", "p50", "p99", "max", "TTFT p99", "wave spread",
-                     "new conns", "errors"], [[c if not isinstance(c, float) else round(c, 2) for c in r] for r in rows]))
-        rows = []
-        for t in transports:
-            steps = bench_rate(srv, t, args.loop, [float(x) for x in args.rates.split(",")], args.rate_duration)
-            out["rate"].extend(s.__dict__ | {"ok": s.ok} for s in steps)
-            best = max((s.rate for s in steps if s.ok), default=0.0)
-            for s in steps:
-                rows.append([t, s.rate, s.achieved_rps, s.lag_p50_ms, s.lag_p99_ms, s.errors,
-                             "ok" if s.ok else "FAIL", "<- best" if s.rate == best else ""])
-        print(table("(c) open-loop short requests (2 tokens), one client process: pass = p99 schedule lag < 5 ms",
-                    ["transport", "rate", "achieved/s", "lag p50 ms", "lag p99 ms", "errors", "verdict", ""],
-                    [[c if not isinstance(c, float) else round(c, 2) for c in r] for r in rows]))
-        if not args.skip_execute_run:
-            rows = []
-            for w in (1, 2):
+        if "throughput" in parts:
+            rows, found = [], []
+            for t in transports:
+                for mode in ("paced", "flood"):
+                    r = bench_throughput(srv, t, mode, args.loop, args.duration)
+                    found.append({**asdict(r), "chunks_per_s": r.chunks_per_s, "chunks_per_cpu_s": r.chunks_per_cpu_s})
+                    rows.append([t, mode, r.chunks, r.chunks_per_s, r.chunks_per_cpu_s, 100 * r.cpu_s / r.wall_s,
+                                 r.errors])
+            results.put("throughput", {"rows": found}, run)
+            print_table(["transport", "mode", "chunks", "chunks/s", "chunks/CPU-s", "client CPU %", "errors"], rows,
+                        title="throughput, 64 streams x 100 tokens (paced: 2 ms/chunk/stream; flood: no delay)")
+        if "timing-error" in parts:
+            rows, found = [], []
+            for t in transports:
+                for n in (int(x) for x in args.streams.split(",")):
+                    if t == "httpx" and n > 256:
+                        # httpx already needed ~26 s to start 256 streams (wave spread); 1024 takes minutes.
+                        rows.append([t, n, "skipped: httpx starts 256 streams over tens of seconds"] + [""] * 7)
+                        continue
+                    r = bench_timing(srv, t, n, args.loop)
+                    found.append(asdict(r))
+                    rows.append([t, n, r.n_chunks, r.p50_ms, r.p99_ms, r.max_ms, r.ttft_p99_ms, r.wave_spread_ms,
+                                 r.wave_new_connections, r.errors])
+            results.put("timing-error", {"rows": found}, run)
+            print_table(["transport", "streams", "chunks", "p50", "p99", "max", "TTFT p99", "wave spread",
+                         "new conns", "errors"], rows,
+                        title="timing error = client timestamp - server write time, ms (16 tokens, 50 ms apart)")
+        if "open-loop" in parts:
+            rows, found = [], []
+            for t in transports:
+                steps = bench_rate(srv, t, args.loop, rates, args.rate_duration)
+                found.extend(asdict(s) | {"ok": s.ok} for s in steps)
+                best = max((s.rate for s in steps if s.ok), default=0.0)
+                for s in steps:
+                    rows.append([t, s.rate, s.achieved_rps, s.lag_p50_ms, s.lag_p99_ms, s.errors,
+                                 "ok" if s.ok else "FAIL", "<- best" if s.rate == best else ""])
+            results.put("open-loop", {"rows": found}, run)
+            print_table(["transport", "rate", "achieved/s", "lag p50 ms", "lag p99 ms", "errors", "verdict", ""], rows,
+                        title="open-loop short requests (2 tokens), one client process: pass = p99 schedule lag < 5 ms")
+        if "execute-run" in parts:
+            rows, found = [], []
+            for w in (int(x) for x in args.workers.split(",")):
                 try:
-                    steps = bench_execute_run(srv, w, [float(x) for x in args.rates.split(",")], args.rate_duration)
+                    steps = bench_execute_run(srv, w, rates, args.rate_duration)
                 except Exception as exc:  # the load generator is another part: report, do not hide the rest
                     rows.append([w, f"failed: {type(exc).__name__}: {exc}"[:120]] + [""] * 5)
                     continue
-                out.setdefault("execute_run", []).extend(steps)
+                found.extend(steps)
                 rows += [[s["workers"], s["rate"], s["achieved_rps"], s["lag_p50_ms"], s["lag_p99_ms"], s["errors"],
                           "ok" if s["ok"] else "FAIL"] for s in steps]
-            print(table("(d) the same through harness.api.execute_run (servescope run --rate R --arrival constant)",
-                        ["workers", "rate", "achieved/s", "lag p50 ms", "lag p99 ms", "errors", "verdict"],
-                        [[c if not isinstance(c, float) else round(c, 2) for c in r] for r in rows]))
-    out["elapsed_s"] = time.perf_counter() - started
-    print(f"total {out['elapsed_s']:.0f} s; client loop {args.loop}; python {platform.python_version()}; {os.cpu_count()} CPUs")
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(out, f, indent=2)
+            results.put("execute-run", {"rows": found}, run)
+            print_table(["workers", "rate", "achieved/s", "lag p50 ms", "lag p99 ms", "errors", "verdict"], rows,
+                        title="the same through servescope.execute_run (servescope run --rate R --arrival constant)")
+    print(f"\ntotal {time.perf_counter() - started:.0f} s; client loop {args.loop}; "
+          f"python {platform.python_version()}; "
+          f"{cpu_name()}" + (f"; results: {results.path}" if args.save else ""))
 
 
 if __name__ == "__main__":

@@ -1,22 +1,31 @@
-"""How long `servescope report` takes on a large run, stage by stage.
+"""How long does `servescope report` take on a large run, stage by stage?
 
 Generates a synthetic run directory (realistic shapes: Poisson arrivals,
 log-normal lengths per bucket, millions of token gaps; see
 analyzers/synthetic.py), then times `build_report` on it and prints a table.
 The target: a 100k-request run in under 10 s on one core, report under 10 MB.
 
-    python benchmarks/report_speed.py                  # 100k requests
-    python benchmarks/report_speed.py --requests 10000 --repeat 3
-    python benchmarks/report_speed.py --browser     # also time opening it in Chromium
+    python -m benchmarks.report_speed                  # 100k requests
+    python -m benchmarks.report_speed --requests 10000 --repeat 3
+    python -m benchmarks.report_speed --browser        # also time opening it in Chromium
+    python -m benchmarks.report_speed --smoke          # a quick check of this script
+
+With --save the rows go to benchmarks/results/report_speed_<cpu>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+if __package__ in (None, ""):  # `python benchmarks/<script>.py`: import from the repository root, not benchmarks/
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks.common import ResultsFile, add_results_args, cpu_name, print_table, run_info  # noqa: E402
 
 
 def main() -> None:
@@ -26,11 +35,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--keep", type=Path, default=None, help="write the run directory here and keep it")
     parser.add_argument("--browser", action="store_true", help="time opening the report in /usr/bin/chromium until every chart is drawn")
+    parser.add_argument("--smoke", action="store_true", help="a quick check: 2,000 requests")
+    add_results_args(parser, default_save=False)
     args = parser.parse_args()
+    if args.smoke:
+        args.requests = 2000
 
-    from analyzers.report import build_report
-    from analyzers.synthetic import SyntheticSpec, write_synthetic_run
+    from servescope.analyzers.report import build_report
+    from servescope.analyzers.synthetic import SyntheticSpec, write_synthetic_run
 
+    rows, figures = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = args.keep or Path(tmp) / "run"
         t0 = time.perf_counter()
@@ -38,18 +52,26 @@ def main() -> None:
         generate_s = time.perf_counter() - t0
         gaps = _gap_count(run_dir)
         print(f"synthetic run: {args.requests:,} requests, {gaps:,} token gaps, generated in {generate_s:.2f} s")
-        print(f"{'repeat':>6} {'load s':>8} {'summarize s':>12} {'diagnose s':>11} {'render s':>9} {'total s':>8} {'size MB':>8}")
         for i in range(args.repeat):
             timings: dict[str, float] = {}
             t0 = time.perf_counter()
             report = build_report(run_dir, timings=timings)
             total = time.perf_counter() - t0
             size = os.path.getsize(report) / 1e6
-            print(f"{i + 1:>6} {timings['load']:>8.2f} {timings['summarize']:>12.2f} {timings['diagnose']:>11.2f} "
-                  f"{timings['render']:>9.2f} {total:>8.2f} {size:>8.2f}")
+            rows.append([i + 1, timings["load"], timings["summarize"], timings["diagnose"], timings["render"], total,
+                         size])
         if args.browser:
             charts, seconds = _open_in_chromium(report)
+            figures["browser"] = {"charts": charts, "seconds": seconds}
             print(f"opened in Chromium: {charts} charts drawn in {seconds:.2f} s (file:// load to last chart)")
+    print_table(["repeat", "load s", "summarize s", "diagnose s", "render s", "total s", "size MB"], rows,
+                title=f"servescope report on {args.requests:,} synthetic requests ({gaps:,} token gaps), {cpu_name()}")
+    if args.save:
+        keys = ("repeat", "load_s", "summarize_s", "diagnose_s", "render_s", "total_s", "size_MB")
+        results = ResultsFile("report_speed", cpu_name(), args.out, args.copy_to)
+        results.put("report", {"requests": args.requests, "token_gaps": gaps, "generate_s": generate_s,
+                               "rows": [dict(zip(keys, r)) for r in rows], **figures}, run_info())
+        print(f"results: {results.path}")
 
 
 def _open_in_chromium(report: Path) -> tuple[int, float]:

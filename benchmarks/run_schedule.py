@@ -1,7 +1,7 @@
-"""How well `servescope run` keeps its schedule, end to end, by load and worker count.
+"""How well does `servescope run` keep its schedule, end to end, by load and worker count?
 
 Drives the scripted SSE server (tests/support/scripted_server.py, its own
-process) through `harness.api.execute_run` — dispatcher, worker processes,
+process) through `servescope.execute_run` — dispatcher, worker processes,
 client, run directory — and reads back each run's requests:
 
   achieved send rate, schedule lag (sent_at - scheduled_at) p50 / p99 / max,
@@ -12,36 +12,35 @@ This is the evidence behind the worker-count rule in harness/loadgen/models.py
 (RATE_PER_WORKER, STREAMS_PER_WORKER) and the client-bound thresholds in
 harness/api.py.
 
-    python benchmarks/run_schedule.py                       # ~1-2 min
-    python benchmarks/run_schedule.py --duration 10 --rates 100,400 --workers 1,2,4
+    python -m benchmarks.run_schedule                       # ~1-2 min
+    python -m benchmarks.run_schedule --duration 10 --rates 100,400 --workers 1,2,4
+    python -m benchmarks.run_schedule --smoke               # a quick check of this script
+
+Percentiles are nearest-rank (servescope.analyzers.metrics). With --save the rows go to
+benchmarks/results/run_schedule_<cpu>.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import sys
 import tempfile
 from pathlib import Path
 
-import pyarrow.parquet as pq
-from rich.console import Console
+if __package__ in (None, ""):  # `python benchmarks/<script>.py`: import from the repository root, not benchmarks/
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from servescope.harness.orchestration.repeat import execute_run
-from servescope.harness.config import RunConfig
-from servescope.harness.console import RunConsole
-
-
-def _scripted_server_class():
-    """tests/support/scripted_server.py, loaded by path: putting tests/ on sys.path would let
-    tests/workloads/ (a namespace folder) shadow the real `workloads` package."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "tests" / "support" / "scripted_server.py"
-    spec = importlib.util.spec_from_file_location("scripted_server", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.ScriptedServer
+from benchmarks.common import (  # noqa: E402
+    ResultsFile,
+    add_results_args,
+    cpu_name,
+    print_table,
+    quiet_console,
+    run_info,
+    scripted_server_class,
+)
+from servescope import RunConfig, execute_run, load_run  # noqa: E402
+from servescope.analyzers.metrics import quantile  # noqa: E402
 
 
 def one_run(base_url: str, out: Path, workers: int, duration: float, rate: float | None = None,
@@ -49,23 +48,29 @@ def one_run(base_url: str, out: Path, workers: int, duration: float, rate: float
     config = RunConfig(target=base_url, rate=rate, concurrency=concurrency, arrival="constant",
                        duration_s=duration, prompt_tokens=32, max_tokens=8, workers=workers,
                        out=str(out), report=False, seed=1)
-    outcome = execute_run(config, RunConsole(show_progress=False, console=Console(file=open(os.devnull, "w"))))
-    frame = pq.read_table(outcome.run_dir / "requests.parquet").to_pandas()
-    meta = json.loads((outcome.run_dir / "run.json").read_text())
-    lag = frame["schedule_lag_s"].dropna()
+    outcome = execute_run(config, quiet_console())
+    run = load_run(outcome.run_dir)
+    frame = run.requests
+    check = run.run["client_check"]
+    lag = frame["schedule_lag_s"].dropna().to_numpy()
     sent = frame["sent_at"].dropna()
     span = float(sent.max() - sent.min()) if len(sent) > 1 else float("nan")
+
+    def lag_ms(q: float) -> float:
+        value = quantile(lag, q)
+        return float("nan") if value is None else 1e3 * value
+
     return {
         "load": f"rate={rate:g}" if rate else f"concurrency={concurrency}",
         "workers": workers,
         "requests": len(frame),
         "ok": int((frame["status"] == "ok").sum()),
         "send_rate": (len(sent) - 1) / span if span and span > 0 else float("nan"),
-        "lag_p50_ms": 1e3 * float(lag.quantile(0.5)),
-        "lag_p99_ms": 1e3 * float(lag.quantile(0.99)),
-        "lag_max_ms": 1e3 * float(lag.max()),
-        "loop_lag_max_ms": 1e3 * (meta["client_check"]["loop_lag_max_s"] or 0.0),
-        "client_bound": meta["client_check"]["client_bound"],
+        "lag_p50_ms": lag_ms(0.5),
+        "lag_p99_ms": lag_ms(0.99),
+        "lag_max_ms": 1e3 * float(lag.max()) if len(lag) else float("nan"),
+        "loop_lag_max_ms": 1e3 * (check["loop_lag_max_s"] or 0.0),
+        "client_bound": check["client_bound"],
     }
 
 
@@ -75,9 +80,14 @@ def main() -> None:
     parser.add_argument("--rates", default="50,100,200,400")
     parser.add_argument("--concurrencies", default="64,256")
     parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a quick check: 1 s runs, one rate, one concurrency, 1 worker")
+    add_results_args(parser, default_save=False)
     args = parser.parse_args()
+    if args.smoke:
+        args.duration, args.rates, args.concurrencies, args.workers = 1.0, "50", "8", "1"
     rows = []
-    with _scripted_server_class()() as server, tempfile.TemporaryDirectory() as tmp:
+    with scripted_server_class()() as server, tempfile.TemporaryDirectory() as tmp:
         n = 0
         for workers in (int(w) for w in args.workers.split(",")):
             for rate in (float(r) for r in args.rates.split(",") if r):
@@ -86,16 +96,16 @@ def main() -> None:
             for conc in (int(c) for c in args.concurrencies.split(",") if c):
                 n += 1
                 rows.append(one_run(server.base_url, Path(tmp) / f"r{n}", workers, args.duration, concurrency=conc))
-    print(f"# servescope run schedule keeping, {os.cpu_count()} CPUs, {args.duration:g}s per run, "
-          "scripted server, 32-token prompts, 8 output tokens")
-    header = ["load", "workers", "requests", "ok", "send req/s", "lag p50 ms", "lag p99 ms", "lag max ms",
-              "loop lag max ms", "client-bound"]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for r in rows:
-        print(f"| {r['load']} | {r['workers']} | {r['requests']} | {r['ok']} | {r['send_rate']:.1f} | "
-              f"{r['lag_p50_ms']:.2f} | {r['lag_p99_ms']:.2f} | {r['lag_max_ms']:.2f} | {r['loop_lag_max_ms']:.2f} | "
-              f"{'yes' if r['client_bound'] else 'no'} |")
+    print_table(["load", "workers", "requests", "ok", "send req/s", "lag p50 ms", "lag p99 ms", "lag max ms",
+                 "loop lag max ms", "client-bound"],
+                [[r["load"], r["workers"], r["requests"], r["ok"], r["send_rate"], r["lag_p50_ms"], r["lag_p99_ms"],
+                  r["lag_max_ms"], r["loop_lag_max_ms"], bool(r["client_bound"])] for r in rows],
+                title=f"servescope run schedule keeping, {cpu_name()}, {args.duration:g} s per run, scripted server, "
+                      "32-token prompts, 8 output tokens")
+    if args.save:
+        results = ResultsFile("run_schedule", cpu_name(), args.out, args.copy_to)
+        results.put("schedule", {"duration_s": args.duration, "rows": rows}, run_info())
+        print(f"results: {results.path}")
 
 
 if __name__ == "__main__":
