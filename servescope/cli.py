@@ -72,7 +72,9 @@ def help_markdown() -> str:
     for name in [None, *sorted(COMMANDS)]:
         command = main if name is None else main.get_command(click.Context(main), name)
         info_name = "servescope" if name is None else f"servescope {name}"
-        with click.Context(command, info_name=info_name, terminal_width=100, max_content_width=100) as ctx:
+        # make_context applies the command's own context_settings (its help option names) as --help does.
+        with command.make_context(info_name, [], resilient_parsing=True, terminal_width=100,
+                                  max_content_width=100) as ctx:
             text = command.get_help(ctx)
         parts += [f"## `{info_name}`", "", "```text", text.rstrip(), "```", ""]
     return "\n".join(parts)

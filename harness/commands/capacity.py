@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
+from servescope.errors import EXIT_FAILED, EXIT_OK, UsageError
+from servescope.harness.commands.options import CLIENT, TARGET, WORKLOAD, picked, with_options
+
 
 @click.command("capacity", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--target", metavar="URL", help="Base URL of an OpenAI-compatible server (http://127.0.0.1:8000).")
-@click.option("--engine", metavar="reference[:PRESET]", help="Start the bundled engine once for the whole search (default without --target).")
-@click.option("--engine-arg", "engine_args", multiple=True, metavar="ARG", help="Extra argument for the bundled engine, repeatable.")
+@with_options(TARGET)
 @click.option("--slo", required=True, help="Objectives every step must meet, e.g. ttft_p99=500ms,tpot_p99=50ms,error_rate=1%.")
-@click.option("--workload", metavar="PRESET|FILE.yaml", help="Workload preset name or YAML file.")
-@click.option("--prompt-tokens", type=int, help="Fix the prompts' length (alone or with --max-tokens).")
-@click.option("--max-tokens", type=int, help="Fix the outputs' length (alone or with --prompt-tokens).")
-@click.option("--model", help="Model name to request. Default: the first id of GET /v1/models.")
-@click.option("--api", type=click.Choice(["completions", "chat"]), help="API to use (default: the workload's).")
-@click.option("--arrival", default="poisson", show_default=True, help="Spacing of arrivals in each step: poisson | constant | gamma:CV.")
+@with_options(WORKLOAD)
 @click.option("--start-rate", type=float, default=1.0, show_default=True, help="First rate tried (req/s).")
 @click.option("--max-rate", type=float, default=256.0, show_default=True, help="Never try above this rate (req/s).")
 @click.option("--step-duration", default="20s", show_default=True, help="Length of each full step.")
@@ -31,39 +28,25 @@ import click
 @click.option("--max-steps", type=int, default=12, show_default=True, help="Most runs the search may do.")
 @click.option("--max-error-rate", type=float, default=0.01, show_default=True, help="A step with more errors than this fraction fails.")
 @click.option("--require", "required_rate", type=float, help="Exit 1 unless the capacity reaches this rate (req/s): a pre-launch gate.")
-@click.option("--timeout", default="60s", show_default=True, help="Idle timeout per request.")
-@click.option("--workers", type=int, help="Load-generator processes per step.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the workload and arrivals.")
-@click.option("--api-key-env", metavar="VAR", help="Environment variable holding the API key.")
+@with_options(CLIENT)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for the steps' run directories, capacity.json and capacity.html (default runs/capacity-<time>).")
-def capacity(**o: object) -> None:
+def capacity(**o: Any) -> int:
     """Find the highest request rate that meets the SLO (grow the rate, then bisect)."""
-    from servescope.analyzers.capacity import CapacityError, CapacitySettings
-    from servescope.harness.config import ConfigError, RunConfig, parse_duration
+    from servescope.analyzers.capacity import CapacitySettings
+    from servescope.harness.config import RunConfig, parse_duration
     from servescope.harness.orchestration.capacity import run_capacity
-    from servescope.slo import SLOError
 
     out = o["out"] or _default_out()
     if (out / "capacity.json").exists():
-        click.echo(f"Error: {out} already holds a capacity search; choose another --out", err=True)
-        sys.exit(2)
-    try:
-        settings = CapacitySettings(
-            slo=str(o["slo"]), start_rate=float(o["start_rate"]), max_rate=float(o["max_rate"]),
-            step_duration_s=parse_duration(str(o["step_duration"]), "step-duration"), tolerance=float(o["tolerance"]),
-            max_steps=int(o["max_steps"]), max_error_rate=float(o["max_error_rate"]),
-        )
-        base = RunConfig(
-            target=o["target"], engine=o["engine"], engine_args=tuple(o["engine_args"]), model=o["model"],
-            api=o["api"], workload=o["workload"], prompt_tokens=o["prompt_tokens"], max_tokens=o["max_tokens"],
-            rate=settings.start_rate, arrival=o["arrival"], timeout_s=o["timeout"], workers=o["workers"],
-            seed=int(o["seed"]), slo=settings.slo, api_key_env=o["api_key_env"], report=False,
-            command_line=tuple(sys.argv), show_progress=False,
-        )
-    except (CapacityError, SLOError, ConfigError) as exc:
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(2)
+        raise UsageError(f"{out} already holds a capacity search; choose another --out")
+    settings = CapacitySettings(
+        slo=str(o["slo"]), start_rate=float(o["start_rate"]), max_rate=float(o["max_rate"]),
+        step_duration_s=parse_duration(str(o["step_duration"]), "step-duration"), tolerance=float(o["tolerance"]),
+        max_steps=int(o["max_steps"]), max_error_rate=float(o["max_error_rate"]),
+    )
+    base = RunConfig(**picked(o, TARGET, WORKLOAD, CLIENT), rate=settings.start_rate, slo=settings.slo,
+                     report=False, command_line=tuple(sys.argv), show_progress=False)
 
     def show(step) -> None:
         verdict = "pass" if step.passed else ("FAIL (probe)" if step.early_stop else "FAIL")
@@ -71,21 +54,17 @@ def capacity(**o: object) -> None:
                    f"goodput {step.goodput_req_per_s or 0:7.2f}  {verdict}: {step.reason}")
 
     click.echo(f"capacity search: SLO {settings.slo}, steps of {settings.step_duration_s:g}s, out {out}")
-    try:
-        result = run_capacity(base, settings, out, on_step=show)
-    except ConfigError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(2)
+    result = run_capacity(base, settings, out, on_step=show)
     click.echo(result.stop_reason)
     click.echo(f"wrote {out / 'capacity.html'} and {out / 'capacity.json'}")
     if result.capacity_rate is None:
         click.echo("no rate met the SLO", err=True)
-        sys.exit(1)
+        return EXIT_FAILED
     click.echo(f"capacity: {result.capacity_rate:.3g} req/s")
     if o["required_rate"] is not None and result.capacity_rate < float(o["required_rate"]):
         click.echo(f"capacity {result.capacity_rate:.3g} req/s is below --require {o['required_rate']:g} req/s", err=True)
-        sys.exit(1)
-    sys.exit(0)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def _default_out() -> Path:
