@@ -47,7 +47,7 @@ MIN_GROUP_ROWS = 16  # tl.dot needs at least 16 rows on the M side
 class DecodeConfig:
     """Launch parameters. The defaults won benchmarks/kernels.py's sweep of 24 variants on an H100
     (batch 64 x 4k, 32/8 heads, d=128, bf16, pages of 16): 368 us, 97% of copy bandwidth;
-    block_n 32 or 128 and 8 warps were 1-20% slower (benchmarks/results/kernels_nvidia_h100_80gb_hbm3_sweep.json)."""
+    block_n 32 or 128 and 8 warps were 1-20% slower (benchmarks/results/kernels_nvidia_h100_80gb_hbm3.json)."""
 
     block_n: int = 64
     num_warps: int = 4
