@@ -75,7 +75,7 @@ PREFILL = dict(batch=4, seqlen=4096, q_heads=32, kv_heads=8, head_dim=128)
 
 
 DEVICE = "cuda"
-# Calls per CUDA graph when timing in a graph: the attention shapes read 64-270 MB a call, far more
+# Calls per CUDA graph when timing in a graph: the attention shapes read 0.27-1.07 GB a call, far more
 # than L2 holds, so back-to-back calls on the same tensors still stream from HBM.
 GRAPH_CALLS = 16
 # The elementwise kernels' inputs (8-235 MB) come in this many copies, cycled inside the graph, so no

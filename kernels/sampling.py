@@ -182,10 +182,9 @@ def _top_p_sample_kernel(
 
 def launch_config(rows: int) -> tuple[int, int]:
     """(BLOCK, num_warps) for a launch of `rows` rows. One program samples one row, so at small
-    batches each program's own speed is the latency: 16 warps over 4096-wide blocks. From
-    `python -m benchmarks.sampling --sweep` on an H200 (sampling_nvidia_h200.json, part kernel-sweep): within 16%
-    of the best configuration tried at every batch from 1 to 256; 4 warps over 1024 was 2-3x
-    slower."""
+    batches each program's own speed is the latency: 16 warps over 4096-wide blocks.
+    `python -m benchmarks.sampling --sweep` times every (block, warps) pair tried on the device
+    (sampling_nvidia_h200.json, part kernel-sweep); 4 warps over 1024 is 2-3x slower there."""
     return BLOCK, 16
 
 
