@@ -31,7 +31,7 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-@click.command("serve")
+@click.command("serve", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--preset", type=click.Choice(PRESETS), default=None,
               help="Model shape with seeded random weights (default: tiny, unless --model is given).")
 @click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False), default=None,

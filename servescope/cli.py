@@ -69,14 +69,19 @@ def help_markdown() -> str:
              "Every command's `--help`. Regenerate after changing an option:", "",
              "```bash", 'python -c "from servescope.cli import help_markdown; print(help_markdown(), end=\'\')" > docs/cli.md',
              "```", ""]
-    for name in [None, *sorted(COMMANDS)]:
-        command = main if name is None else main.get_command(click.Context(main), name)
-        info_name = "servescope" if name is None else f"servescope {name}"
-        # make_context applies the command's own context_settings (its help option names) as --help does.
-        with command.make_context(info_name, [], resilient_parsing=True, terminal_width=100,
-                                  max_content_width=100) as ctx:
+    # Each command's context is made as `servescope CMD --help` makes it: under main's, whose
+    # settings (the help option names) it inherits.
+    with main.make_context("servescope", [], resilient_parsing=True, terminal_width=100,
+                           max_content_width=100) as root:
+        for name in [None, *sorted(COMMANDS)]:
+            if name is None:
+                command, info_name, ctx = main, "servescope", root
+            else:
+                command, info_name = main.get_command(root, name), name
+                ctx = command.make_context(info_name, [], parent=root, resilient_parsing=True)
             text = command.get_help(ctx)
-        parts += [f"## `{info_name}`", "", "```text", text.rstrip(), "```", ""]
+            title = "servescope" if name is None else f"servescope {name}"
+            parts += [f"## `{title}`", "", "```text", text.rstrip(), "```", ""]
     return "\n".join(parts)
 
 

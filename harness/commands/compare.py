@@ -25,7 +25,7 @@ def parse_fraction(text: str, flag: str) -> float:
     return value
 
 
-@click.command("compare")
+@click.command("compare", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("cand", type=click.Path(path_type=Path))
 @click.option("--threshold", default="5%", show_default=True,

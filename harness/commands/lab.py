@@ -19,7 +19,7 @@ def _lab_list() -> str:
     return "\n".join(f"{name:<13} {lab.experiment_label} vs {lab.control_label}" for name, lab in LABS.items())
 
 
-@click.command("lab", epilog="\b\nLabs (experiment vs control):\n" + _lab_list())
+@click.command("lab", context_settings={"help_option_names": ["-h", "--help"]}, epilog="\b\nLabs (experiment vs control):\n" + _lab_list())
 @click.argument("name", type=click.Choice(tuple(LABS)))
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output directory (default: runs/lab-NAME-TIMESTAMP).")

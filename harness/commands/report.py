@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 
-@click.command("report")
+@click.command("report", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--slo", default=None, metavar="LIST",
               help="Objectives to judge, e.g. ttft_p99=500ms,tpot_p99=50ms,e2e_p99=2s,error_rate=0.1% "

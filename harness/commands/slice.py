@@ -15,7 +15,7 @@ import click
 from servescope.units import format_duration
 
 
-@click.command("slice")
+@click.command("slice", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
               help="Run directory to write for an imported log (default: LOGFILE's name + '-run', beside it).")

@@ -8,7 +8,7 @@ from servescope.workloads.errors import WorkloadError
 from servescope.workloads.spec import list_presets, preset_path
 
 
-@click.group("workloads", invoke_without_command=True)
+@click.group("workloads", invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.pass_context
 def workloads(ctx: click.Context) -> None:
     """List or show the bundled workload presets (`servescope run --workload NAME` uses them)."""

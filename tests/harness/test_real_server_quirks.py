@@ -18,10 +18,10 @@ from click.testing import CliRunner
 from rich.console import Console
 from support.scripted_server import ScriptedServer
 
-from servescope.harness.orchestration.repeat import execute_run
-from servescope.harness.commands.run import run as run_command
+from servescope.cli import main
 from servescope.harness.config import RunConfig
 from servescope.harness.console import RunConsole
+from servescope.harness.orchestration.repeat import execute_run
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -79,7 +79,7 @@ def test_a_transformers_like_server_gives_a_clean_run(hf_like, tmp_path, api, lo
 
 
 def test_without_model_a_failing_v1_models_asks_for_model(hf_like, tmp_path) -> None:
-    result = CliRunner().invoke(run_command, ["--target", hf_like.base_url, "--prompt-tokens", "8", "--max-tokens",
+    result = CliRunner().invoke(main, ["run", "--target", hf_like.base_url, "--prompt-tokens", "8", "--max-tokens",
                                               "2", "--requests", "1", "--out", str(tmp_path / "run"), "--no-report"])
     assert result.exit_code == 2, result.output
     assert "GET " + hf_like.base_url + "/v1/models failed (HTTP 500" in result.output
