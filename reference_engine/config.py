@@ -232,6 +232,9 @@ class EngineConfig:
     # Schedule step N+1 while step N runs on the GPU (sampling on the GPU, sampled ids synced one step
     # late). None: on for CUDA without speculation, off on the CPU (where nothing would overlap).
     async_scheduling: bool | None = None
+    # A fault to diagnose on purpose (`servescope lab stall`): (every_s, for_s) makes the step loop
+    # stand still for for_s seconds every every_s seconds of serving. None: never.
+    debug_pause: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -252,9 +255,28 @@ class EngineConfig:
             raise ConfigError(f"--cuda-graph-max-len must be >= the block size, got {self.cuda_graph_max_len}")
         if self.piecewise_graph_max_tokens < 0:
             raise ConfigError(f"--piecewise-graph-max-tokens must be >= 0 (0: off), got {self.piecewise_graph_max_tokens}")
+        if self.debug_pause is not None:
+            every, length = self.debug_pause
+            if not (every > 0 and 0 < length < every):
+                raise ConfigError(f"--debug-pause EVERY:FOR needs 0 < FOR < EVERY, got {every:g}s:{length:g}s")
         if self.async_scheduling and self.spec is not None:
             raise ConfigError("--async-scheduling cannot be combined with --spec: draft verification needs "
                               "the sampled tokens on the host before the next step is scheduled")
+
+    @staticmethod
+    def parse_debug_pause(text: str | None) -> tuple[float, float] | None:
+        """`EVERY:FOR` (e.g. `4s:1.5s`) as seconds; None for None."""
+        if text is None:
+            return None
+        from servescope.units import DurationError, parse_seconds
+
+        every, sep, length = text.partition(":")
+        try:
+            if not sep:
+                raise DurationError("expected EVERY:FOR")
+            return parse_seconds(every), parse_seconds(length)
+        except DurationError as exc:
+            raise ConfigError(f"--debug-pause {text!r}: {exc}; write EVERY:FOR, e.g. 4s:1.5s") from None
 
     @property
     def use_async_scheduling(self) -> bool:

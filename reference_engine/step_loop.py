@@ -25,6 +25,7 @@ string) is not sent.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +55,7 @@ class StepLoop:
         self.adds_taken = 0  # counted once the request sits in the scheduler's queue (or was refused)
         self.reported = (0, 0)  # (adds taken, waiting) as last sent
         self.running = True
+        self.next_pause: float | None = None  # monotonic time of the next --debug-pause, once serving began
 
     def run(self, receive: Callable[[bool], list[tuple] | None], send: Callable[[tuple], None]) -> None:
         """Serve until a "stop" command, the end of the commands (`receive` returns None), or a `send`
@@ -71,11 +73,26 @@ class StepLoop:
                         send(reply)
                 if not self.running:
                     return
+                self.pause_if_due()
                 message = self.step()
                 if message is not None:
                     send(message)
         except OSError:
             return
+
+    def pause_if_due(self) -> None:
+        """With --debug-pause EVERY:FOR, stand still FOR seconds every EVERY seconds once requests run:
+        the whole server stalls, every request in flight waits, new ones queue."""
+        pause = self.engine.config.debug_pause
+        if pause is None or not self.engine.has_unfinished():
+            return
+        every, length = pause
+        now = time.monotonic()
+        if self.next_pause is None:
+            self.next_pause = now + every
+        elif now >= self.next_pause:
+            time.sleep(length)
+            self.next_pause = time.monotonic() + every
 
     def state(self) -> dict[str, Any]:
         return {**self.engine.snapshot(), "mode": self.mode}

@@ -7,6 +7,7 @@ carries the finish reason and usage); a mid-stream output without new text never
 from __future__ import annotations
 
 import asyncio
+import time
 
 from servescope.reference_engine.async_engine import AsyncEngine
 from servescope.reference_engine.engine_client import EngineClient, RequestOutput
@@ -114,3 +115,29 @@ def test_step_loop_messages(engine_factory) -> None:
     assert delivered[-1][:4] == ("a", delivered[-1][1], True, "length") and delivered[-1][4]["completion_tokens"] == 3
     assert not loop.seqs and not loop.keys
     assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def test_debug_pause_stalls_every_request_on_schedule(engine_factory) -> None:
+    """--debug-pause 0.3s:0.2s: while requests run, the loop stands still 0.2 s every 0.3 s; idle, it never does."""
+    engine = engine_factory(debug_pause=(0.3, 0.2))
+    loop = StepLoop(engine, EngineMetrics("tiny"), "thread")
+    prompt = engine.tokenizer.encode("the quick brown fox")
+    script = [[("add", "a", prompt, SamplingParams(max_tokens=400, **GREEDY), "", "ra", 0.0)]]
+    step_times: list[float] = []
+
+    def receive(block: bool) -> list[tuple] | None:
+        if script:
+            return script.pop(0)
+        return None if block else []
+
+    def send(message: tuple) -> None:
+        step_times.append(time.monotonic())
+
+    started = time.monotonic()
+    loop.run(receive, send)
+    gaps = [b - a for a, b in zip(step_times, step_times[1:])]
+    stalls = [g for g in gaps if g >= 0.19]
+    elapsed = step_times[-1] - started
+    assert len(stalls) >= max(1, int(elapsed / 0.5) - 1), (elapsed, sorted(gaps)[-5:])
+    assert all(g < 0.45 for g in gaps), "one pause at a time, FOR seconds long"
+    assert not engine.has_unfinished() and loop.pause_if_due() is None  # idle: no pause is taken
