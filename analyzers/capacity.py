@@ -243,15 +243,35 @@ def _figures(result: CapacityResult) -> list[Any]:
         good.add_vline(x=result.capacity_rate, line_color="#1e8449", annotation_text=f"capacity {result.capacity_rate:.3g} req/s")
     good.update_layout(title="Goodput vs offered rate", xaxis_title="offered rate (req/s)", yaxis_title="req/s",
                        template="plotly_white", height=420)
+    # The latency axis is log: plotly takes a log axis's range (and annotation positions on it) in log10
+    # units, while trace points and shapes stay in data units. So the SLO lines are traces, and the range is
+    # set in log10 units from every point and threshold drawn; a non-positive latency has no place on it.
     lat = go.Figure()
+    drawn: list[float] = []
     for key in ("ttft_s.p50", "ttft_s.p99", "tpot_s.p99", "e2e_s.p99"):
-        ys = [s.latencies.get(key) for s in full]
+        ys = [_positive_ms(s.latencies.get(key)) for s in full]
         if any(y is not None for y in ys):
-            lat.add_trace(go.Scatter(x=rates, y=[None if y is None else y * 1000 for y in ys], mode="lines+markers",
-                                     name=key.replace("_s.", " ")))
+            drawn += [y for y in ys if y is not None]
+            lat.add_trace(go.Scatter(x=rates, y=ys, mode="lines+markers", name=key.replace("_s.", " ")))
+    span = [min(rates), max(rates)] if rates else [0.0, 1.0]
     for slo in parse_slos(result.settings.slo):
-        if slo.metric != "error_rate":
-            lat.add_hline(y=slo.threshold * 1000, line_dash="dash", line_color="#c0392b", annotation_text=f"SLO {slo.name}")
+        threshold = _positive_ms(slo.threshold) if slo.metric != "error_rate" else None
+        if threshold is not None:
+            drawn.append(threshold)
+            lat.add_trace(go.Scatter(x=span, y=[threshold, threshold], mode="lines", name=f"SLO {slo.name} {_fmt(slo.threshold, slo.metric)}",
+                                     line=dict(dash="dash", color="#c0392b", width=1.5), hoverinfo="name"))
+    yaxis: dict[str, Any] = {"type": "log"}
+    if drawn:
+        lo, hi = math.log10(min(drawn)), math.log10(max(drawn))
+        pad = max(0.1, 0.05 * (hi - lo))
+        yaxis["range"] = [lo - pad, hi + pad]
     lat.update_layout(title="Latency vs offered rate", xaxis_title="offered rate (req/s)", yaxis_title="ms (log)",
-                      yaxis_type="log", template="plotly_white", height=420)
+                      yaxis=yaxis, template="plotly_white", height=420)
     return [good, lat]
+
+
+def _positive_ms(seconds: float | None) -> float | None:
+    """Milliseconds for a log axis: None for a missing, non-finite or non-positive value."""
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        return None
+    return seconds * 1000

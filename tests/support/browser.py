@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from support.chart_axes import CHART_FRAMES_JS
+
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "_artifacts"
 
@@ -25,6 +27,7 @@ class PageVisit:
     plots: int = 0
     svgs: int = 0
     counts: dict[str, int] = field(default_factory=dict)  # extra selectors / texts asked for
+    charts: list[dict] = field(default_factory=list)  # each drawn chart's axes, traces, shapes (support.chart_axes)
     screenshot: Path | None = None
 
 
@@ -49,6 +52,7 @@ def visit(report: Path, *, screenshot: str, selectors: dict[str, str] | None = N
             page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot').length >= {expected}", timeout=15_000)
             out.plots = page.locator(".js-plotly-plot").count()
             out.svgs = page.locator(".main-svg").count()
+            out.charts = page.evaluate(CHART_FRAMES_JS)
             for name, selector in (selectors or {}).items():
                 out.counts[name] = page.locator(selector).count()
             for name, text in (texts or {}).items():
