@@ -44,6 +44,7 @@ def slice_cmd(source: Path, out_dir: Path | None, pairs: tuple[str, ...], mappin
         mapping = ColumnMapping.parse(pairs, mapping_file, time_unit)
         import_log(source, run_dir, mapping, fmt, slo=slo)
         click.echo(f"imported {source} -> {run_dir}")
+        click.echo("columns read: " + _columns_line(run_dir))
     print_slices(run_dir)
     if not no_report:
         from servescope.analyzers.report import build_report
@@ -77,6 +78,17 @@ def print_slices(run_dir: Path, top: int = 12) -> None:
                     _ms(row["ttft_s"]["p50"]), _ms(row["ttft_s"]["p99"]), _ms(row["e2e_s"]["p50"]),
                     _ms(row["e2e_s"]["p99"]), f"{ratio:.2f}x" if ratio else "–")
     Console(width=max(110, Console().width)).print(out)
+
+
+def _columns_line(run_dir: Path) -> str:
+    """`field <- column (unit)` for each field run.json's `source.columns` says was read."""
+    import json
+
+    from servescope.rundir.schema import RUN_JSON
+
+    columns = (json.loads((run_dir / RUN_JSON).read_text()).get("source") or {}).get("columns") or {}
+    return ", ".join(f"{name} <- {c['column']}" + (f" ({c['unit']})" if c.get("unit") else "")
+                     for name, c in columns.items())
 
 
 def _ms(value: float | None) -> str:

@@ -12,7 +12,12 @@ understands, and the log columns it looks for when no mapping is given:
 | `prompt_tokens` | prompt length                            | prompt_tokens, input_tokens                      |
 | `output_tokens` | generated tokens                         | output_tokens, completion_tokens, generated_tokens |
 | `cached_tokens` | prompt tokens served from the prefix cache | cached_tokens, cache_hit_tokens                |
-| `max_tokens`, `tenant`, `model`, `status`, `http_status`, `error_kind`, `error_message`, `request_id`, `session_id`, `prefix_group`, `prompt_bucket`, `output_bucket`, `api` | as in the run schema | the same name (tenant also: user, customer, org) |
+| `status`        | outcome: text (ok/error/timeout) or an HTTP code | status                                    |
+| `http_status`   | HTTP status code                         | http_status, status_code, http_status_code, response_code, http_code |
+| `tenant`        | who sent it                              | tenant, tenant_id, org_id, org, organization, customer, customer_id, user_id, user, api_key_id |
+| `model`         | model served (kept in `phase` as `model=NAME`) | model, model_name, model_id, deployment, deployment_name |
+| `retry_after`   | the server's Retry-After (s unless suffixed) | retry_after, retry_after_s, retry_after_ms   |
+| `max_tokens`, `error_kind`, `error_message`, `request_id`, `session_id`, `prefix_group`, `prompt_bucket`, `output_bucket`, `api` | as in the run schema | the same name |
 
 Every name above also matches with a unit suffix (`ttft_ms`, `e2e_s`,
 `latency_us`), which sets the column's unit. Durations without a suffix use
@@ -22,9 +27,20 @@ log's start; it is stored as seconds since the first request.
 
 `status` values: ok/success/succeeded/completed/200-299 are `ok`; timeout,
 cancelled/canceled/aborted keep their meaning; any other value (or an HTTP
-code >= 300) is `error`. With several models in one log, each gets its own
-phase (`model=NAME`), so the report slices by model. Missing prompt/output
-buckets are derived from the token counts.
+code >= 300) is `error`. An HTTP code, in `status` or in `http_status`, also
+fills the run's `http_status`, and a failed row without an `error_kind` gets
+`http_429`, `http_4xx` or `http_5xx` from it. An `http_status` column that holds
+words rather than codes (`OK`, `ERROR`) is read as `status` when the log has no
+`status` column. The request schema has no model column: each model gets its
+own phase (`model=NAME`), so the report slices by model. Nor has it a
+Retry-After column: a failed row's Retry-After is appended to its
+`error_message` (`retry-after 2s`). Missing prompt/output buckets are derived
+from the token counts.
+
+run.json's `source.columns` lists every field that was read, named on the
+command line or found by name, as `{column, unit, found_by}` (`unit` is the
+unit the values were read in for time fields, `iso8601` for a textual arrival,
+null for the others; `found_by` is `map` or `name`).
 """
 
 from __future__ import annotations
@@ -47,6 +63,9 @@ INT_FIELDS = ("prompt_tokens", "output_tokens", "cached_tokens", "max_tokens", "
               "spec_accepted_tokens", "spec_draft_tokens")
 TEXT_FIELDS = ("request_id", "tenant", "model", "status", "error_kind", "error_message", "session_id",
                "prefix_group", "prompt_bucket", "output_bucket", "api")
+# Durations outside the latency figures: their unit defaults to seconds, whatever `time_unit` says
+# (Retry-After is defined in seconds).
+SECONDS_FIELDS = ("retry_after",)
 REQUIRED_FIELDS = ("arrival", "e2e")
 ALIASES: dict[str, tuple[str, ...]] = {
     "arrival": ("arrival", "arrival_time", "timestamp", "start_time", "time", "created", "sent_at"),
@@ -56,9 +75,15 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "prompt_tokens": ("prompt_tokens", "input_tokens"),
     "output_tokens": ("output_tokens", "completion_tokens", "generated_tokens"),
     "cached_tokens": ("cached_tokens", "cache_hit_tokens"),
-    "tenant": ("tenant", "user", "customer", "org"),
+    "status": ("status",),
+    "http_status": ("http_status", "status_code", "http_status_code", "response_code", "http_code"),
+    # Most specific first: a log with both tenant_id and user_id slices by tenant.
+    "tenant": ("tenant", "tenant_id", "org_id", "org", "organization", "customer", "customer_id", "user_id", "user",
+               "api_key_id"),
+    "model": ("model", "model_name", "model_id", "deployment", "deployment_name"),
+    "retry_after": ("retry_after",),
 }
-FIELDS: tuple[str, ...] = ("arrival", *DURATION_FIELDS, *INT_FIELDS, *TEXT_FIELDS)
+FIELDS: tuple[str, ...] = ("arrival", *DURATION_FIELDS, *INT_FIELDS, *TEXT_FIELDS, *SECONDS_FIELDS)
 
 # Logs without bucket labels get the workloads' default buckets, so an imported
 # log and a load test of the same traffic slice the same way.
@@ -165,9 +190,33 @@ def read_log(path: str | Path, fmt: str | None = None) -> pd.DataFrame:
 
 def resolve_columns(frame: pd.DataFrame, mapping: ColumnMapping, source: str = "the log") -> dict[str, tuple[str, str | None]]:
     """field -> (column, unit) for every field found; errors name what is missing and what the file has."""
+    return {name: (column, unit) for name, (column, unit, _) in _resolve(frame, mapping, source).items()}
+
+
+def column_report(frame: pd.DataFrame, mapping: ColumnMapping, source: str = "the log") -> dict[str, dict[str, Any]]:
+    """field -> {column, unit, found_by} for every field read: what run.json's `source.columns` records.
+
+    `unit` is the unit the values were read in (time fields; `iso8601` for a textual arrival), else None.
+    """
+    report = {}
+    for name, (column, unit, how) in _resolve(frame, mapping, source).items():
+        if name == "arrival":
+            unit = _arrival_unit(frame[column], unit)
+        elif name in SECONDS_FIELDS:
+            unit = unit or "s"
+        elif name in DURATION_FIELDS:
+            unit = unit or mapping.time_unit
+        else:
+            unit = None
+        report[name] = {"column": str(column), "unit": unit, "found_by": how}
+    return report
+
+
+def _resolve(frame: pd.DataFrame, mapping: ColumnMapping, source: str) -> dict[str, tuple[str, str | None, str]]:
+    """field -> (column, unit or None, "map" | "name")."""
     have = list(frame.columns)
     lowered = {str(c).lower(): c for c in have}
-    found: dict[str, tuple[str, str | None]] = {}
+    found: dict[str, tuple[str, str | None, str]] = {}
     for name in FIELDS:
         if name in mapping.columns:
             column = mapping.columns[name]
@@ -175,13 +224,15 @@ def resolve_columns(frame: pd.DataFrame, mapping: ColumnMapping, source: str = "
                 raise LogImportError(
                     f"column {column!r} (mapped to {name}) is not in {source}; it has: {', '.join(map(str, have))}"
                 )
-            found[name] = (column, mapping.units.get(name) or _suffix_unit(column))
+            found[name] = (column, mapping.units.get(name) or _suffix_unit(column), "map")
             continue
         for alias in ALIASES.get(name, (name,)):
             hit = _find_alias(lowered, alias)
             if hit is not None:
-                found[name] = (hit[0], mapping.units.get(name) or hit[1])
+                found[name] = (hit[0], mapping.units.get(name) or hit[1], "name")
                 break
+    if "http_status" in found and "status" not in found and not _all_numeric(frame[found["http_status"][0]]):
+        found["status"] = found.pop("http_status")  # `status_code: OK`: an outcome word, read as the status
     missing = [f for f in REQUIRED_FIELDS if f not in found]
     if missing:
         hints = "; ".join(f"{f} (looked for {', '.join(ALIASES[f])}, with or without a _ms/_s suffix)" for f in missing)
@@ -190,6 +241,11 @@ def resolve_columns(frame: pd.DataFrame, mapping: ColumnMapping, source: str = "
             f"Map it with --map {missing[0]}=COLUMN[:ms|s] or a --mapping YAML file."
         )
     return found
+
+
+def _all_numeric(series: pd.Series) -> bool:
+    values = pd.to_numeric(series, errors="coerce")
+    return not (values.isna() & series.notna() & (series.astype(str).str.strip() != "")).any()
 
 
 def _find_alias(lowered: dict[str, Any], alias: str) -> tuple[str, str | None] | None:
@@ -223,8 +279,7 @@ def to_request_rows(frame: pd.DataFrame, mapping: ColumnMapping | None = None, s
     durations = {name: _duration_seconds(frame, cols[name], mapping.time_unit, name, source)
                  for name in DURATION_FIELDS if name in cols}
     ints = {name: _numeric(frame[cols[name][0]], name, source) for name in INT_FIELDS if name in cols}
-    texts = {name: frame[cols[name][0]].astype(object).where(frame[cols[name][0]].notna(), None)
-             for name in TEXT_FIELDS if name in cols}
+    texts = {name: frame[cols[name][0]].map(_text).astype(object) for name in TEXT_FIELDS if name in cols}
 
     status, http = _statuses(texts.get("status"), ints.get("http_status"), n)
     ok = status == "ok"
@@ -247,6 +302,11 @@ def to_request_rows(frame: pd.DataFrame, mapping: ColumnMapping | None = None, s
     for name in ("tenant", "session_id", "prefix_group", "error_kind", "error_message"):
         if name in texts:
             out[name] = texts[name]
+    if "retry_after" in cols:
+        column, unit = cols["retry_after"]
+        retry = _numeric(frame[column], "retry_after", source) * TIME_UNITS[unit or "s"]
+        out["error_message"] = [_with_retry_after(msg, wait) if not is_ok else msg
+                                for msg, wait, is_ok in zip(out["error_message"], retry, ok)]
     out["scheduled_at"] = sent
     out["sent_at"] = sent
     out["first_token_at"] = np.where(np.isfinite(ttft), sent + ttft, np.nan)
@@ -272,13 +332,35 @@ def to_request_rows(frame: pd.DataFrame, mapping: ColumnMapping | None = None, s
     return out
 
 
+def _text(value: Any) -> str | None:
+    """A label as text: None for a missing value, whole numbers without `.0` (a CSV column with blanks is float)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _with_retry_after(message: str | None, wait: float) -> str | None:
+    if not np.isfinite(wait):
+        return message
+    note = f"retry-after {wait:g}s"
+    return note if _text(message) in (None, "") else f"{message}; {note}"
+
+
+def _arrival_unit(series: pd.Series, unit: str | None) -> str:
+    """The unit `_arrival_seconds` reads the column in: `unit` if given, else s or epoch ms by size; iso8601 for text."""
+    if not pd.api.types.is_numeric_dtype(series):
+        return "iso8601"
+    if unit is None and np.nanmedian(series.to_numpy(dtype=np.float64)) > 1e11:  # epoch ms (1e11 s is year 5138)
+        return "ms"
+    return unit or "s"
+
+
 def _arrival_seconds(series: pd.Series, unit: str | None, source: str) -> np.ndarray:
     """Arrival times as float seconds (epoch or relative: only differences matter)."""
     if pd.api.types.is_numeric_dtype(series):
-        values = series.to_numpy(dtype=np.float64)
-        if unit is None and np.nanmedian(values) > 1e11:  # epoch milliseconds (1e11 s is year 5138)
-            unit = "ms"
-        return values * TIME_UNITS[unit or "s"]
+        return series.to_numpy(dtype=np.float64) * TIME_UNITS[_arrival_unit(series, unit)]
     parsed = pd.to_datetime(series, errors="coerce", utc=True, format="mixed")
     bad = parsed.isna() & series.notna()
     if bad.any():
@@ -314,9 +396,10 @@ def _statuses(text: pd.Series | None, http: np.ndarray | None, n: int) -> tuple[
             if raw is None:
                 continue
             word = str(raw).strip().lower()
-            if word.isdigit():
-                codes[i] = float(word) if np.isnan(codes[i]) else codes[i]
-                status[i] = "ok" if 200 <= int(word) < 300 else "error"
+            code = _http_code(word)
+            if code is not None:
+                codes[i] = float(code) if np.isnan(codes[i]) else codes[i]
+                status[i] = "ok" if 200 <= code < 300 else "error"
             elif word in _OK_STATUSES:
                 status[i] = "ok"
             else:
@@ -324,6 +407,15 @@ def _statuses(text: pd.Series | None, http: np.ndarray | None, n: int) -> tuple[
     failed_http = np.isfinite(codes) & (codes >= 300)
     status[failed_http] = "error"
     return status, codes
+
+
+def _http_code(word: str) -> int | None:
+    """`429` or `429.0` (a numeric column with blanks) as an int; None for anything else."""
+    try:
+        value = float(word)
+    except ValueError:
+        return None
+    return int(value) if np.isfinite(value) and value.is_integer() and 100 <= value < 600 else None
 
 
 def _error_kind(status: str, http_status: float) -> str:
@@ -360,12 +452,11 @@ def import_log(path: str | Path, out_dir: str | Path, mapping: ColumnMapping | N
     if (out / RUN_JSON).exists():
         raise LogImportError(f"{out} already holds a run (run.json exists); pass another --out or delete it")
     records = [_clean(r) for r in rows.to_dict("records")]
-    used = resolve_columns(frame, mapping, str(path))
     sent = rows["sent_at"].to_numpy(dtype=np.float64)
     return write_run_dir(out, {
         "status": "imported",
         "source": {"file": str(path.resolve()), "rows": len(frame),
-                   "columns": {k: {"column": c, "unit": u} for k, (c, u) in used.items()},
+                   "columns": column_report(frame, mapping, str(path)),
                    "time_unit": mapping.time_unit},
         "duration_s": float(np.nanmax(sent)) if len(sent) else 0.0,
         "target": None,
