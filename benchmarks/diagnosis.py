@@ -1,0 +1,113 @@
+"""Is the diagnosis right? Every rule judged like a classifier on simulated incidents whose cause is known.
+
+For each incident of `servescope.analyzers.incidents.catalogue` x seeds x sizes: simulate, write a run
+directory, `diagnose(load_run(dir))`. Prints the confusion table (incident x rule: the highest severity
+seen over the seeds and sizes, and how many runs reached medium), precision and recall per rule at
+medium or above (a finding is right when the catalogue planted that rule's cause), and the time to
+diagnose a one-million-row production-style run (no token gaps, like an imported log).
+
+    python -m benchmarks.diagnosis                  # 5 seeds x sizes 2,000 and 8,000, then 1M rows
+    python -m benchmarks.diagnosis --smoke          # 2 seeds x 2,000 requests, 200k rows
+    python -m benchmarks.diagnosis --save           # also write benchmarks/results/diagnosis_<cpu>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python benchmarks/<script>.py`: import from the repository root, not benchmarks/
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks.common import ResultsFile, add_results_args, cpu_name, print_table, run_info  # noqa: E402
+from servescope.analyzers.findings import SEVERITIES  # noqa: E402
+from servescope.analyzers.incidents.catalogue import EXPECTED, INCIDENTS  # noqa: E402
+from servescope.analyzers.incidents.output import write_run  # noqa: E402
+from servescope.analyzers.incidents.simulator import simulate  # noqa: E402
+from servescope.analyzers.rules import RULE_IDS, diagnose  # noqa: E402
+from servescope.rundir.reader import load_run  # noqa: E402
+
+MEDIUM_OR_ABOVE = ("high", "medium")
+
+
+def _worst(severities: list[str]) -> str | None:
+    return min(severities, key=SEVERITIES.index) if severities else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--sizes", default="2000,8000", help="requests per simulated run, comma-separated")
+    parser.add_argument("--big", type=int, default=1_000_000, help="rows of the timed diagnosis (0: skip)")
+    parser.add_argument("--smoke", action="store_true", help="a quick check: 2 seeds x 2,000 requests, 200k rows")
+    add_results_args(parser, default_save=False)
+    args = parser.parse_args()
+    seeds, sizes, big = (2, [2000], 200_000) if args.smoke else (args.seeds, [int(x) for x in args.sizes.split(",")], args.big)
+
+    seen: dict[tuple[str, str], list[str]] = {}
+    runs = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, incident in INCIDENTS.items():
+            for size in sizes:
+                for seed in range(seeds):
+                    out = write_run(simulate(incident(seed, size)), Path(tmp) / f"{name}-{size}-{seed}", name)
+                    runs += 1
+                    for f in diagnose(load_run(out)):
+                        seen.setdefault((name, f.rule), []).append(f.severity)
+        per_incident = runs // len(INCIDENTS)
+        rules = [r for r in RULE_IDS if any(rule == r for _, rule in seen) or any(r in e for e in EXPECTED.values())]
+        rows = []
+        for name in INCIDENTS:
+            cells = []
+            for rule in rules:
+                sev = seen.get((name, rule), [])
+                hits = sum(s in MEDIUM_OR_ABOVE for s in sev)
+                mark = "*" if rule in EXPECTED[name] else ""
+                cells.append(f"{mark}{_worst(sev) or '-'}" + (f" {hits}/{per_incident}" if hits else ""))
+            rows.append([name, *cells])
+        print_table(["incident", *rules], rows,
+                    title=f"highest severity over {per_incident} runs per incident (* planted; n/N: runs at medium or above)")
+
+        scores = []
+        for rule in rules:
+            tp = sum(sum(s in MEDIUM_OR_ABOVE for s in seen.get((n, rule), [])) for n in INCIDENTS if rule in EXPECTED[n])
+            fp = sum(sum(s in MEDIUM_OR_ABOVE for s in seen.get((n, rule), [])) for n in INCIDENTS if rule not in EXPECTED[n])
+            planted = per_incident * sum(rule in EXPECTED[n] for n in INCIDENTS)
+            scores.append({"rule": rule, "tp": tp, "fp": fp, "planted": planted,
+                           "precision": tp / (tp + fp) if tp + fp else None, "recall": tp / planted if planted else None})
+        print_table(["rule", "true pos", "false pos", "planted", "precision", "recall"],
+                    [[s["rule"], s["tp"], s["fp"], s["planted"], s["precision"], s["recall"]] for s in scores],
+                    title="per rule, at medium or above")
+
+        timing = {}
+        if big:
+            settings = INCIDENTS["stall"](0, big)
+            settings.itl = False
+            start = time.perf_counter()
+            sim = simulate(settings)
+            timing["simulate_s"] = time.perf_counter() - start
+            out = write_run(sim, Path(tmp) / "big", "stall")
+            start = time.perf_counter()
+            run = load_run(out)
+            timing["load_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            found = diagnose(run)
+            timing["diagnose_s"] = time.perf_counter() - start
+            print_table(["rows", "simulate s", "load s", "diagnose s", "findings"],
+                        [[len(sim), timing["simulate_s"], timing["load_s"], timing["diagnose_s"],
+                          ", ".join(f"{f.rule}:{f.severity}" for f in found)]],
+                        title=f"one large production-style run (stall incident, no token gaps), {cpu_name()}")
+            timing["rows"] = len(sim)
+    if args.save:
+        results = ResultsFile("diagnosis", cpu_name(), args.out, args.copy_to)
+        confusion = {f"{n}|{r}": v for (n, r), v in seen.items()}
+        results.put("smoke" if args.smoke else "full", {"seeds": seeds, "sizes": sizes, "confusion": confusion,
+                                                        "scores": scores, "large_run": timing}, run_info())
+        print(f"results: {results.path}")
+
+
+if __name__ == "__main__":
+    main()
