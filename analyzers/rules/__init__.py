@@ -19,6 +19,7 @@ from servescope.analyzers.rules.preemption import preemption
 from servescope.analyzers.rules.prefix_cache import prefix_cache
 from servescope.analyzers.rules.queueing import queueing
 from servescope.analyzers.rules.spec_decode import spec_decode
+from servescope.analyzers.rules.stall import stall
 from servescope.analyzers.rules.tail import tail
 from servescope.rundir.reader import RunData
 
@@ -27,6 +28,7 @@ Rule = Callable[[DiagnosisContext], "Finding | None"]
 RULES: dict[str, Rule] = {
     "client_bound": client_bound,
     "errors": errors,
+    "stall": stall,
     "queueing": queueing,
     "convoy": convoy,
     "preemption": preemption,

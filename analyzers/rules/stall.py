@@ -1,0 +1,81 @@
+"""Rule `stall`: the whole server stopped for a while, and every request in flight waited.
+
+A serving engine under any load emits a steady stream of events (first
+tokens, stream ends). A stall is a stretch with none at all while requests
+were in flight, far longer than the usual spacing of events. This tells it
+apart from the causes it resembles:
+
+* queueing slows requests but the server keeps completing at full rate, so
+  events never stop;
+* a convoy (an unchunked long prefill) stops decodes for one prefill, well
+  under MIN_STALL_S at today's prefill speeds;
+* requests of every prompt size are in flight across the window: the stop is
+  not about what was asked.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from servescope.analyzers import charts
+from servescope.analyzers.context import DiagnosisContext
+from servescope.analyzers.findings import Finding
+from servescope.analyzers.rules.common import ms, pct
+
+MIN_EVENTS = 400
+MIN_STALL_S = 2.0
+MIN_SPACING_FACTOR = 30.0  # a silent window is at least this many typical event spacings
+MIN_IN_FLIGHT = 3
+HIGH_SHARE, MEDIUM_SHARE = 0.05, 0.01  # share of requests caught in a stall
+
+
+def stall(ctx: DiagnosisContext) -> Finding | None:
+    ok = ctx.ok
+    first = ok["first_token_at"].to_numpy(dtype=np.float64)
+    end = ok["end_at"].to_numpy(dtype=np.float64)
+    sent = ok["sent_at"].to_numpy(dtype=np.float64)
+    events = np.sort(np.concatenate([first[np.isfinite(first)], end[np.isfinite(end)]]))
+    if len(events) < MIN_EVENTS:
+        return None
+    spacing = np.diff(events)
+    typical = float(np.median(spacing[spacing > 0])) if (spacing > 0).any() else 0.0
+    threshold = max(MIN_STALL_S, MIN_SPACING_FACTOR * typical)
+    candidates = np.flatnonzero(spacing >= threshold)
+    if candidates.size == 0:
+        return None
+    prompt = ok["prompt_tokens"].to_numpy(dtype=np.float64)
+    median_prompt = float(np.nanmedian(prompt))
+    windows, caught = [], np.zeros(len(ok), bool)
+    for i in candidates:
+        start, stop = float(events[i]), float(events[i + 1])
+        in_flight = (sent < start) & (end > stop)
+        if in_flight.sum() < MIN_IN_FLIGHT:
+            continue  # nothing was waiting: an idle server is silent too
+        sizes = prompt[in_flight]
+        caught |= in_flight | ((sent >= start) & (sent < stop))
+        windows.append({"start_s": start, "end_s": stop, "depth_s": stop - start, "in_flight": int(in_flight.sum()),
+                        "short_prompts_in_flight": int((sizes <= median_prompt).sum()),
+                        "long_prompts_in_flight": int((sizes > median_prompt).sum())})
+    if not windows:
+        return None
+    share = float(caught.mean())
+    severity = "high" if share >= HIGH_SHARE else "medium" if share >= MEDIUM_SHARE else "low"
+    total = sum(w["depth_s"] for w in windows)
+    return Finding(
+        rule="stall",
+        severity=severity,
+        title=f"The server stopped {len(windows)} time(s), {ms(total)} in all",
+        summary=(
+            f"{len(windows)} window(s) with no first token and no completion although requests were in flight "
+            f"(longest {ms(max(w['depth_s'] for w in windows))}, typical event spacing {ms(typical)}); "
+            f"{pct(share)} of the requests were in flight or sent during one. Short and long prompts waited alike."
+        ),
+        evidence={"windows": windows[:50], "windows_total": len(windows), "stalled_s": total,
+                  "typical_event_spacing_s": typical, "threshold_s": threshold, "requests_caught": int(caught.sum()),
+                  "requests": int(len(ok))},
+        slices=[{"dimension": "time_window", "value": f"{w['start_s']:.1f}-{w['end_s']:.1f} s"} for w in windows[:10]],
+        suggestion="Look for what pauses the whole engine at those times: garbage collection, a blocking "
+                   "checkpoint or weight load, host memory swapping, a stuck collective, or a KV transfer.",
+        chart=charts.figure([charts.bar([round(w["start_s"], 1) for w in windows], [w["depth_s"] for w in windows],
+                                        "stall length (s)")], "Server stalls", "start (s in run)", "length (s)"),
+    )
