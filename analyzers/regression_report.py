@@ -7,6 +7,7 @@ regression) so CI systems that understand test reports show a red gate by name.
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -55,11 +56,59 @@ def format_p(p: float | None) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
+HEADLINE_CHANGES = 4
+
+
 def headline(c: Comparison) -> str:
+    """The gate verdict, then the largest significant changes, gated or not.
+
+    Each metric family (TTFT, TPOT, ITL, E2E, each throughput, the error rate)
+    is named once, by its largest significant change; families are ranked by the
+    relative size of that change, so a +20% TTFT shift is named whichever
+    statistics the gates watch.
+    """
     failures = c.gate_failures
     if failures:
-        return f"REGRESSION: {', '.join(m.name for m in failures)} regressed beyond {c.settings.threshold:.0%}"
-    return f"OK: no gated metric regressed ({', '.join(c.settings.gates)})"
+        verdict = f"REGRESSION: {', '.join(m.name for m in failures)} regressed beyond {c.settings.threshold:.0%}"
+    else:
+        verdict = f"OK: no gated metric regressed ({', '.join(c.settings.gates)})"
+    changes = largest_changes(c)
+    if not changes:
+        return f"{verdict}; no significant change"
+    more = len(changes) - HEADLINE_CHANGES
+    named = ", ".join(
+        f"{m.name} {m.verdict} {_short_change(m)}{' (gate)' if m.gated else ''}" for m in changes[:HEADLINE_CHANGES]
+    )
+    return f"{verdict}; largest significant changes: {named}{f' and {more} more' if more > 0 else ''}"
+
+
+def largest_changes(c: Comparison) -> list[MetricResult]:
+    """One metric per family (its largest significant change), largest relative change first."""
+    best: dict[str, MetricResult] = {}
+    for m in c.overall:
+        if m.verdict not in (VERDICT_REGRESSED, VERDICT_IMPROVED):
+            continue
+        family = m.name.split("_")[0] if m.unit == "s" else m.name
+        if family not in best or relative_size(m) > relative_size(best[family]):
+            best[family] = m
+    return sorted(best.values(), key=lambda m: (-relative_size(m), not m.gated, m.name))
+
+
+def relative_size(m: MetricResult) -> float:
+    """|change| as a fraction of the baseline; for an absolute metric (error rate) from its two values."""
+    if m.change is None:
+        return 0.0
+    if m.relative:
+        return abs(m.change)
+    if m.base:
+        return abs(m.change) / abs(m.base)
+    return math.inf  # from zero to something: larger than any relative change
+
+
+def _short_change(m: MetricResult) -> str:
+    if m.change is None:
+        return "–"
+    return f"{m.change * 100:+.1f}%" if m.relative else f"{m.change * 100:+.2f} pt"
 
 
 # ---------------------------------------------------------------- markdown

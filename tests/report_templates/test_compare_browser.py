@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 from support.browser import needs_chromium, visit
+from support.chart_axes import assert_frames
 from support.synthetic_runs import write_run
 
 from servescope.analyzers.compare import compare_runs
@@ -21,3 +22,22 @@ def test_compare_report_renders_in_chromium(tmp_path: Path) -> None:
     assert seen.errors == [] and seen.dialogs == []
     assert seen.plots == 1
     assert seen.counts["verdict_fail"] == 1 and seen.counts["regressed_rows"] >= 1
+    assert_frames(seen.charts, expected=1)
+
+
+@pytest.mark.browser
+@needs_chromium
+@pytest.mark.parametrize("slowdown", [1.0, 0.7, 2.5])
+def test_forest_axes_frame_every_interval_and_the_threshold_band(tmp_path: Path, slowdown: float) -> None:
+    """No change, an improvement, a large regression: each change, its interval and the band lie inside the x range."""
+    base = write_run(tmp_path / "base", seed=1)
+    cand = write_run(tmp_path / "cand", seed=3, slowdown=slowdown)
+    page = tmp_path / "compare.html"
+    page.write_text(to_html(compare_runs(base, cand)), encoding="utf-8")
+    seen = visit(page, screenshot=f"compare-{slowdown:g}.png")
+    assert seen.errors == []
+    assert_frames(seen.charts, expected=1)
+    forest = seen.charts[0]
+    assert forest["traces"][0]["x_err"]  # the confidence intervals were read and judged
+    band = forest["shapes"][0]
+    assert sorted(band["x"]) == [-5.0, 5.0]

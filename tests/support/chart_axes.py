@@ -6,7 +6,8 @@ data units (a log axis takes their log10); annotations on a log axis are given
 in log10 units already. `problems(chart)` converts each to range units and
 lists what lies outside its axis, and any axis whose range runs far beyond
 what it frames (more than MAX_DECADES decades on a log axis, more than
-MAX_LINEAR_SPAN_FACTOR times the data's extent on a linear one).
+MAX_LINEAR_SPAN_FACTOR times the data's extent, or of 1 for all-zero data,
+on a linear one).
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def problems(chart: dict[str, Any]) -> list[str]:
                 found.append(f"{name}: {aid} log range [{lo:.4g}, {hi:.4g}] (log10 units) runs more than "
                              f"{MAX_DECADES:g} decades beyond its data [{d_lo:.4g}, {d_hi:.4g}]")
         else:
-            extent = max(d_hi - d_lo, abs(d_lo), abs(d_hi), 1e-9)
+            # All-zero data gets plotly's default unit range: [0, 1] frames a flat zero line well.
+            extent = max(d_hi - d_lo, abs(d_lo), abs(d_hi)) or 1.0
             if hi - lo > MAX_LINEAR_SPAN_FACTOR * extent:
                 found.append(f"{name}: {aid} range [{lo:.4g}, {hi:.4g}] is over {MAX_LINEAR_SPAN_FACTOR:g}x "
                              f"the extent of its data [{d_lo:.4g}, {d_hi:.4g}]")
