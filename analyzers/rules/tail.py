@@ -5,6 +5,9 @@ middle half (p25-p75). A label value is reported when its share of the tail is
 at least twice its share of the middle, and Fisher's exact test says that is
 unlikely to be chance (p < 0.001): a run with a few slow requests of every
 kind stays silent.
+
+E2E grows with output length on every server, so the E2E tail is never judged
+by output bucket: a tail of long outputs is how serving works, not a fault.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ MIN_RATIO = 2.0
 MAX_P = 1e-3
 TAIL_DIMENSIONS = ("prompt_bucket", "output_bucket", "tenant", "prefix_group", "cache", "spec", "phase", "time_window")
 METRICS = (("ttft_s", "TTFT"), ("e2e_s", "E2E"))
+EXPLAINED_BY = {"e2e_s": {"output_bucket"}}  # dimensions that set the metric by construction
 
 
 def tail(ctx: DiagnosisContext) -> Finding | None:
@@ -44,6 +48,8 @@ def tail(ctx: DiagnosisContext) -> Finding | None:
         q25, q75 = np.quantile(vals, [0.25, 0.75])
         in_mid = (vals >= q25) & (vals <= q75)
         for dim in TAIL_DIMENSIONS:
+            if dim in EXPLAINED_BY.get(metric, ()):
+                continue
             found.extend(_over_represented(sub, dim, in_tail, in_mid, metric, metric_name, cut))
     if not found:
         return None

@@ -1,4 +1,4 @@
-"""Rule `stall` on simulated incidents: it fires on the paused server and stays below medium on every other incident."""
+"""Rules on simulated incidents: each fires on its own incident and stays below medium on every other one."""
 
 import pytest
 
@@ -28,3 +28,9 @@ def test_stall_fires_with_each_window(tmp_path, seed):
 def test_stall_below_medium_elsewhere(tmp_path, name):
     f = _finding(tmp_path, name, 0, "stall")
     assert f is None or f.severity in ("low", "info")
+
+
+@pytest.mark.parametrize("name", ["healthy", "output_tail"])
+def test_tail_does_not_blame_long_outputs_for_a_long_e2e(tmp_path, name):
+    f = _finding(tmp_path, name, 0, "tail")
+    assert f is None or all(s["dimension"] != "output_bucket" for s in f.evidence["over_represented"])
