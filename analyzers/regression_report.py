@@ -69,7 +69,12 @@ def headline(c: Comparison) -> str:
     """
     failures = c.gate_failures
     if failures:
-        verdict = f"REGRESSION: {', '.join(m.name for m in failures)} regressed beyond {c.settings.threshold:.0%}"
+        def beyond(m) -> str:  # the error rate is judged in points, every other metric relative to its base
+            if m.name == "error_rate":
+                return f"{m.name} (by more than {c.settings.error_margin * 100:.1f} points)"
+            return f"{m.name} (by more than {c.settings.threshold:.0%})"
+
+        verdict = f"REGRESSION: {', '.join(beyond(m) for m in failures)} regressed"
     else:
         verdict = f"OK: no gated metric regressed ({', '.join(c.settings.gates)})"
     changes = largest_changes(c)

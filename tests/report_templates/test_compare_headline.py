@@ -40,7 +40,7 @@ def test_gate_failures_lead_and_changes_rank_by_relative_size(runs) -> None:
     line = headline(c)
     assert c.exit_code == 1
     verdict, changes = line.split("; largest significant changes: ")
-    assert verdict.startswith("REGRESSION: ") and "ttft_p99" in verdict and verdict.endswith("regressed beyond 5%")
+    assert verdict.startswith("REGRESSION: ") and "ttft_p99 (by more than 5%)" in verdict and verdict.endswith("regressed")
     ranked = largest_changes(c)
     assert [abs(m.change) for m in ranked] == sorted((abs(m.change) for m in ranked), reverse=True)
     families = [m.name.split("_")[0] for m in ranked]
@@ -54,7 +54,8 @@ def test_an_error_rate_from_zero_ranks_first(runs) -> None:
     c = compare_runs(runs["base"], runs["failing"], CompareSettings(gates=("error_rate",)))
     line = headline(c)
     verdict, changes = line.split("; largest significant changes: ")
-    assert verdict.startswith("REGRESSION: error_rate regressed") and changes.startswith("error_rate regressed +")
+    assert verdict == "REGRESSION: error_rate (by more than 1.0 points) regressed"  # judged in points, not 5%
+    assert changes.startswith("error_rate regressed +")
     assert " pt (gate)" in line
 
 
