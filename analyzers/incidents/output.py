@@ -55,9 +55,9 @@ def requests_table(sim: Simulation) -> pa.Table:
         "usage_prompt_tokens": pa.array(c["prompt_tokens"]),
         "cached_tokens": _opt(c["cached_tokens"], ~ok),
         "status": pa.array(np.where(ok, "ok", "error").astype(object)),
-        "error_kind": pa.array(np.where(ok, None, "http_4xx").astype(object)),
+        "error_kind": pa.array(np.where(ok, None, "http_429").astype(object)),
         "http_status": _opt(c["http_status"], ok),
-        "error_message": pa.array(np.where(ok, None, "429 Too Many Requests: tenant quota exceeded").astype(object)),
+        "error_message": pa.array(np.where(ok, None, "429 Too Many Requests: tenant quota exceeded; retry-after 1s").astype(object)),
         "schedule_lag_s": pa.array(c["schedule_lag_s"]),
     }
     if sim.itl_offsets is not None:

@@ -18,6 +18,7 @@ from servescope.analyzers.rules.errors import errors
 from servescope.analyzers.rules.preemption import preemption
 from servescope.analyzers.rules.prefix_cache import prefix_cache
 from servescope.analyzers.rules.queueing import queueing
+from servescope.analyzers.rules.rate_limit import rate_limit
 from servescope.analyzers.rules.spec_decode import spec_decode
 from servescope.analyzers.rules.stall import stall
 from servescope.analyzers.rules.tail import tail
@@ -28,6 +29,7 @@ Rule = Callable[[DiagnosisContext], "Finding | None"]
 RULES: dict[str, Rule] = {
     "client_bound": client_bound,
     "errors": errors,
+    "rate_limit": rate_limit,
     "stall": stall,
     "queueing": queueing,
     "convoy": convoy,

@@ -24,3 +24,14 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
+
+
+def rate_limited(frame) -> np.ndarray:
+    """Rows the server refused with HTTP 429: the `rate_limit` rule's, left out of `errors`.
+
+    Either spelling counts: the harness and the log importer set error_kind
+    `http_429`; other writers may only keep http_status 429.
+    """
+    kind = frame["error_kind"].astype(object).to_numpy() == "http_429"
+    status = frame["http_status"].to_numpy(dtype=np.float64) == 429
+    return (kind | status) & (frame["status"].to_numpy(dtype=object) != "ok")

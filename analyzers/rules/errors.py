@@ -1,7 +1,9 @@
 """Rule `errors`: failures and timeouts by kind, and when they happened.
 
 Cancelled requests are left out: the harness cancels what is still in flight
-when a run stops, the server did not fail them.
+when a run stops, the server did not fail them. HTTP 429 refusals are left to
+the `rate_limit` rule (a quota, not a failure to serve): they count in the
+denominator, not among the failures.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import numpy as np
 from servescope.analyzers import charts
 from servescope.analyzers.context import DiagnosisContext
 from servescope.analyzers.findings import Finding
-from servescope.analyzers.rules.common import pct
+from servescope.analyzers.rules.common import pct, rate_limited
 
 HIGH_RATE, MEDIUM_RATE = 0.05, 0.01
 TIME_BINS = 20
@@ -20,7 +22,8 @@ TIME_BINS = 20
 def errors(ctx: DiagnosisContext) -> Finding | None:
     frame = ctx.frame
     judged = frame[frame["status"] != "cancelled"]
-    failed = judged[judged["status"] != "ok"]
+    limited = rate_limited(judged)
+    failed = judged[(judged["status"] != "ok").to_numpy() & ~limited]
     if failed.empty:
         return None
     kind = failed["error_kind"].where(failed["error_kind"].notna(), failed["status"]).fillna("error").astype(str)
@@ -28,7 +31,7 @@ def errors(ctx: DiagnosisContext) -> Finding | None:
     rate = len(failed) / len(judged)
     # A request that never got a connection has no sent_at: place it at its scheduled time.
     when = judged["sent_at"].astype("float64").fillna(judged["scheduled_at"].astype("float64")).to_numpy()
-    sent = when[(judged["status"] != "ok").to_numpy()]
+    sent = when[(judged["status"] != "ok").to_numpy() & ~limited]
     timed = bool(np.isfinite(when).any())
     messages = failed["error_message"].dropna().astype(str).str.slice(0, 200).value_counts().head(5)
     severity = "high" if rate >= HIGH_RATE else "medium" if rate >= MEDIUM_RATE else "low"
@@ -50,6 +53,7 @@ def errors(ctx: DiagnosisContext) -> Finding | None:
         ),
         evidence={
             "failed": int(len(failed)),
+            "rate_limited_not_counted": int(limited.sum()),
             "judged": int(len(judged)),
             "error_rate": rate,
             "by_kind": by_kind,
@@ -68,7 +72,6 @@ def errors(ctx: DiagnosisContext) -> Finding | None:
 def _suggestion(kind: str) -> str:
     return {
         "timeout": "Requests ran past --timeout: the server is overloaded or stalled. Lower the rate, or raise --timeout if these outputs are legitimately long.",
-        "http_429": "The server rejected requests (rate limited / admission control): lower the rate or raise the server's queue limit.",
         "http_5xx": "The server returned 5xx: check its logs around the failure times shown.",
         "http_4xx": "The server refused the requests as invalid: check model name, max_tokens and the prompt length against the context window.",
         "connect": "Connections were refused: the server was down or its accept backlog was full.",

@@ -20,7 +20,7 @@ def test_a_healthy_run_has_no_findings(make_sim):
 
 def test_every_rule_is_registered_with_its_stable_id():
     assert set(RULES) == {"convoy", "queueing", "preemption", "prefix_cache", "spec_decode", "client_bound", "errors", "tail",
-                          "stall"}
+                          "stall", "rate_limit"}
 
 
 # -- convoy ---------------------------------------------------------------------------------
@@ -273,6 +273,31 @@ def test_requests_that_never_connected_are_placed_at_their_scheduled_time(make_s
     scheduled = [row["scheduled_at"] for row in sim.rows[40:50]]
     assert f.evidence["first_failure_sent_s"] == min(scheduled) and f.evidence["last_failure_sent_s"] == max(scheduled)
     assert "nan" not in f.summary and f.chart is not None
+
+
+def test_rate_limit_by_tenant_with_retry_after_and_errors_leave_it(make_sim):
+    sim = make_sim(seed=12).steady(n=300, tenant="a")
+    for row in sim.rows[::3]:
+        row["tenant"] = "b"
+    for row in sim.rows[150:240:3]:  # 30 of b's requests, all within one stretch
+        row.update(status="error", error_kind="http_429", http_status=429, error_message="slow down; retry-after 2s",
+                   first_token_at=None, ttft_s=None, e2e_s=None, tpot_s=None, itl_s=None, chunk_tokens=None)
+    run = sim.run()
+    f = fired(run, "rate_limit")
+    assert f.severity == "high" and f.evidence["refused"] == 30
+    assert f.evidence["by_tenant"] == [{"tenant": "b", "refused": 30, "requests": 100, "share_of_tenant": 0.3,
+                                        "share_of_refused": 1.0}]
+    assert f.evidence["retry_after"] == {"known": 30, "median_s": 2.0, "max_s": 2.0}
+    assert f.evidence["windows_total"] == 1
+    assert fired(run, "errors") is None
+
+
+def test_rate_limit_silent_without_429s_and_errors_keep_other_failures(make_sim):
+    sim = make_sim(seed=13).steady(n=200)
+    for row in sim.rows[100:110]:
+        row.update(status="error", error_kind="http_5xx")
+    assert fired(sim.run(), "rate_limit") is None
+    assert fired(sim.run(), "errors").evidence["by_kind"] == {"http_5xx": 10}
 
 
 def test_cancelled_requests_are_not_errors(make_sim):

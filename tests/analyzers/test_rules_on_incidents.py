@@ -34,3 +34,25 @@ def test_stall_below_medium_elsewhere(tmp_path, name):
 def test_tail_does_not_blame_long_outputs_for_a_long_e2e(tmp_path, name):
     f = _finding(tmp_path, name, 0, "tail")
     assert f is None or all(s["dimension"] != "output_bucket" for s in f.evidence["over_represented"])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rate_limit_names_the_refused_tenant_when_and_retry_after(tmp_path, seed):
+    run = load_run(write_run(simulate(INCIDENTS["rate_limit"](seed, 2000)), tmp_path / f"rl-{seed}", "rate_limit"))
+    found = {f.rule: f for f in diagnose(run)}
+    f = found["rate_limit"]
+    assert f.severity in ("high", "medium")
+    top = f.evidence["by_tenant"][0]
+    assert top["tenant"] == "team-c" and top["share_of_refused"] == 1.0 and top["share_of_tenant"] > 0.3
+    assert f.evidence["retry_after"]["median_s"] == 1.0
+    # team-c bursts for 15 s a minute: the largest windows are about that long
+    largest = max(f.evidence["windows"], key=lambda w: w["refused"])
+    assert largest["refused"] > 50 and 10 < largest["end_s"] - largest["start_s"] < 30
+    # the 429s are the whole story: `errors` leaves them to this rule
+    assert "errors" not in found or found["errors"].severity in ("low", "info")
+
+
+@pytest.mark.parametrize("name", [n for n in INCIDENTS if n != "rate_limit"])
+def test_rate_limit_below_medium_elsewhere(tmp_path, name):
+    f = _finding(tmp_path, name, 0, "rate_limit")
+    assert f is None or f.severity in ("low", "info")
