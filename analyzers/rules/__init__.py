@@ -19,6 +19,7 @@ from servescope.analyzers.rules.preemption import preemption
 from servescope.analyzers.rules.prefix_cache import prefix_cache
 from servescope.analyzers.rules.queueing import queueing
 from servescope.analyzers.rules.rate_limit import rate_limit
+from servescope.analyzers.rules.slice_outlier import slice_outlier
 from servescope.analyzers.rules.spec_decode import spec_decode
 from servescope.analyzers.rules.stall import stall
 from servescope.analyzers.rules.tail import tail
@@ -36,6 +37,7 @@ RULES: dict[str, Rule] = {
     "preemption": preemption,
     "prefix_cache": prefix_cache,
     "spec_decode": spec_decode,
+    "slice_outlier": slice_outlier,
     "tail": tail,
 }
 RULE_IDS: tuple[str, ...] = tuple(RULES)

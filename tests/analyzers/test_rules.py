@@ -20,7 +20,7 @@ def test_a_healthy_run_has_no_findings(make_sim):
 
 def test_every_rule_is_registered_with_its_stable_id():
     assert set(RULES) == {"convoy", "queueing", "preemption", "prefix_cache", "spec_decode", "client_bound", "errors", "tail",
-                          "stall", "rate_limit"}
+                          "stall", "rate_limit", "slice_outlier"}
 
 
 # -- convoy ---------------------------------------------------------------------------------
@@ -298,6 +298,32 @@ def test_rate_limit_silent_without_429s_and_errors_keep_other_failures(make_sim)
         row.update(status="error", error_kind="http_5xx")
     assert fired(sim.run(), "rate_limit") is None
     assert fired(sim.run(), "errors").evidence["by_kind"] == {"http_5xx": 10}
+
+
+def _two_slices(make_sim, slow_tpot: float, **labels_of):
+    sim = make_sim(seed=14)
+    t = 0.0
+    for i in range(400):
+        t += sim.rng.exponential(0.1)
+        slow = i % 2 == 1
+        tpot = (slow_tpot if slow else 0.01) * sim.rng.uniform(0.9, 1.1)
+        sim.add(t, 0.05 * sim.rng.uniform(0.9, 1.1), tpot=tpot, **{k: v[slow] for k, v in labels_of.items()})
+    return sim.run()
+
+
+def test_slice_outlier_names_the_slow_model_by_tpot_and_itl(make_sim):
+    f = fired(_two_slices(make_sim, 0.022, phase=("model=base", "model=base-ft")), "slice_outlier")
+    assert f is not None and f.severity == "high"
+    top = f.evidence["outliers"][0]
+    assert (top["dimension"], top["value"], top["metric"]) == ("model", "base-ft", "tpot_s")
+    assert 2.0 < top["ratio"] < 2.4 and 2.0 < top["itl_p50_s"] / top["rest_itl_p50_s"] < 2.4
+    assert all(e["metric"] != "ttft_s" for e in f.evidence["outliers"])  # TTFT is judged on its own, and equal here
+
+
+def test_slice_outlier_silent_on_small_effects_and_load_phases(make_sim):
+    assert fired(_two_slices(make_sim, 0.012, tenant=("a", "b")), "slice_outlier") is None  # 1.2x: not material
+    # load-model steps differ by design: never an outlier
+    assert fired(_two_slices(make_sim, 0.03, phase=("rate=1", "rate=8")), "slice_outlier") is None
 
 
 def test_cancelled_requests_are_not_errors(make_sim):

@@ -56,3 +56,28 @@ def test_rate_limit_names_the_refused_tenant_when_and_retry_after(tmp_path, seed
 def test_rate_limit_below_medium_elsewhere(tmp_path, name):
     f = _finding(tmp_path, name, 0, "rate_limit")
     assert f is None or f.severity in ("low", "info")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_slice_outlier_names_the_slow_model_by_per_token_latency(tmp_path, seed):
+    f = _finding(tmp_path, "slow_model", seed, "slice_outlier")
+    assert f is not None and f.severity in ("high", "medium")
+    top = f.evidence["outliers"][0]
+    assert (top["dimension"], top["value"], top["metric"]) == ("model", "llama-8b-ft", "tpot_s")
+    assert 1.9 < top["ratio"] < 2.5
+    # the tenants share the models alike: none of them is blamed for the model's decode
+    assert all(e["dimension"] == "model" for e in f.evidence["outliers"])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_slice_outlier_names_the_noisy_tenant_by_ttft(tmp_path, seed):
+    f = _finding(tmp_path, "noisy_tenant", seed, "slice_outlier")
+    assert f is not None and f.severity in ("high", "medium")
+    top = f.evidence["outliers"][0]
+    assert (top["dimension"], top["value"], top["metric"]) == ("tenant", "team-c", "ttft_s")
+
+
+@pytest.mark.parametrize("name", [n for n in INCIDENTS if n not in ("slow_model", "noisy_tenant")])
+def test_slice_outlier_below_medium_elsewhere(tmp_path, name):
+    f = _finding(tmp_path, name, 0, "slice_outlier")
+    assert f is None or f.severity in ("low", "info")
