@@ -22,7 +22,7 @@ from servescope.analyzers.context import DiagnosisContext
 from servescope.analyzers.findings import Finding
 from servescope.analyzers.rules.common import ms, pct
 
-MIN_EVENTS = 400
+MIN_EVENTS = 100  # 50 requests: enough for the typical spacing to mean something
 MIN_STALL_S = 2.0
 MIN_SPACING_FACTOR = 30.0  # a silent window is at least this many typical event spacings
 MIN_IN_FLIGHT = 3

@@ -73,9 +73,10 @@ _CONVOY_MIX = _workload("lab-convoy", _fixed("short", 48, 48, weight=6), _fixed(
 _SPEC = _workload("lab-spec", _fixed("gen", 64, 96))
 _PREEMPT = _workload("lab-preemption", _fixed("gen", 128, 96))
 _SATURATION = _workload("lab-saturation", _fixed("gen", 64, 48))
+_STALL = _workload("lab-stall", _fixed("short", 48, 32, weight=3), _fixed("long", 512, 32, weight=1))
 
 # Durations are as short as still gives each rule enough requests on 2 CPU cores
-# (the lab tests run all five); `--scale` lengthens them for steadier numbers.
+# (the lab tests run every lab); `--scale` lengthens them for steadier numbers.
 LABS: dict[str, Lab] = {
     "convoy": Lab(
         name="convoy", rule="convoy",
@@ -116,6 +117,16 @@ LABS: dict[str, Lab] = {
         # runs at about 40% of it, a margin for slower machines (at 3.5 req/s, a CI run's bursts
         # queued enough to look saturated).
         control=LabSide(("--max-num-seqs", "2"), _SATURATION, rate=2.5, duration_s=10.0),
+    ),
+    "stall": Lab(
+        name="stall", rule="stall",
+        question="When the whole server stops for a moment, do the findings say when, and that every request waited?",
+        experiment_label="--debug-pause 5s:3s (the engine stands still 3 s every 5 s)",
+        control_label="no pause",
+        # A pause must outlast the stall rule's shortest window (2 s, and 30 typical gaps between
+        # first tokens and stream ends) with requests in flight: at 8 req/s about 24 arrive in one.
+        experiment=LabSide(("--debug-pause", "5s:3s"), _STALL, rate=8.0, duration_s=12.0),
+        control=LabSide((), _STALL, rate=8.0, duration_s=8.0),
     ),
 }
 
