@@ -93,12 +93,12 @@ def slice_outlier(ctx: DiagnosisContext) -> Finding | None:
 def _dimensions(ok: pd.DataFrame) -> list[tuple[str, np.ndarray]]:
     """(name, one label per ok request or None) for every attribution dimension with at least two values."""
     out = []
-    phase = ok["phase"].astype(object).where(ok["phase"].notna(), None).to_numpy(dtype=object)
+    codes, phases = pd.factorize(ok["phase"])  # a handful of distinct phases: parse each once, not per row
+    codes = np.where(codes < 0, len(phases), codes)  # missing phase -> the trailing None
     for key in PHASE_KEYS:
         prefix = f"{key}="
-        keys = np.array([p[len(prefix):] if isinstance(p, str) and p.startswith(prefix) else None for p in phase],
-                        dtype=object)
-        out.append((key, keys))
+        parsed = [p[len(prefix):] if isinstance(p, str) and p.startswith(prefix) else None for p in phases]
+        out.append((key, np.array(parsed + [None], dtype=object)[codes]))
     out.append(("tenant", labels(ok, "tenant").to_numpy(dtype=object)))
     return [(d, k) for d, k in out if len({v for v in k if v is not None}) >= 2]
 
