@@ -10,7 +10,7 @@ import numpy as np
 from servescope.analyzers import charts
 from servescope.analyzers.context import DiagnosisContext
 from servescope.analyzers.findings import Finding
-from servescope.analyzers.rules.common import ms
+from servescope.analyzers.rules.common import effect_ratio, ms, ratio
 
 
 def client_bound(ctx: DiagnosisContext) -> Finding | None:
@@ -40,6 +40,10 @@ def client_bound(ctx: DiagnosisContext) -> Finding | None:
             "schedule_lag_p99_s": health.get("schedule_lag_p99_s"),
             "loop_lag_max_s": health.get("loop_lag_max_s"),
             "lag_limit_s": health.get("lag_limit_s"),
+            "n": int(len(frame)),
+            "effect": effect_ratio(ratio(health.get("schedule_lag_p99_s"), health.get("lag_limit_s")),
+                                   ratio(health.get("loop_lag_p99_s"), health.get("loop_lag_p99_limit_s")),
+                                   ratio(health.get("loop_lag_max_s"), health.get("loop_lag_max_limit_s"))),
         },
         suggestion=(
             f"Run with more worker processes (--workers), fewer concurrent streams per worker, or on a less "

@@ -22,6 +22,17 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def effect_ratio(*ratios: float | None) -> float | None:
+    """The largest known of several slowdown ratios (affected over the rest), the `effect` of a finding."""
+    known = [r for r in ratios if r is not None and np.isfinite(r)]
+    return float(max(known)) if known else None
+
+
+def share_effect(share: float, medium_share: float) -> float:
+    """The `effect` of a share-based rule: 1 at none, 2 at the share that makes the finding medium."""
+    return 1.0 + share / medium_share
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 

@@ -78,6 +78,8 @@ def convoy(ctx: DiagnosisContext) -> Finding | None:
         "short_ttft_p90_exposed_s": float(np.quantile(short_ttft[exposed], 0.9)),
         "short_ttft_p90_clear_s": float(np.quantile(short_ttft[~exposed], 0.9)),
         "ttft_ratio": ttft_ratio,
+        "n": int(min(exposed.sum(), (~exposed).sum())),
+        "effect": ttft_ratio,
         **stall,
     }
     stall_text = ""
@@ -112,6 +114,7 @@ def convoy(ctx: DiagnosisContext) -> Finding | None:
             "or route long prompts to separate replicas."
         ),
         chart=chart,
+        _affected=ok["request_id"].to_numpy(dtype=object)[is_short][exposed],
     )
 
 

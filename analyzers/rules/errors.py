@@ -13,7 +13,7 @@ import numpy as np
 from servescope.analyzers import charts
 from servescope.analyzers.context import DiagnosisContext
 from servescope.analyzers.findings import Finding
-from servescope.analyzers.rules.common import pct, rate_limited
+from servescope.analyzers.rules.common import pct, rate_limited, share_effect
 
 HIGH_RATE, MEDIUM_RATE = 0.05, 0.01
 TIME_BINS = 20
@@ -56,6 +56,8 @@ def errors(ctx: DiagnosisContext) -> Finding | None:
             "rate_limited_not_counted": int(limited.sum()),
             "judged": int(len(judged)),
             "error_rate": rate,
+            "n": int(len(judged)),
+            "effect": share_effect(rate, MEDIUM_RATE),
             "by_kind": by_kind,
             "first_failure_sent_s": first,
             "last_failure_sent_s": last,

@@ -13,7 +13,7 @@ import numpy as np
 from servescope.analyzers import charts
 from servescope.analyzers.context import DiagnosisContext
 from servescope.analyzers.findings import Finding
-from servescope.analyzers.rules.common import median, ms
+from servescope.analyzers.rules.common import effect_ratio, median, ms, ratio
 
 HIGH_PER_REQUEST = 0.05  # preemptions per measured request
 KV_FULL = 0.90
@@ -52,6 +52,9 @@ def preemption(ctx: DiagnosisContext) -> Finding | None:
         "e2e_p50_not_hit_s": median(e2e[~hit & ok]),
         "window_s": [float(t0), float(t1)],
     }
+    evidence["n"] = int(min((hit & ok).sum(), (~hit & ok).sum()))
+    evidence["effect"] = effect_ratio(ratio(evidence["e2e_p50_hit_s"], evidence["e2e_p50_not_hit_s"]),
+                                      ratio(evidence["itl_max_p50_hit_s"], evidence["itl_max_p50_not_hit_s"]))
     rate = ctx.metrics.counter_rate("preemptions")
     traces = [charts.line(rate.index.to_numpy(), rate.to_numpy(), "preemptions / s")]
     if len(kv):
@@ -75,4 +78,5 @@ def preemption(ctx: DiagnosisContext) -> Finding | None:
         ),
         chart=charts.figure(traces, "Preemptions and KV cache usage", "time in run (s)", "preemptions / s",
                             yaxis2={"title": {"text": "KV usage (%)"}, "overlaying": "y", "side": "right", "range": [0, 105]}),
+        _affected=frame["request_id"].to_numpy(dtype=object)[hit & ok],
     )

@@ -85,6 +85,8 @@ def prefix_cache(ctx: DiagnosisContext) -> Finding | None:
         f"Cache hits had a median TTFT of {ms(ttft_hit['p50'])} (n={ttft_hit['n']}) against {ms(ttft_miss['p50'])} "
         f"for misses (n={ttft_miss['n']})." if speedup else f"{int(hit.sum())} requests hit the cache."
     )
+    evidence["n"] = int(min(ttft_hit["n"] or 0, ttft_miss["n"] or 0))
+    evidence["effect"] = speedup  # how much slower a miss starts than a hit
     if expected.sum() >= MIN_EXPECTED and missed_share >= MISSED_MEDIUM:
         severity = "high" if missed_share >= MISSED_HIGH else "medium"
         title = f"{int(missed.sum())} of {int(expected.sum())} expected prefix-cache hits missed ({pct(missed_share)})"
@@ -106,6 +108,7 @@ def prefix_cache(ctx: DiagnosisContext) -> Finding | None:
         rule="prefix_cache", severity=severity, title=title, summary=summary, evidence=evidence,
         slices=[{"dimension": "prefix_group", "value": g["prefix_group"], "missed": g["missed"]} for g in groups if g["missed"]][:10],
         suggestion=suggestion, chart=chart,
+        _affected=frame["request_id"].to_numpy(dtype=object)[missed] if severity != "info" else None,
     )
 
 

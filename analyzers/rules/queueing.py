@@ -67,7 +67,8 @@ def queueing(ctx: DiagnosisContext) -> Finding | None:
 
 def _growing_finding(best: dict) -> Finding:
     severity = "high" if best["ttft_growth"] >= 3 else "medium"
-    chart = best.pop("_chart")
+    chart, affected = best.pop("_chart"), best.pop("_affected")
+    best["effect"] = best["ttft_growth"]
     return Finding(
         rule="queueing",
         severity=severity,
@@ -87,11 +88,13 @@ def _growing_finding(best: dict) -> Finding:
             "replicas, or find the highest rate that meets the SLO with `servescope capacity`."
         ),
         chart=chart,
+        _affected=affected,
     )
 
 
 def _standing_finding(best: dict) -> Finding:
-    chart = best.pop("_chart")
+    chart, affected = best.pop("_chart"), best.pop("_affected")
+    best["effect"] = 1.0 / (1.0 - min(best["queue_share_of_ttft"], 0.95))  # 2 when half the TTFT is queue
     return Finding(
         rule="queueing",
         severity="medium",
@@ -111,6 +114,7 @@ def _standing_finding(best: dict) -> Finding:
             "ramp break the lockstep."
         ),
         chart=chart,
+        _affected=affected,
     )
 
 
@@ -153,6 +157,7 @@ def _standing_queue(ctx: DiagnosisContext, phase: str, group: pd.DataFrame) -> d
         "share_of": "means" if by_mean else "medians",
         "queue_share_of_ttft": min(share, 1.0),
         "n": int(len(ok)),
+        "_affected": ok["request_id"].to_numpy(dtype=object),
         "_chart": charts.figure(traces, f"Server queue, phase {phase or 'run'}", "time in run (s)", "requests"),
     }
 
@@ -210,6 +215,8 @@ def _judge_phase(ctx: DiagnosisContext, phase: str, group: pd.DataFrame) -> dict
         "ttft_growth": float(growth),
         "ttft_time_spearman": rho,
         "n": int(len(ok)),
+        # the backlog builds after the first third: requests sent later are the ones it delayed
+        "_affected": ok["request_id"].to_numpy(dtype=object)[ok_sent > start + duration / 3],
     }
     waiting = ctx.metrics.gauge("waiting")
     waiting = waiting[(waiting.index >= start) & (waiting.index <= stop)]

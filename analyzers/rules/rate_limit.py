@@ -17,7 +17,7 @@ import numpy as np
 from servescope.analyzers import charts
 from servescope.analyzers.context import DiagnosisContext
 from servescope.analyzers.findings import Finding
-from servescope.analyzers.rules.common import ms, pct, rate_limited
+from servescope.analyzers.rules.common import ms, pct, rate_limited, share_effect
 from servescope.analyzers.slices import labels
 
 HIGH_SHARE, MEDIUM_SHARE = 0.05, 0.01  # share of the measured requests refused
@@ -52,6 +52,7 @@ def rate_limit(ctx: DiagnosisContext) -> Finding | None:
               + (f", mostly {tenants[0]['tenant']}" if tenants else ""),
         summary=f"The server refused {n_refused} of {len(judged)} measured requests with HTTP 429.{who}{span}{asked}",
         evidence={"refused": n_refused, "judged": int(len(judged)), "refused_share": share, "by_tenant": tenants,
+                  "n": int(len(judged)), "effect": share_effect(share, MEDIUM_SHARE),
                   "windows": windows[:MAX_WINDOWS], "windows_total": len(windows), "retry_after": retry},
         slices=[{"dimension": "tenant", "value": t["tenant"], "n": t["refused"]} for t in tenants[:10]]
         + [{"dimension": "time_window", "value": f"{w['start_s']:.1f}-{w['end_s']:.1f} s", "n": w["refused"]}

@@ -49,7 +49,8 @@ def slice_outlier(ctx: DiagnosisContext) -> Finding | None:
     if len(ok) < 2 * MIN_SAMPLES:
         return None
     found: list[dict[str, Any]] = []
-    for dim, keys in _dimensions(ok):
+    dimensions = _dimensions(ok)
+    for dim, keys in dimensions:
         for metric, metric_name in METRICS:
             values = ok[metric].to_numpy(dtype=np.float64)
             usable = np.isfinite(values) & (values > 0) & (keys != None)  # noqa: E711 (elementwise)
@@ -78,7 +79,7 @@ def slice_outlier(ctx: DiagnosisContext) -> Finding | None:
             + (" Also: " + "; ".join(f"{e['dimension']} {e['value']} {e['ratio']:.1f}x in {e['metric_name']}"
                                      for e in others[:3]) + "." if others else "")
         ),
-        evidence={"outliers": found[:10]},
+        evidence={"outliers": found[:10], "n": min(top["n"], top["rest_n"]), "effect": top["ratio"]},
         slices=[{"dimension": e["dimension"], "value": e["value"], "metric": e["metric"]} for e in found[:10]],
         suggestion=_suggestion(top),
         chart=charts.figure(
@@ -87,6 +88,7 @@ def slice_outlier(ctx: DiagnosisContext) -> Finding | None:
              charts.bar([f"{e['metric_name']}: {e['dimension']}={e['value']}" for e in found[:6]],
                         [e["rest_median_s"] * 1000 for e in found[:6]], "rest median (ms)")],
             "Slices slower than the rest", "slice", "median (ms)", barmode="group"),
+        _affected=ok["request_id"].to_numpy(dtype=object)[dict(dimensions)[top["dimension"]].astype(str) == top["value"]],
     )
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 from servescope.analyzers import charts
 from servescope.analyzers.context import DiagnosisContext
 from servescope.analyzers.findings import Finding
-from servescope.analyzers.rules.common import median, ms, pct
+from servescope.analyzers.rules.common import effect_ratio, median, ms, pct, ratio
 from servescope.analyzers.slices import labels
 
 LOW_ACCEPTANCE = 0.30
@@ -50,7 +50,11 @@ def spec_decode(ctx: DiagnosisContext) -> Finding | None:
         "tpot_p50_without_s": median(tpot[off]),
         "bands": bands,
         "losing_slices": losing,
+        "n": int(min(on.sum(), off.sum())) if off.sum() else int(on.sum()),
     }
+    # effect: how far acceptance falls short of break-even (LOW_ACCEPTANCE), or TPOT lost to speculation
+    evidence["effect"] = effect_ratio(LOW_ACCEPTANCE / max(acceptance, 1e-9),
+                                      ratio(evidence["tpot_p50_with_s"], evidence["tpot_p50_without_s"]))
     if server_draft > 0:
         evidence["server_acceptance_rate"] = ctx.metrics.counter_increase("spec_accepted") / server_draft
     compare = ""

@@ -20,7 +20,7 @@ import numpy as np
 from servescope.analyzers import charts
 from servescope.analyzers.context import DiagnosisContext
 from servescope.analyzers.findings import Finding
-from servescope.analyzers.rules.common import ms, pct
+from servescope.analyzers.rules.common import ms, pct, share_effect
 
 MIN_EVENTS = 100  # 50 requests: enough for the typical spacing to mean something
 MIN_STALL_S = 2.0
@@ -72,10 +72,11 @@ def stall(ctx: DiagnosisContext) -> Finding | None:
         ),
         evidence={"windows": windows[:50], "windows_total": len(windows), "stalled_s": total,
                   "typical_event_spacing_s": typical, "threshold_s": threshold, "requests_caught": int(caught.sum()),
-                  "requests": int(len(ok))},
+                  "requests": int(len(ok)), "n": int(caught.sum()), "effect": share_effect(share, MEDIUM_SHARE)},
         slices=[{"dimension": "time_window", "value": f"{w['start_s']:.1f}-{w['end_s']:.1f} s"} for w in windows[:10]],
         suggestion="Look for what pauses the whole engine at those times: garbage collection, a blocking "
                    "checkpoint or weight load, host memory swapping, a stuck collective, or a KV transfer.",
         chart=charts.figure([charts.bar([round(w["start_s"], 1) for w in windows], [w["depth_s"] for w in windows],
                                         "stall length (s)")], "Server stalls", "start (s in run)", "length (s)"),
+        _affected=ok["request_id"].to_numpy(dtype=object)[caught],
     )

@@ -65,7 +65,7 @@ def tail(ctx: DiagnosisContext) -> Finding | None:
             f"({_ratio_text(top)}, Fisher p = {top['p_value']:.1e})."
             + (f" {len(found) - 1} other slice(s) are over-represented too." if len(found) > 1 else "")
         ),
-        evidence={"over_represented": found[:10]},
+        evidence={"over_represented": found[:10], "n": top["tail_n"], "effect": top["ratio"]},
         slices=[{"dimension": s["dimension"], "value": s["value"], "metric": s["metric"]} for s in found[:10]],
         suggestion="Look at the finding for the cause behind this slice (convoy, cache misses, queueing), or give it its own SLO.",
         chart=_chart(found[:6]),

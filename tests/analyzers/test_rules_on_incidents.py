@@ -81,3 +81,15 @@ def test_slice_outlier_names_the_noisy_tenant_by_ttft(tmp_path, seed):
 def test_slice_outlier_below_medium_elsewhere(tmp_path, name):
     f = _finding(tmp_path, name, 0, "slice_outlier")
     assert f is None or f.severity in ("low", "info")
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_preemption_on_a_saturated_run_is_lowered_below_queueing(tmp_path, seed):
+    run = load_run(write_run(simulate(INCIDENTS["queueing"](seed, 8000)), tmp_path / f"queueing-{seed}", "queueing"))
+    found = {f.rule: f for f in diagnose(run)}
+    assert found["queueing"].severity == "high"
+    assert found["preemption"].severity == "medium"  # it fires high alone; the backlog explains the slow requests
+    assert "`queueing` explains more of the slow requests" in found["preemption"].summary
+    shares = found["preemption"].evidence["explained_by"]
+    assert shares["rule"] == "queueing" and shares["explained_share"] > shares["own_explained_share"]
+    assert "_affected" not in found["preemption"].to_dict() and 0 < found["preemption"].to_dict()["confidence"] <= 1

@@ -16,8 +16,12 @@ def test_build_report_writes_the_three_files(hostile_run_dir):
     assert [p["phase"] for p in summary["phases"]] == ["warmup", "rate=40"]
     assert {f["rule"] for f in findings} >= {"errors"}
     for f in findings:
-        assert set(f) >= {"rule", "severity", "title", "summary", "evidence", "slices", "suggestion"}
+        assert set(f) >= {"rule", "severity", "title", "summary", "evidence", "slices", "suggestion", "confidence"}
+        assert f["confidence"] is None or 0 <= f["confidence"] <= 1
     html = path.read_text()
+    for f in findings:
+        if f["confidence"] is not None:
+            assert f"confidence {f['confidence_level']} ({f['confidence']:.2f})" in html
     for f in findings:
         assert f'id="{f["rule"]}"' in html  # anchors by rule id
     assert path.stat().st_size < 10e6
