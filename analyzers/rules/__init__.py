@@ -53,6 +53,7 @@ RULES: dict[str, Rule] = {
 }
 RULE_IDS: tuple[str, ...] = tuple(RULES)
 SLOW_SHARE = 0.05  # the slow requests: this share of the ok requests, slowest by E2E
+MINOR_SHARE = 0.1  # explaining under a tenth of the stronger finding's share: lowered to low
 COMPETE_OVERLAP = 0.5
 # the latency part each rule's cause adds to (its share is that part's excess over the median); others: e2e
 EXPLAINS = {"queueing": "ttft", "convoy": "ttft", "prefix_cache": "ttft", "preemption": "decode", "spec_decode": "decode"}
@@ -115,13 +116,15 @@ def _weigh_competing(ctx: DiagnosisContext, findings: list[Finding]) -> None:
             common = len(claims[id(weak)] & claims[id(strong)])
             if not claims[id(weak)] or common < COMPETE_OVERLAP * len(claims[id(weak)]):
                 continue  # different slow requests: two causes, both stand
-            weak.severity = demote(weak.severity)
+            # A finding that explains a small fraction of what the other does is a side effect of it.
+            minor = share[id(weak)] < MINOR_SHARE * share[id(strong)]
+            weak.severity = "low" if minor else demote(weak.severity)
             weak.evidence["explained_by"] = {"rule": strong.rule, "explained_share": share[id(strong)],
                                              "own_explained_share": share[id(weak)], "slow_requests": len(slow)}
             weak.summary += (
                 f" `{strong.rule}` explains more of the slow requests: of the excess E2E of the slowest "
                 f"{pct(SLOW_SHARE)}, it accounts for {pct(share[id(strong)])} and this finding for "
-                f"{pct(share[id(weak)])}, so this finding was lowered one severity level."
+                f"{pct(share[id(weak)])}, so this finding was lowered to {weak.severity}."
             )
             demoted.add(id(weak))
 

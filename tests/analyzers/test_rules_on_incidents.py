@@ -88,8 +88,9 @@ def test_preemption_on_a_saturated_run_is_lowered_below_queueing(tmp_path, seed)
     run = load_run(write_run(simulate(INCIDENTS["queueing"](seed, 8000)), tmp_path / f"queueing-{seed}", "queueing"))
     found = {f.rule: f for f in diagnose(run)}
     assert found["queueing"].severity == "high"
-    assert found["preemption"].severity == "medium"  # it fires high alone; the backlog explains the slow requests
+    # It fires high alone; the backlog explains the slow requests, and preemption a small fraction of them.
+    assert found["preemption"].severity == "low"
     assert "`queueing` explains more of the slow requests" in found["preemption"].summary
     shares = found["preemption"].evidence["explained_by"]
-    assert shares["rule"] == "queueing" and shares["explained_share"] > shares["own_explained_share"]
+    assert shares["rule"] == "queueing" and shares["own_explained_share"] < 0.1 * shares["explained_share"]
     assert "_affected" not in found["preemption"].to_dict() and 0 < found["preemption"].to_dict()["confidence"] <= 1
