@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,17 +23,11 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from servescope.harness.targets.engine import EngineProcess
+from servescope.harness.targets.engine import EngineProcess, free_port
 from servescope.reference_engine.engine_client import EngineFailed
 from servescope.reference_engine.frames import FrameDecoder, encode
 from servescope.reference_engine.sequence import SamplingParams
 from servescope.reference_engine.server import ServerThread
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +144,7 @@ def test_num_waiting_counts_adds_the_engine_has_not_reported(servers) -> None:
 
 def test_config_error_reaches_the_cli_as_a_usage_error() -> None:
     result = subprocess.run([sys.executable, "-m", "servescope.reference_engine", "--engine-process", "--device", "cpu",
-                             "--kv-cache-memory", "1KB", "--port", str(_free_port())],
+                             "--kv-cache-memory", "1KB", "--port", str(free_port())],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
     assert "Error: --kv-cache-memory 1024 bytes holds 0 blocks" in result.stderr
@@ -161,7 +154,7 @@ def test_config_error_reaches_the_cli_as_a_usage_error() -> None:
 @contextlib.contextmanager
 def _cli_server(*args: str) -> Iterator[tuple[subprocess.Popen, str]]:
     """`python -m servescope.reference_engine --engine-process` until /health answers; killed at the end if still up."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "servescope.reference_engine", "--port", str(port),
                              "--device", "cpu", "--num-kv-blocks", "256", "--engine-process", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,20 +15,15 @@ import time
 import httpx
 import pytest
 
+from servescope.harness.targets.engine import free_port
 from servescope.reference_engine.config import SpecConfig
 from servescope.reference_engine.server import ServerThread
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=["--no-engine-process", "--engine-process"])
 def cli_server(request):
     """`python -m servescope.reference_engine` as a real subprocess (what the harness starts), in each mode."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "servescope.reference_engine", "--port", str(port),
                              "--device", "cpu", "--num-kv-blocks", "256", "--spec", "ngram:k=3", request.param],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
