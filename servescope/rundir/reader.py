@@ -24,6 +24,8 @@ import pyarrow.parquet as pq
 
 from servescope.rundir.jsonio import read_jsonl
 from servescope.rundir.schema import (
+    FLOWS_JSONL,
+    FLOWS_PARQUET,
     FORMAT_VERSION,
     REQUESTS_JSONL,
     REQUESTS_PARQUET,
@@ -33,6 +35,9 @@ from servescope.rundir.schema import (
     SERVER_METRICS_PARQUET,
     RunDirError,
     conform_requests,
+    conform_table,
+    flow_arrow_schema,
+    flow_table,
     request_arrow_schema,
     request_table,
 )
@@ -41,7 +46,8 @@ from servescope.version import __version__
 
 @dataclass
 class RunData:
-    """One run, loaded: metadata, one row per request, and server metric samples.
+    """One run, loaded: metadata, one row per request, server metric samples, and
+    (scripted users only) one row per flow, i.e. per task invocation.
 
     `itl_values` / `itl_lengths` hold the `itl_s` lists flattened once at load
     time: pooled ITL percentiles over millions of gaps would otherwise walk
@@ -52,6 +58,7 @@ class RunData:
     requests: pd.DataFrame
     server_metrics: pd.DataFrame
     path: Path | None = None
+    flows: pd.DataFrame = field(default_factory=lambda: empty_flows())
     itl_values: np.ndarray = field(default_factory=lambda: np.empty(0))
     itl_lengths: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
@@ -102,6 +109,7 @@ def load_run(run_dir: str | Path) -> RunData:
         requests=requests,
         server_metrics=_read_server_metrics(path),
         path=path,
+        flows=_read_flows(path),
         itl_values=itl_values,
         itl_lengths=itl_lengths,
     )
@@ -147,6 +155,25 @@ def _read_requests(path: Path) -> pa.Table:
     if jsonl.exists():
         return request_table(read_jsonl(jsonl))
     return request_arrow_schema().empty_table()
+
+
+def empty_flows() -> pd.DataFrame:
+    """A flows frame with no rows and the contract's columns (runs without scripted users)."""
+    return flow_arrow_schema().empty_table().to_pandas()
+
+
+def flows_from_records(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """A flows DataFrame from dicts (missing keys become null), typed like flows.parquet."""
+    return flow_table(rows).to_pandas()
+
+
+def _read_flows(path: Path) -> pd.DataFrame:
+    parquet, jsonl = path / FLOWS_PARQUET, path / FLOWS_JSONL
+    if parquet.exists():
+        return conform_table(pq.read_table(parquet), flow_arrow_schema()).to_pandas()
+    if jsonl.exists():
+        return flow_table(read_jsonl(jsonl)).to_pandas()
+    return empty_flows()
 
 
 def _requests_frame(table: pa.Table) -> pd.DataFrame:

@@ -135,9 +135,13 @@ def request_table(rows: list[dict[str, Any]]):
 
 def conform_requests(table):
     """Add missing columns as nulls and cast to the contract schema (older or foreign writers)."""
+    return conform_table(table, request_arrow_schema())
+
+
+def conform_table(table, schema):
+    """`table` with exactly `schema`'s columns: missing ones null, others cast to the contract's type."""
     import pyarrow as pa
 
-    schema = request_arrow_schema()
     columns = []
     for f in schema:
         if f.name in table.column_names:
@@ -146,6 +150,70 @@ def conform_requests(table):
         else:
             columns.append(pa.nulls(table.num_rows, f.type))
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+FLOW_STATUSES = ("ok", "error", "script_error", "cancelled")
+
+
+@dataclass(slots=True)
+class FlowRecord:
+    """One task invocation of a scripted user (a flow): what the user waited for, end to end.
+
+    `status`: `ok` when every call succeeded; `error` when a call failed (the
+    script went on or returned); `script_error` when the task raised (then
+    `error_type`, `error_message` and `error_location`, the script's file:line,
+    say what); `cancelled` when the run stopped while it was running.
+    """
+
+    flow_id: str
+    user_class: str
+    task: str
+    user_id: str | None = None
+    worker: int = 0
+    node: str | None = None
+    phase: str = ""
+    scheduled_at: float | None = None
+    start_at: float | None = None
+    end_at: float | None = None
+    duration_s: float | None = None
+    calls: int = 0
+    failed_calls: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    status: str = "ok"
+    error_type: str | None = None
+    error_message: str | None = None
+    error_location: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+FLOW_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(FlowRecord))
+
+
+def flow_arrow_schema():
+    """The pyarrow schema of `flows.parquet` (one row per task invocation of a scripted user)."""
+    import pyarrow as pa
+
+    s, i, f = pa.string(), pa.int64(), pa.float64()
+    types = {
+        "flow_id": s, "user_class": s, "task": s, "user_id": s, "worker": i, "node": s, "phase": s,
+        "scheduled_at": f, "start_at": f, "end_at": f, "duration_s": f,
+        "calls": i, "failed_calls": i, "prompt_tokens": i, "output_tokens": i,
+        "status": s, "error_type": s, "error_message": s, "error_location": s,
+    }
+    assert tuple(types) == FLOW_COLUMNS, "arrow schema out of step with FlowRecord"
+    return pa.schema([(name, types[name]) for name in FLOW_COLUMNS])
+
+
+def flow_table(rows: list[dict[str, Any]]):
+    """An Arrow table of flow rows with `flow_arrow_schema()`: unknown keys dropped, missing ones null."""
+    import pyarrow as pa
+
+    schema = flow_arrow_schema()
+    names = set(schema.names)
+    return pa.Table.from_pylist([{k: v for k, v in row.items() if k in names} for row in rows], schema=schema)
 
 
 SERVER_METRIC_COLUMNS = ("t", "name", "labels", "value")
@@ -167,4 +235,5 @@ SERVER_METRICS_PARQUET = "server_metrics.parquet"
 SUMMARY_JSON = "summary.json"
 FINDINGS_JSON = "findings.json"
 REPORT_HTML = "report.html"
+FLOWS_JSONL = "flows.jsonl"
 FLOWS_PARQUET = "flows.parquet"

@@ -18,6 +18,8 @@ from typing import Any
 
 from servescope.rundir.jsonio import dumps, read_jsonl, write_json_atomic
 from servescope.rundir.schema import (
+    FLOWS_JSONL,
+    FLOWS_PARQUET,
     FORMAT_VERSION,
     REQUESTS_JSONL,
     REQUESTS_PARQUET,
@@ -26,6 +28,7 @@ from servescope.rundir.schema import (
     SERVER_METRICS_PARQUET,
     RunDirError,
     conform_requests,
+    flow_table,
     request_table,
     server_metrics_arrow_schema,
 )
@@ -91,6 +94,7 @@ class RunDirWriter:
         self.ok_requests = 0
         self.requests = _JsonlAppender(self.path / REQUESTS_JSONL)
         self.metrics = _JsonlAppender(self.path / SERVER_METRICS_JSONL)
+        self.flows: _JsonlAppender | None = None  # opened by the first flow: only scripted runs have flows
 
     def start(self, meta: dict[str, Any]) -> None:
         self.meta = {"format_version": FORMAT_VERSION, **meta, "status": "running"}
@@ -105,6 +109,12 @@ class RunDirWriter:
         self.ok_requests += sum(1 for row in rows if row.get("status") == "ok")
         self.requests.add(rows)
 
+    def add_flows(self, rows: list[dict[str, Any]]) -> None:
+        """`FlowRecord.to_dict()` rows of scripted users' task invocations."""
+        if self.flows is None:
+            self.flows = _JsonlAppender(self.path / FLOWS_JSONL)
+        self.flows.add(rows)
+
     def add_metric_samples(self, rows: list[dict[str, Any]]) -> None:
         """Rows of `{t, name, labels (JSON text), value}`; callable from the scraper thread."""
         self.metrics.add(rows)
@@ -113,6 +123,8 @@ class RunDirWriter:
         """Call often from the main loop: flushes whatever has waited long enough."""
         self.requests.maybe_flush()
         self.metrics.maybe_flush()
+        if self.flows is not None:
+            self.flows.maybe_flush()
 
     def finish(self, status: str, **fields: Any) -> None:
         """Flush, compact JSONL to parquet, and write the final run.json."""
@@ -120,10 +132,14 @@ class RunDirWriter:
             raise ValueError(f"final status must be one of {RUN_STATUSES[1:]}, got {status!r}")
         self.requests.close()
         self.metrics.close()
+        if self.flows is not None:
+            self.flows.close()
         compacted = {}
         try:
             compact_requests(self.path)
             compact_server_metrics(self.path)
+            if self.flows is not None:
+                compact_flows(self.path)
             compacted = {"compacted": True}
         except Exception as exc:  # noqa: BLE001 - the JSONL files stay; the analyzers read them
             compacted = {"compacted": False, "compaction_error": f"{type(exc).__name__}: {exc}"}
@@ -132,6 +148,8 @@ class RunDirWriter:
         self.meta["status"] = status
         self.meta["requests_written"] = self.requests.rows
         self.meta["server_metric_samples"] = self.metrics.rows
+        if self.flows is not None:
+            self.meta["flows_written"] = self.flows.rows
         write_json_atomic(self.path / RUN_JSON, self.meta)
 
 
@@ -143,6 +161,17 @@ def compact_requests(run_dir: Path) -> Path:
     out = run_dir / REQUESTS_PARQUET
     pq.write_table(table, out)
     (run_dir / REQUESTS_JSONL).unlink(missing_ok=True)
+    return out
+
+
+def compact_flows(run_dir: Path) -> Path:
+    """flows.jsonl -> flows.parquet with `flow_arrow_schema()`."""
+    import pyarrow.parquet as pq
+
+    table = flow_table(read_jsonl(run_dir / FLOWS_JSONL))
+    out = run_dir / FLOWS_PARQUET
+    pq.write_table(table, out)
+    (run_dir / FLOWS_JSONL).unlink(missing_ok=True)
     return out
 
 
@@ -166,7 +195,8 @@ def write_run_json(run_dir: Path, meta: dict[str, Any]) -> Path:
     return write_json_atomic(Path(run_dir) / RUN_JSON, {"format_version": FORMAT_VERSION, **meta})
 
 
-def write_run_dir(run_dir: str | Path, meta: dict[str, Any], requests: Any, server_metrics: Any = None) -> Path:
+def write_run_dir(run_dir: str | Path, meta: dict[str, Any], requests: Any, server_metrics: Any = None,
+                  flows: list[dict[str, Any]] | None = None) -> Path:
     """A complete run directory written in one go (an imported log, a simulation).
 
     `requests` is an Arrow table (missing columns become nulls) or a list of
@@ -183,4 +213,6 @@ def write_run_dir(run_dir: str | Path, meta: dict[str, Any], requests: Any, serv
     pq.write_table(table, out / REQUESTS_PARQUET)
     if server_metrics is not None:
         pq.write_table(server_metrics.cast(server_metrics_arrow_schema()), out / SERVER_METRICS_PARQUET)
+    if flows is not None:
+        pq.write_table(flow_table(flows), out / FLOWS_PARQUET)
     return write_run_json(out, {"servescope_version": __version__, **meta}).parent
