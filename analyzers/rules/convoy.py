@@ -15,9 +15,16 @@ skips a beat. Evidence from the client's own timestamps:
 Both must show: short requests also wait behind long prompts when the server
 is merely saturated or prefills in FIFO chunks (that is queueing), but only a
 prefill that monopolizes whole engine steps also stalls the running decodes,
-for about as long as the short requests waited. So the decode stall (its
-excess over a normal gap) must reach half the short requests' extra wait; a
-chunked prefill stalls decodes by one chunk step, far less.
+for about as long as the short requests waited. So the decode stall must reach
+half the short requests' extra wait; a chunked prefill stalls decodes by one
+chunk step, far less. The two are measured on the same moments: the stall is
+the gap running decodes were in when each exposed short request was sent (a
+gap holding k such sends counts k times), less a normal gap. Measuring it over
+the gaps that span any long prefill's end instead weighs every long prefill
+alike, while the short requests land mostly in the longest ones; on a convoy
+that mismatch put the ratio anywhere from 0.5 to 2. Matched, a convoy gives
+about 2 (the decodes wait out the whole prefill, a short request sent into it
+the rest of it: 2.0 to 2.5 over 16 simulated convoys), four times the bound.
 When the run has no inter-token gaps (non-streaming), the TTFT test alone decides.
 """
 
@@ -62,9 +69,9 @@ def convoy(ctx: DiagnosisContext) -> Finding | None:
     ttft_ratio = exposed_p50 / clear_p50
     if ttft_ratio < MIN_TTFT_RATIO or exposed_p50 - clear_p50 < MIN_EXCESS_S:
         return None
-    stall = _gap_stalls(ctx, np.sort(long_end[np.isfinite(long_end)]))
+    stall = _gap_stalls(ctx, np.sort(long_end[np.isfinite(long_end)]), np.sort(sent[is_short][exposed]))
     if stall:
-        stall["stall_share_of_wait"] = (stall["itl_p50_during_long_prefill_s"] - stall["itl_p50_otherwise_s"]) / (exposed_p50 - clear_p50)
+        stall["stall_share_of_wait"] = (stall["itl_p50_at_exposed_send_s"] - stall["itl_p50_otherwise_s"]) / (exposed_p50 - clear_p50)
         if (stall["itl_gap_ratio"] or 0) < MIN_GAP_RATIO or stall["stall_share_of_wait"] < MIN_STALL_SHARE:
             return None  # decodes kept flowing: the wait was queueing, not a step-monopolizing prefill
     severity = "high" if ttft_ratio >= 4 else "medium"
@@ -131,8 +138,8 @@ def _inside_any(points: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.
     return inside
 
 
-def _gap_stalls(ctx: DiagnosisContext, prefill_ends: np.ndarray) -> dict:
-    """Median ITL gap that spans a long prefill's end vs every other gap."""
+def _gap_stalls(ctx: DiagnosisContext, prefill_ends: np.ndarray, exposed_sends: np.ndarray) -> dict:
+    """Median ITL gap that spans a long prefill's end vs every other gap, and the gap in progress at exposed sends."""
     run = ctx.run
     mask = ctx.frame_mask & (run.requests["status"] == "ok").to_numpy()
     lengths = np.where(mask, run.itl_lengths, 0)
@@ -154,10 +161,14 @@ def _gap_stalls(ctx: DiagnosisContext, prefill_ends: np.ndarray) -> dict:
     gap_start = gap_end - gaps
     spans = np.searchsorted(prefill_ends, gap_end, side="right") - np.searchsorted(prefill_ends, gap_start, side="right") > 0
     during, other = median(gaps[spans]), median(gaps[~spans])
-    if during is None or other is None:
+    # sends in (gap_start, gap_end]: the gap those decodes were in when a short request arrived behind a long prefill
+    sends_inside = np.searchsorted(exposed_sends, gap_end, side="right") - np.searchsorted(exposed_sends, gap_start, side="right")
+    if during is None or other is None or not sends_inside.any():
         return {}
+    at_send = float(np.quantile(gaps, 0.5, weights=sends_inside, method="inverted_cdf"))
     return {
         "itl_p50_during_long_prefill_s": during,  # "during": the gap spans a long prefill's end
+        "itl_p50_at_exposed_send_s": at_send,
         "itl_p50_otherwise_s": other,
         "itl_gaps_during_long_prefill": int(spans.sum()),
         "itl_gap_ratio": during / other if other > 0 else None,

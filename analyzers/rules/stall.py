@@ -8,7 +8,12 @@ apart from the causes it resembles:
 * queueing slows requests but the server keeps completing at full rate, so
   events never stop;
 * a convoy (an unchunked long prefill) stops decodes for one prefill, well
-  under MIN_STALL_S at today's prefill speeds;
+  under MIN_STALL_S at today's prefill speeds; several long prompts prefilled
+  back to back can stay silent longer, so a window is left to `convoy` when the
+  first tokens that end it are long prompts whose prefill, within the window,
+  takes at least half of it (their uncached tokens at the fastest prefill rate the run shows:
+  the PREFILL_RATE_QUANTILE of uncached prompt tokens per second of TTFT over
+  long prompts, each a lower bound of the server's rate);
 * requests of every prompt size are in flight across the window: the stop is
   not about what was asked.
 """
@@ -26,6 +31,9 @@ MIN_EVENTS = 100  # 50 requests: enough for the typical spacing to mean somethin
 MIN_STALL_S = 2.0
 MIN_SPACING_FACTOR = 30.0  # a silent window is at least this many typical event spacings
 MIN_IN_FLIGHT = 3
+LONG_PROMPT_FACTOR = 4.0  # a long prompt, as `convoy` counts one: at least this many times the median
+PREFILL_RATE_QUANTILE = 0.9
+PREFILL_SHARE_OF_WINDOW = 0.5  # a window whose closing prefills take this share of it is theirs
 HIGH_SHARE, MEDIUM_SHARE = 0.05, 0.01  # share of requests caught in a stall
 
 
@@ -45,12 +53,19 @@ def stall(ctx: DiagnosisContext) -> Finding | None:
         return None
     prompt = ok["prompt_tokens"].to_numpy(dtype=np.float64)
     median_prompt = float(np.nanmedian(prompt))
-    windows, caught = [], np.zeros(len(ok), bool)
+    prefill_s = _closing_prefill_s(ok, prompt, median_prompt)
+    windows, caught, prefill_windows = [], np.zeros(len(ok), bool), 0
     for i in candidates:
         start, stop = float(events[i]), float(events[i + 1])
         in_flight = (sent < start) & (end > stop)
         if in_flight.sum() < MIN_IN_FLIGHT:
             continue  # nothing was waiting: an idle server is silent too
+        # first tokens at the window's end (within one typical spacing), each prefill only as long as it was there
+        closing = (first >= stop) & (first <= stop + typical) & (sent < stop)
+        window_prefill = np.minimum(prefill_s[closing], stop - np.maximum(sent[closing], start)).sum()
+        if window_prefill >= PREFILL_SHARE_OF_WINDOW * (stop - start):
+            prefill_windows += 1
+            continue  # the server was prefilling the long prompts that end the silence: a convoy
         sizes = prompt[in_flight]
         caught |= in_flight | ((sent >= start) & (sent < stop))
         windows.append({"start_s": start, "end_s": stop, "depth_s": stop - start, "in_flight": int(in_flight.sum()),
@@ -72,6 +87,7 @@ def stall(ctx: DiagnosisContext) -> Finding | None:
         ),
         evidence={"windows": windows[:50], "windows_total": len(windows), "stalled_s": total,
                   "typical_event_spacing_s": typical, "threshold_s": threshold, "requests_caught": int(caught.sum()),
+                  "silences_ended_by_long_prefills": prefill_windows,
                   "requests": int(len(ok)), "n": int(caught.sum()), "effect": share_effect(share, MEDIUM_SHARE)},
         slices=[{"dimension": "time_window", "value": f"{w['start_s']:.1f}-{w['end_s']:.1f} s"} for w in windows[:10]],
         suggestion="Look for what pauses the whole engine at those times: garbage collection, a blocking "
@@ -80,3 +96,18 @@ def stall(ctx: DiagnosisContext) -> Finding | None:
                                         "stall length (s)")], "Server stalls", "start (s in run)", "length (s)"),
         _affected=ok["request_id"].to_numpy(dtype=object)[caught],
     )
+
+
+def _closing_prefill_s(ok, prompt: np.ndarray, median_prompt: float) -> np.ndarray:
+    """Per request: how long its prefill takes at the run's fastest prefill rate, if its prompt is long; else 0."""
+    cached = np.nan_to_num(ok["cached_tokens"].to_numpy(dtype=np.float64))
+    uncached = np.nan_to_num(prompt) - cached
+    ttft = ok["ttft_s"].to_numpy(dtype=np.float64)
+    is_long = prompt >= LONG_PROMPT_FACTOR * max(median_prompt, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rates = uncached[is_long] / ttft[is_long]
+    rates = rates[np.isfinite(rates) & (rates > 0)]
+    if rates.size == 0:
+        return np.zeros(len(ok))
+    rate = float(np.quantile(rates, PREFILL_RATE_QUANTILE))
+    return np.where(is_long, uncached / rate, 0.0)

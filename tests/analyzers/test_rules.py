@@ -78,11 +78,8 @@ def _short_behind_long(make_sim, decode_stalls: bool):
         t += sim.rng.exponential(0.1)
         busy = next((s + 0.8 for s in LONG_STARTS if s <= t < s + 0.8), None)
         ttft = (busy - t + 0.02) if busy else 0.02
-        gaps, now = [], t + ttft
-        for _ in range(99):  # a gap that spans a long prefill's end is stretched by that prefill
-            stall = decode_stalls and any(now < s + 0.8 <= now + 0.01 for s in LONG_STARTS)
-            gaps.append(0.3 if stall else 0.01)
-            now += gaps[-1]
+        # a prefill that monopolizes the steps holds every running decode until it ends
+        gaps = _decode_gaps(t + ttft, 99, [(s, s + 0.8) for s in LONG_STARTS], stalled=decode_stalls)
         sim.add(t, ttft, gaps=gaps, prompt=100)
     return sim.run()
 
@@ -95,6 +92,8 @@ def test_convoy_silent_when_decodes_keep_flowing(make_sim):
 def test_convoy_sees_decode_stalls(make_sim):
     f = fired(_short_behind_long(make_sim, decode_stalls=True), "convoy")
     assert f is not None and f.evidence["itl_gap_ratio"] > 5
+    # the decodes wait out the whole prefill, a short request sent into it only the rest of it
+    assert 1.2 < f.evidence["stall_share_of_wait"] < 3.5
 
 
 # -- queueing -------------------------------------------------------------------------------
