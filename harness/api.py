@@ -82,6 +82,7 @@ class _Prepared:
     sessions: Iterator[Any]
     api_key: str | None
     force_output_length: bool
+    users: Any = None  # the loaded user script (harness.users.script.LoadedScript) for --users
 
 
 def execute_once(config: RunConfig, out: Path | None = None, console: RunConsole | None = None) -> RunOutcome:
@@ -141,6 +142,8 @@ def _prepare(config: RunConfig) -> _Prepared:
     if config.trace is not None and config.warmup_s > 0:
         raise ConfigError("--warmup does not combine with --trace (the trace's own start is the warm-up); drop --warmup")
     workers = config.workers or default_workers(phases, os.cpu_count() or 1)
+    if config.users is not None:
+        return _prepare_users(config, phases, workers, api_key)
     try:
         tokenizer = load_tokenizer(config.tokenizer, target_is_reference=config.target is None)
         # --prompt-tokens/--max-tokens means fixed lengths: force the output length (DESIGN.md).
@@ -162,6 +165,23 @@ def _prepare(config: RunConfig) -> _Prepared:
     except WorkloadError as exc:
         raise ConfigError(str(exc)) from exc
     return _Prepared(phases, workers, workload_meta, tokenizer, sessions, api_key, force)
+
+
+def _prepare_users(config: RunConfig, phases: list[Phase], workers: int, api_key: str | None) -> _Prepared:
+    """--users: the script is imported here first, so a broken one is exit 2 before any load."""
+    from servescope.harness.users.jobs import user_jobs
+    from servescope.harness.users.script import load_script
+    from servescope.workloads.errors import WorkloadError
+    from servescope.workloads.tokenizer import load_tokenizer
+
+    script = load_script(config.users)
+    try:
+        tokenizer = load_tokenizer(config.tokenizer, target_is_reference=config.target is None)
+    except WorkloadError as exc:
+        raise ConfigError(str(exc)) from exc
+    jobs = user_jobs([(name, float(cls.weight)) for name, cls in script.classes.items()], config.seed)
+    return _Prepared(phases, workers, {"users": script.to_json()}, tokenizer, jobs, api_key,
+                     config.force_output_length, users=script)
 
 
 def _primed(sessions: Iterator[Any]) -> Iterator[Any]:
@@ -205,8 +225,10 @@ def _drive(
     try:
         with _sigint_counter() as interrupts:
             hooks.interrupts = interrupts
+            user_classes = ([(name, float(cls.weight)) for name, cls in prepared.users.classes.items()]
+                            if prepared.users is not None else None)
             result = Dispatcher(pool, prepared.phases, prepared.sessions, clock, hooks, seed=config.seed,
-                                grace_s=config.grace_s).run()
+                                grace_s=config.grace_s, user_classes=user_classes).run()
     finally:
         console.stop()
         if scraper is not None:
@@ -217,9 +239,13 @@ def _drive(
         console.error(problem)
     for notice in result.notices:
         console.warn(notice)
+    if result.retired_users:
+        console.warn(f"{result.retired_users} scripted user(s) retired early (on_start failed or StopUser); "
+                     "flows.parquet has their on_start rows with the error")
     extra = {
         "client_check": client_check(result), "phases": result.phases, "problems": result.problems,
         "prewarm": result.prewarm, "cancelled_in_flight": result.cancelled, "notices": result.notices,
+        **({"users": {"flows": result.flows, "retired": result.retired_users}} if prepared.users is not None else {}),
         "output_length_forced": prepared.force_output_length and not any(
             n.startswith(FORCE_REJECTED_NOTICE) for n in result.notices),
         "server_metrics": {"url": metrics_url, "available": metrics_problem is None, "reason": metrics_problem,
@@ -284,7 +310,8 @@ def _worker_settings(config: RunConfig, prepared: _Prepared, base_url: str, mode
                   "transport": config.transport,
                   "force_output_length": prepared.force_output_length}
         settings.append(WorkerSettings(client=client, prewarm=share, count_tokens=True,
-                                       tokenizer=config.tokenizer))
+                                       tokenizer=config.tokenizer, seed=config.seed,
+                                       users_script=str(prepared.users.path) if prepared.users is not None else None))
     return settings
 
 
@@ -330,6 +357,9 @@ class _Hooks:
     def records(self, rows: list[dict[str, Any]]) -> None:
         self.writer.add_records(rows)
         self.target_down.observe(rows, self.clock())
+
+    def flows(self, rows: list[dict[str, Any]]) -> None:
+        self.writer.add_flows(rows)
 
     def tick(self, progress: Progress) -> None:
         self.writer.tick()

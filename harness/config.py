@@ -134,6 +134,8 @@ class RunConfig:
     model: str | None = None
     api: str | None = None  # None: the workload's own choice
     workload: str | None = None
+    users: str | None = None  # --users FILE.py | bundled example: scripted users instead of a workload
+    spawn_rate: float | None = None  # --spawn-rate: closed loop, users (slots) started per second
     prompt_tokens: int | None = None
     max_tokens: int | None = None
     concurrency: int | None = None
@@ -228,6 +230,13 @@ class RunConfig:
                 raise ConfigError(f"{flag}: must be at least 1, got {value}")
         if self.trace and (self.workload or self.prompt_tokens is not None or self.max_tokens is not None):
             raise ConfigError("--trace brings its own requests; drop --workload/--prompt-tokens/--max-tokens")
+        if self.users is not None:
+            clashing = [flag for flag, value in (("--workload", self.workload), ("--trace", self.trace),
+                                                 ("--prompt-tokens", self.prompt_tokens),
+                                                 ("--max-tokens", self.max_tokens), ("--api", self.api)) if value]
+            if clashing:
+                raise ConfigError(f"--users: the script makes its own calls; drop {', '.join(clashing)} "
+                                  "(set prompt and output lengths in the script: self.prompt(tokens=N), max_tokens=M)")
 
     def _check_load(self) -> None:
         given = [name for name, v in (("--concurrency", self.concurrency), ("--rate", self.rate),
@@ -238,6 +247,14 @@ class RunConfig:
             raise ConfigError(f"--concurrency: must be at least 1, got {self.concurrency}")
         if self.rate is not None and not (self.rate > 0 and math.isfinite(self.rate)):
             raise ConfigError(f"--rate: must be a positive number of requests per second, got {self.rate}")
+        if self.spawn_rate is not None:
+            if not (self.spawn_rate > 0 and math.isfinite(self.spawn_rate)):
+                raise ConfigError(f"--spawn-rate: must be a positive number of users per second, got {self.spawn_rate}")
+            if self.rate is not None or self.trace is not None or (self.sweep is not None and "rate" in str(self.sweep)):
+                raise ConfigError("--spawn-rate starts closed-loop users (--concurrency); with --rate users arrive at "
+                                  "the rate: drop --spawn-rate")
+            if parse_duration(self.ramp_s, "ramp") > 0:
+                raise ConfigError("--spawn-rate and --ramp both set how the users start: give one of them")
         if isinstance(self.arrival, str):
             self.arrival = Arrival.parse(self.arrival)
         if isinstance(self.sweep, str):
@@ -260,6 +277,10 @@ class RunConfig:
         """The workload lengths fixed by --prompt-tokens / --max-tokens, named by workload field (for run.json)."""
         return {name: value for name, value in (("prompt_tokens", self.prompt_tokens), ("output_tokens", self.max_tokens))
                 if value is not None}
+
+    def ramp_for(self, concurrency: float) -> float:
+        """Closed loop: seconds over which `concurrency` users start (--spawn-rate, else --ramp)."""
+        return concurrency / self.spawn_rate if self.spawn_rate else float(self.ramp_s)
 
     @property
     def load_kind(self) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 from servescope.harness.loadgen.messages import (
     EndPhase,
     Exited,
+    Flows,
     Job,
     LoopLag,
     PhaseIdle,
@@ -57,6 +58,8 @@ class WorkerSettings:
     # (None with count_tokens=True: the bundled one, exact for the reference engine).
     count_tokens: bool = False
     tokenizer: str | None = None
+    users_script: str | None = None  # scripted users: the script's path (imported again in the worker)
+    seed: int = 0  # scripted users: each user's rng is seeded from this and its id
 
 
 def worker_main(index: int, inbox: Any, outbox: Any, settings: WorkerSettings) -> None:
@@ -78,17 +81,28 @@ def worker_main(index: int, inbox: Any, outbox: Any, settings: WorkerSettings) -
         outbox.put(Exited(index))
 
 
-def _make_client(settings: WorkerSettings) -> Any:
+def _load_tokenizer(settings: WorkerSettings) -> Any:
+    from servescope.workloads.tokenizer import load_tokenizer
+
+    return load_tokenizer(settings.tokenizer, target_is_reference=settings.tokenizer is None)
+
+
+def _make_client(settings: WorkerSettings, tokenizer: Any) -> Any:
     from servescope.harness.client import ClientConfig, StreamingClient
 
     kwargs = dict(settings.client)
     if settings.count_tokens:
-        from servescope.workloads.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(settings.tokenizer, target_is_reference=settings.tokenizer is None)
         # Generated text: no special tokens added (a prompt count adds BOS; an output count must not).
         kwargs["count_tokens"] = lambda text: len(tokenizer.encode_plain(text))
     return StreamingClient(ClientConfig(**kwargs))
+
+
+def _make_users(worker: "Worker", settings: WorkerSettings, tokenizer: Any) -> Any:
+    from servescope.harness.users.runtime import UserRuntime
+    from servescope.harness.users.script import load_script
+    from servescope.workloads.spec import Buckets
+
+    return UserRuntime(worker, load_script(settings.users_script), tokenizer, settings.seed, Buckets())
 
 
 class Worker:
@@ -101,7 +115,9 @@ class Worker:
         self.settings = settings
         self.origin = float(settings.client["clock_origin"])
         self.client: Any = None
+        self.users: Any = None  # UserRuntime when the run drives scripted users
         self.rows: list[dict[str, Any]] = []
+        self.flow_rows: list[dict[str, Any]] = []
         self.lags = array("d")
         self.stopping = False
         self.waiting: set[asyncio.Task] = set()  # sessions sleeping until their next send
@@ -118,7 +134,11 @@ class Worker:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        self.client = _make_client(self.settings)
+        needs_tokenizer = self.settings.count_tokens or self.settings.users_script is not None
+        tokenizer = _load_tokenizer(self.settings) if needs_tokenizer else None
+        self.client = _make_client(self.settings, tokenizer)
+        if self.settings.users_script is not None:
+            self.users = _make_users(self, self.settings, tokenizer)
         t0 = time.perf_counter()
         error = None
         try:
@@ -138,7 +158,8 @@ class Worker:
         try:
             await self.client.aclose()
         finally:
-            self.outbox.put(Exited(self.index, self.cancelled, list(getattr(self.client, "notices", []))))
+            self.outbox.put(Exited(self.index, self.cancelled, list(getattr(self.client, "notices", [])),
+                                   self.users.retired if self.users is not None else 0))
 
     def _read_inbox(self, loop: asyncio.AbstractEventLoop) -> None:
         """Blocking reads on the inbox, handed to the event loop in arrival order.
@@ -183,13 +204,16 @@ class Worker:
     # -- phases -------------------------------------------------------------------------
 
     async def _run_phase(self, start: StartPhase, queue: asyncio.Queue) -> None:
-        if start.slot_starts:
+        if start.slot_starts and start.slot_users:
+            await self._user_slots(start, queue)
+        elif start.slot_starts:
             slots = [asyncio.create_task(self._slot(queue, at, start.deadline)) for at in start.slot_starts]
             await asyncio.gather(*slots)
         else:
             sessions: set[asyncio.Task] = set()
             while (job := await queue.get()) is not _END:
-                self._spawn(self._run_session(job.session, job.phase, job.at), sessions)
+                run = self._run_arrival(job) if self.users is not None else self._run_session(job.session, job.phase, job.at)
+                self._spawn(run, sessions)
             if sessions:
                 await asyncio.wait(list(sessions))
         self.phase_queues.pop(start.phase, None)
@@ -212,6 +236,34 @@ class Worker:
             free_since = self.now() + (min(CONNECT_BACKOFF_MAX_S, CONNECT_BACKOFF_S * 2 ** (refused - 1)) if refused else 0.0)
         queue.put_nowait(_END)  # pass the marker on to the next slot
 
+    async def _user_slots(self, start: StartPhase, queue: asyncio.Queue) -> None:
+        """Closed loop with scripted users: one long-lived user per slot.
+
+        A user that retires leaves its jobs to the others; when none is left, the
+        queue is drained (each job answered) so the phase still ends."""
+        live = [len(start.slot_starts)]
+
+        def done(job: Job) -> None:
+            self.outbox.put(SessionDone(self.index, job.phase))
+
+        async def one(at: float, slot: Any) -> None:
+            if await self.users.run_slot(queue, _END, at, start.deadline, slot, start.phase, done):
+                return
+            live[0] -= 1
+            if live[0] == 0:
+                while (job := await queue.get()) is not _END:
+                    done(job)
+                queue.put_nowait(_END)
+
+        await asyncio.gather(*(one(at, slot) for at, slot in zip(start.slot_starts, start.slot_users)))
+
+    async def _run_arrival(self, job: Job) -> None:
+        """Open loop with scripted users: one arriving user."""
+        try:
+            await self.users.run_arrival(job.session, job.phase, job.at)
+        finally:
+            self.outbox.put(SessionDone(self.index, job.phase))
+
     async def _run_session(self, session: Session, phase: str, at: float) -> RequestRecord | None:
         """Send the session's turns in order: the first at `at`, each next one its think time after the previous ended.
 
@@ -229,6 +281,17 @@ class Worker:
             previous_end = record.end_at if record.end_at is not None else self.now()
         self.outbox.put(SessionDone(self.index, phase))
         return record
+
+    # -- what scripted users ask of their worker (harness.users.runtime.Host) ----------------
+
+    async def sleep_until(self, at: float) -> bool:
+        return await self._sleep_until(at)
+
+    async def execute(self, spec: RequestSpec, record: RequestRecord, reply: Any = None) -> None:
+        await self._execute(spec, record, reply)
+
+    def add_flow(self, row: dict[str, Any]) -> None:
+        self.flow_rows.append(row)
 
     async def _sleep_until(self, at: float) -> bool:
         """Sleep until run-clock time `at`; False when the run was stopped meanwhile."""
@@ -264,13 +327,21 @@ class Worker:
             scheduled_at=scheduled,
         )
 
-    async def _execute(self, spec: RequestSpec, record: RequestRecord) -> None:
-        task = asyncio.get_running_loop().create_task(self.client.execute(spec, record))
+    async def _execute(self, spec: RequestSpec, record: RequestRecord, reply: Any = None) -> None:
+        task = asyncio.get_running_loop().create_task(self.client.execute(spec, record, reply))
         self.executing[task] = record
         try:
             await asyncio.wait([task])
+        except asyncio.CancelledError:  # the caller (a scripted flow) was cancelled: the call goes too, recorded
+            task.cancel()
+            await asyncio.wait([task])
+            self._record_outcome(task, record)
+            raise
         finally:
             self.executing.pop(task, None)
+        self._record_outcome(task, record)
+
+    def _record_outcome(self, task: asyncio.Task, record: RequestRecord) -> None:
         if task.cancelled():
             self.cancelled += 1
             record.status, record.error_kind = "cancelled", "cancelled"
@@ -306,6 +377,9 @@ class Worker:
             await asyncio.wait(list(self.executing), timeout=grace_s)
         for task in list(self.executing):
             task.cancel()
+        if self.users is not None:
+            await asyncio.sleep(0)  # let cancelled calls record themselves before their flows go
+            self.users.cancel_flows()
         if self.phase_tasks:
             await asyncio.wait(list(self.phase_tasks), timeout=max(1.0, grace_s))
         self._flush()
@@ -315,6 +389,9 @@ class Worker:
         if self.rows:
             rows, self.rows = self.rows, []
             self.outbox.put(Records(self.index, rows))
+        if self.flow_rows:  # after the records: a flow's calls reach the driver no later than the flow
+            flows, self.flow_rows = self.flow_rows, []
+            self.outbox.put(Flows(self.index, flows))
 
     async def _flush_periodically(self) -> None:
         while True:

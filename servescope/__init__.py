@@ -10,9 +10,12 @@ so `import servescope` stays cheap in worker processes):
   (`.run` is run.json, `.requests` one row per request, `.server_metrics`);
 * `build_report(run_dir, slos=None)` - summary.json, findings.json, report.html;
 * `parse_slos("ttft_p99=500ms,error_rate=0.1%")`, `SLO`;
+* `User`, `task`, `between`, `constant`, `constant_pacing`, `constant_throughput`,
+  `StopUser`, `Response`, `CallError` - scripted users (`servescope run --users FILE.py`):
+  Locust-shaped classes whose `@task` coroutines call the model, measured to the chunk;
 * `UsageError` - the base of every error a user can cause (exit status 2);
 * the run-directory contract: `FORMAT_VERSION`, `RequestRecord`,
-  `REQUEST_COLUMNS`, `RunDirError` (see `servescope.rundir`).
+  `REQUEST_COLUMNS`, `FlowRecord`, `FLOW_COLUMNS`, `RunDirError` (see `servescope.rundir`).
 """
 
 from __future__ import annotations
@@ -47,11 +50,24 @@ _PUBLIC: dict[str, str] = {
     "parse_slos": "servescope.slo",
     "SLO": "servescope.slo",
     "UsageError": "servescope.errors",
+    "FlowRecord": "servescope.rundir.schema",
+    "FLOW_COLUMNS": "servescope.rundir.schema",
+    "User": "servescope.harness.users.user",
+    "task": "servescope.harness.users.user",
+    "between": "servescope.harness.users.user",
+    "constant": "servescope.harness.users.user",
+    "constant_pacing": "servescope.harness.users.user",
+    "constant_throughput": "servescope.harness.users.user",
+    "StopUser": "servescope.harness.users.user",
+    "Response": "servescope.harness.users.response",
+    "CallError": "servescope.harness.users.response",
 }
 
 __all__ = [
-    "FORMAT_VERSION", "REQUEST_COLUMNS", "SLO", "RequestRecord", "RunConfig", "RunData", "RunDirError",
-    "RunOutcome", "UsageError", "__version__", "build_report", "execute_run", "load_run", "parse_slos", "run",
+    "FLOW_COLUMNS", "FORMAT_VERSION", "REQUEST_COLUMNS", "SLO", "CallError", "FlowRecord", "RequestRecord", "Response",
+    "RunConfig", "RunData", "RunDirError", "RunOutcome", "StopUser", "UsageError", "User", "__version__", "between",
+    "build_report", "constant", "constant_pacing", "constant_throughput", "execute_run", "load_run", "parse_slos",
+    "run", "task",
 ]
 
 if TYPE_CHECKING:
@@ -60,7 +76,11 @@ if TYPE_CHECKING:
     from servescope.harness.orchestration.repeat import execute_run, run
     from servescope.harness.config import RunConfig
     from servescope.rundir.reader import RunData, load_run
-    from servescope.rundir.schema import FORMAT_VERSION, REQUEST_COLUMNS, RequestRecord, RunDirError
+    from servescope.harness.users.response import CallError, Response
+    from servescope.harness.users.user import (
+        StopUser, User, between, constant, constant_pacing, constant_throughput, task,
+    )
+    from servescope.rundir.schema import FLOW_COLUMNS, FORMAT_VERSION, REQUEST_COLUMNS, FlowRecord, RequestRecord, RunDirError
     from servescope.errors import UsageError
     from servescope.slo import SLO, parse_slos
 

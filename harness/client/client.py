@@ -16,6 +16,7 @@ from servescope.harness.client.body import FORCE_FIELDS, api_path, forces_output
 from servescope.harness.client.config import ClientConfig
 from servescope.harness.client.endpoint import Endpoint
 from servescope.harness.client.exchange import Exchange
+from servescope.harness.client.reply import Reply
 from servescope.harness.client.outcome import (
     ProtocolError,
     StreamError,
@@ -60,7 +61,8 @@ class StreamingClient:
         """
         return await self._transport.prewarm(n)
 
-    async def execute(self, spec: RequestSpec, record: RequestRecord) -> None:
+    async def execute(self, spec: RequestSpec, record: RequestRecord, reply: Reply | None = None) -> None:
+        """Send `spec`, fill `record` (and `reply` with the answer's text and tool calls, when given)."""
         _copy_labels(spec, record)
         force = forces_output_length(spec, self.config) and self.force_rejected is None
         try:
@@ -81,11 +83,11 @@ class StreamingClient:
                 await self._transport.exchange(path, request_body(spec, self.config, False), ex)
         except asyncio.CancelledError:
             ex.fail("cancelled", "cancelled by the load generator", perf_counter())
-            self._fill(record, ex)
+            self._fill(record, ex, reply)
             raise
         except Exception as exc:  # a transport bug must cost one record, not the worker
             ex.fail("client", f"{type(exc).__name__}: {exc}", perf_counter())
-        self._fill(record, ex)
+        self._fill(record, ex, reply)
 
     @staticmethod
     def _rejects_forced_length(ex: Exchange) -> bool:
@@ -107,7 +109,7 @@ class StreamingClient:
         await self._transport.aclose()
 
     # ------------------------------------------------------------------------
-    def _fill(self, record: RequestRecord, ex: Exchange) -> None:
+    def _fill(self, record: RequestRecord, ex: Exchange, reply: Reply | None = None) -> None:
         origin = self.config.clock_origin
         record.http_status = ex.status
         record.connect_s = ex.connect_s
@@ -118,11 +120,11 @@ class StreamingClient:
         if ex.end_at is not None:
             record.end_at = ex.end_at - origin
         if ex.error_kind is not None:
-            self._fill_failure(record, ex)
+            self._fill_failure(record, ex, reply)
         elif ex.status is None or not 200 <= ex.status < 300:
             self._fill_http_error(record, ex)
         else:
-            self._fill_success(record, ex)
+            self._fill_success(record, ex, reply)
         if record.sent_at is not None:
             if record.first_token_at is not None:
                 record.ttft_s = record.first_token_at - record.sent_at
@@ -137,13 +139,13 @@ class StreamingClient:
                 and record.output_tokens is not None and record.output_tokens > 1):
             record.tpot_s = (record.e2e_s - record.ttft_s) / (record.output_tokens - 1)
 
-    def _fill_failure(self, record: RequestRecord, ex: Exchange) -> None:
+    def _fill_failure(self, record: RequestRecord, ex: Exchange, reply: Reply | None = None) -> None:
         kind = ex.error_kind
         record.status = {"timeout": "timeout", "cancelled": "cancelled"}.get(kind, "error")  # type: ignore[arg-type]
         record.error_kind, record.error_message = kind, truncate(ex.error_message or "")
         if self.config.stream and ex.status == 200 and ex.pieces:
             try:  # keep what was measured before the failure (TTFT, chunks so far)
-                apply_stream(record, ex, self.config.clock_origin, self.config.count_tokens)
+                apply_stream(record, ex, self.config.clock_origin, self.config.count_tokens, reply)
             except (ProtocolError, StreamError, ValueError):
                 pass
 
@@ -157,18 +159,18 @@ class StreamingClient:
             record.error_kind = "protocol"
             record.error_message = f"unexpected HTTP status {status} (want 200 or an error status)"
 
-    def _fill_success(self, record: RequestRecord, ex: Exchange) -> None:
+    def _fill_success(self, record: RequestRecord, ex: Exchange, reply: Reply | None = None) -> None:
         cfg = self.config
         try:
             if not cfg.stream:
-                apply_json(record, ex, cfg.count_tokens)
+                apply_json(record, ex, cfg.count_tokens, reply)
             elif ex.content_type and "text/event-stream" not in ex.content_type.lower():
                 raise ProtocolError(
                     f"asked for a stream but got Content-Type {ex.content_type!r}: "
                     f"{truncate(b''.join(ex.pieces).decode('utf-8', 'replace'))}"
                 )
             else:
-                apply_stream(record, ex, cfg.clock_origin, cfg.count_tokens)
+                apply_stream(record, ex, cfg.clock_origin, cfg.count_tokens, reply)
         except ProtocolError as exc:
             record.status, record.error_kind, record.error_message = "error", "protocol", truncate(str(exc))
         except StreamError as exc:

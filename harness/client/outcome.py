@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from servescope.harness.client.body import loads
 from servescope.harness.client.exchange import Exchange
+from servescope.harness.client.reply import Reply
 from servescope.harness.client.sse import split_events
 from servescope.rundir.schema import RequestRecord
 
@@ -116,8 +117,11 @@ def _set_output_tokens(
         record.output_tokens, record.output_tokens_source = n_chunks, "chunks"
 
 
-def apply_stream(record: RequestRecord, ex: Exchange, origin: float, count_tokens: Callable[[str], int] | None) -> None:
-    """Fill timings, tokens and usage from an SSE body. Raises ProtocolError on a malformed stream."""
+def apply_stream(record: RequestRecord, ex: Exchange, origin: float, count_tokens: Callable[[str], int] | None,
+                 reply: Reply | None = None) -> None:
+    """Fill timings, tokens and usage from an SSE body (and `reply`, when given, with what it said).
+
+    Raises ProtocolError on a malformed stream."""
     chat = record.api == "chat"
     events = split_events(ex.pieces, ex.times)
     content_times: list[float] = []
@@ -146,10 +150,16 @@ def apply_stream(record: RequestRecord, ex: Exchange, origin: float, count_token
                 content_times.append(t)
                 texts.append(text)
             finish_reason = _finish_reason(choices) or finish_reason
+            if reply is not None:
+                for choice in choices:
+                    if isinstance(choice, dict):
+                        reply.add_choice(choice, chat)
     if events.malformed is not None:
         raise ProtocolError(f"malformed SSE (no data/event/comment line): {truncate(events.malformed.decode('utf-8', 'replace'))}")
     if usage:
         _apply_usage(record, usage)
+        if reply is not None:
+            reply.usage = usage
     if content_times:
         record.first_token_at = content_times[0] - origin
         record.itl_s = [b - a for a, b in zip(content_times, content_times[1:])]
@@ -204,8 +214,9 @@ def _apportion(units: int, weights: list[int]) -> list[int]:
     return shares
 
 
-def apply_json(record: RequestRecord, ex: Exchange, count_tokens: Callable[[str], int] | None) -> None:
-    """Fill tokens and usage from a non-streamed completion body (E2E only)."""
+def apply_json(record: RequestRecord, ex: Exchange, count_tokens: Callable[[str], int] | None,
+               reply: Reply | None = None) -> None:
+    """Fill tokens and usage from a non-streamed completion body (E2E only), and `reply` when given."""
     body = b"".join(ex.pieces)
     try:
         obj = loads(body)
@@ -218,5 +229,10 @@ def apply_json(record: RequestRecord, ex: Exchange, count_tokens: Callable[[str]
     usage = obj.get("usage") or None
     if usage:
         _apply_usage(record, usage)
+    if reply is not None:
+        reply.usage = usage
+        for choice in obj.get("choices") or []:
+            if isinstance(choice, dict):
+                reply.add_choice(choice, record.api == "chat")
     text = _choice_text(obj.get("choices") or [], record.api == "chat")
     _set_output_tokens(record, usage, text, 1 if text else 0, count_tokens)

@@ -40,6 +40,9 @@ TARGET: Group = (
 
 WORKLOAD: Group = (
     _opt(["--workload", "workload"], metavar="PRESET|FILE.yaml", help="Workload preset name or YAML file."),
+    _opt(["--users", "users"], metavar="FILE.py|EXAMPLE",
+                 help="Scripted users (User classes with @task coroutines) instead of a workload; "
+                      "or a bundled example (agent, rag, chat, planner)."),
     _opt(["--api", "api"], type=click.Choice(["completions", "chat"]),
                  help="API to use (default: the workload's)."),
     _opt(["--prompt-tokens", "prompt_tokens"], type=int,

@@ -16,13 +16,15 @@ from servescope.harness.commands.options import CLIENT, TARGET, WORKLOAD, with_o
 
 @click.command("run", context_settings={"help_option_names": ["-h", "--help"]})
 @with_options(TARGET, WORKLOAD)
-@click.option("--concurrency", type=int, help="Closed loop: N requests in flight.")
-@click.option("--rate", type=float, help="Open loop: R requests per second.")
+@click.option("--concurrency", type=int, help="Closed loop: N requests in flight (with --users: N users).")
+@click.option("--spawn-rate", "spawn_rate", type=float,
+              help="Closed loop: start the N users (slots) at this many per second instead of all at once.")
+@click.option("--rate", type=float, help="Open loop: R requests per second (with --users: R arriving users per second).")
 @click.option("--sweep", metavar="SPEC", help="One phase per value: rate:1,2,4,8 or concurrency:1,8,64.")
 @click.option("--trace", type=click.Path(dir_okay=False), help="Replay the arrivals of a trace file.")
 @click.option("--trace-speed", type=float, default=1.0, show_default=True, help="Trace replay speed (2 = twice as fast).")
 @click.option("--duration", "duration_s", help="Per phase: 500ms, 30s, 1m (default 60s unless --requests is given).")
-@click.option("--requests", type=int, help="Per phase: this many sessions (requests, single-turn).")
+@click.option("--requests", type=int, help="Per phase: this many sessions (requests, single-turn; with --users: tasks).")
 @click.option("--warmup", "warmup_s", default="0s", show_default=True,
               help="Warm-up at the first phase's load (phase `warmup`, not summarized).")
 @click.option("--ramp", "ramp_s", default="0s", show_default=True,

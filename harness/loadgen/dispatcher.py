@@ -23,6 +23,7 @@ import numpy as np
 from servescope.harness.loadgen.messages import (
     EndPhase,
     Exited,
+    Flows,
     Job,
     LoopLag,
     PhaseIdle,
@@ -35,6 +36,7 @@ from servescope.harness.loadgen.messages import (
     WorkerFailed,
 )
 from servescope.harness.loadgen.models import ConcurrencyLoad, Phase, RateLoad, TraceLoad
+from servescope.harness.users.jobs import SlotUser, slot_classes
 from servescope.workloads.types import Session
 
 LOOKAHEAD_S = 0.5  # open loop: hand a session to its worker this long before it is due
@@ -57,6 +59,7 @@ class Hooks(Protocol):
     """What the dispatcher reports to (run directory, console) and asks (should we stop?)."""
 
     def records(self, rows: list[dict[str, Any]]) -> None: ...
+    def flows(self, rows: list[dict[str, Any]]) -> None: ...  # scripted users' task invocations
     def tick(self, progress: "Progress") -> None: ...
     def stop_requested(self) -> int: ...  # 0: go on; 1: stop gracefully; 2: stop now
     def failure(self) -> str | None: ...  # a reason to abandon the run (e.g. the engine died)
@@ -76,6 +79,7 @@ class Progress:
     records: int = 0
     errors: int = 0
     stopping: bool = False
+    outstanding: int = 0  # sessions handed to workers and not done: in flight, or queued up to LOOKAHEAD_S ahead
 
 
 @dataclass
@@ -88,6 +92,8 @@ class DispatchResult:
     prewarm: list[dict[str, Any]] = field(default_factory=list)
     cancelled: int = 0
     notices: list[str] = field(default_factory=list)  # workers' clients' remarks on the target, deduplicated
+    flows: int = 0  # scripted users' task invocations recorded
+    retired_users: int = 0  # scripted users retired early (on_start failed, or StopUser)
 
 
 class _StopRun(Exception):
@@ -106,6 +112,7 @@ class Dispatcher:
         hooks: Hooks,
         seed: int = 0,
         grace_s: float = 5.0,
+        user_classes: list[tuple[str, float]] | None = None,
     ) -> None:
         self.channel = channel
         self.phases = phases
@@ -114,6 +121,7 @@ class Dispatcher:
         self.hooks = hooks
         self.seed = seed
         self.grace_s = grace_s
+        self.user_classes = user_classes  # scripted users: (class name, weight), in the script's order
         self.workers = len(channel)
         self.result = DispatchResult("complete")
         self.progress = Progress(phase_count=len(phases))
@@ -173,11 +181,15 @@ class Dispatcher:
     def _closed_loop(self, phase: Phase, load: ConcurrencyLoad, start: float) -> int:
         offsets = load.slot_offsets()
         slots: list[list[float]] = [[] for _ in range(self.workers)]
+        users: list[list[SlotUser]] = [[] for _ in range(self.workers)]
+        classes = slot_classes(self.user_classes, len(offsets)) if self.user_classes else []
         for i, offset in enumerate(offsets):
             slots[i % self.workers].append(start + offset)
+            if classes:
+                users[i % self.workers].append(SlotUser(i, classes[i]))
         deadline = None if phase.duration_s is None else start + phase.duration_s
         for worker in range(self.workers):
-            self.channel.send(worker, StartPhase(phase.name, slots[worker], deadline))
+            self.channel.send(worker, StartPhase(phase.name, slots[worker], deadline, users[worker]))
         # Keep each worker a few sessions ahead of its slots: refills ride on SessionDone
         # messages, which arrive up to POLL_S late.
         buffer = [2 * len(s) + 4 if s else 0 for s in slots]
@@ -254,6 +266,7 @@ class Dispatcher:
         messages = self.channel.poll(POLL_S)
         for message in messages:
             self._handle(message)
+        self.progress.outstanding = sum(self.outstanding)
         self.hooks.tick(self.progress)
         if not self.progress.stopping:
             stop = self.hooks.stop_requested()
@@ -277,6 +290,9 @@ class Dispatcher:
                 if lag is not None and row.get("phase") != "warmup":
                     self.result.schedule_lags.append(lag)
             self.hooks.records(message.rows)
+        elif isinstance(message, Flows):
+            self.result.flows += len(message.rows)
+            self.hooks.flows(message.rows)
         elif isinstance(message, SessionDone):
             self.outstanding[message.worker] = max(0, self.outstanding[message.worker] - 1)
             if message.phase == self.progress.phase:
@@ -292,6 +308,7 @@ class Dispatcher:
         elif isinstance(message, Exited):
             self.exited.add(message.worker)
             self.result.cancelled += message.in_flight_cancelled
+            self.result.retired_users += message.retired_users
             for notice in message.notices:
                 if notice not in self.result.notices:
                     self.result.notices.append(notice)

@@ -23,13 +23,16 @@ class StartPhase:
     phase: str
     slot_starts: list[float] = field(default_factory=list)
     deadline: float | None = None  # closed loop: slots start no session after this
+    slot_users: list[Any] = field(default_factory=list)  # scripted users: the SlotUser of each slot start
 
 
 @dataclass(slots=True)
 class Job:
-    """One session to run. `at`: open-loop send time; None: the next free closed-loop slot sends it."""
+    """One session to run. `at`: open-loop send time; None: the next free closed-loop slot sends it.
 
-    session: Session
+    Scripted users: `session` is a `UserJob` (a task to run, or an arriving user)."""
+
+    session: Session | Any
     phase: str
     at: float | None = None
 
@@ -73,6 +76,14 @@ class Records:
 
 
 @dataclass(slots=True)
+class Flows:
+    """A batch of finished task invocations of scripted users (`FlowRecord.to_dict()` rows)."""
+
+    worker: int
+    rows: list[dict[str, Any]]
+
+
+@dataclass(slots=True)
 class SessionDone:
     worker: int
     phase: str
@@ -106,3 +117,4 @@ class Exited:
     worker: int
     in_flight_cancelled: int = 0
     notices: list[str] = field(default_factory=list)  # what the client learnt about the target (for the console)
+    retired_users: int = 0  # scripted users whose on_start failed or who raised StopUser

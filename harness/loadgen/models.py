@@ -160,10 +160,11 @@ def _loads(config: RunConfig) -> list[LoadModel]:
     if config.sweep is not None:
         if config.sweep.kind == "rate":
             return [RateLoad(v, config.arrival, ramp) for v in config.sweep.values]
-        return [ConcurrencyLoad(int(v), ramp) for v in config.sweep.values]
+        return [ConcurrencyLoad(int(v), config.ramp_for(v)) for v in config.sweep.values]
     if config.rate is not None:
         return [RateLoad(config.rate, config.arrival, ramp)]
-    return [ConcurrencyLoad(config.concurrency or 1, ramp)]
+    concurrency = config.concurrency or 1
+    return [ConcurrencyLoad(concurrency, config.ramp_for(concurrency))]
 
 
 # Worker-count rule (documented in `servescope run --help`). Measured with

@@ -48,10 +48,17 @@ Every key is optional:
         close         close the connection without answering
         non_sse       answer a streaming request with a plain JSON body
     fault_status int, fault_message str, fault_after int (default 1)
+    text                 str    stream this text, one word per content chunk (overrides tokens)
+    tool_call            bool   chat with `tools` in the body: answer with streamed tool calls
+                         (default true): the first fragment carries id and name, the arguments
+                         follow in several fragments, finish_reason "tool_calls"
+    tool_calls           int    how many tool calls (default 1), to the body's tools in turn
+    tool_arguments       dict   the arguments written (default {"query": <last user text, 40 chars>, "n": i})
 
 GET /health (404 when started with health=False), /v1/models and /metrics
 answer as a real server would; GET /_stats, GET /_log?id=ID (all ids without
-it) and POST /_reset are the test-side controls.
+it), GET /_bodies?id=ID (the request body that got that response id; all
+without it, the last 10,000) and POST /_reset are the test-side controls.
 
 Server-wide options (ScriptedServer keywords) emulate servers that differ from
 vLLM in ways a request script cannot express:
@@ -100,6 +107,7 @@ class _State:
         self.default_script = dict(options.get("default_script", {}))
         self.next_id = 0
         self.log: dict[str, list[float]] = {}
+        self.bodies: dict[str, Any] = {}  # response id -> request body (bounded: the last MAX_BODIES)
         self.last_headers: dict[str, str] = {}
         self.reset()
 
@@ -110,6 +118,7 @@ class _State:
         self.last_body_keys: list[str] = []
         self.gets = 0
         self.log.clear()
+        self.bodies.clear()
 
     def stats(self, open_now: int) -> dict[str, Any]:
         return {"connections_opened": self.connections_opened, "connections_open": open_now,
@@ -213,6 +222,9 @@ async def _handle(conn: _Conn, method: str, url: str, headers: dict[str, str], b
             rid = parse_qs(parts.query).get("id", [None])[0]
             payload = state.log.get(rid, []) if rid else state.log
             conn.respond(200, json.dumps(payload).encode())
+        elif path == "/_bodies":
+            rid = parse_qs(parts.query).get("id", [None])[0]
+            conn.respond(200, json.dumps(state.bodies.get(rid) if rid else state.bodies).encode())
         else:
             conn.respond(404, b'{"error": {"message": "no such path"}}')
         return
@@ -326,6 +338,9 @@ async def _generate(conn: _Conn, req: dict[str, Any], chat: bool) -> None:
     rid = str(script.get("id") or f"{'chatcmpl' if chat else 'cmpl'}-{state.next_id}")
     fault = script.get("fault")
     t0 = time.perf_counter()
+    state.bodies[rid] = req
+    if len(state.bodies) > MAX_BODIES:
+        del state.bodies[next(iter(state.bodies))]
     if fault == "close":
         conn.transport.close()  # type: ignore[union-attr]
         return
@@ -337,7 +352,8 @@ async def _generate(conn: _Conn, req: dict[str, Any], chat: bool) -> None:
         conn.respond(status, json.dumps({"error": {"message": message, "type": "ScriptedError", "code": status}}).encode())
         return
 
-    tokens = int(script.get("tokens", req.get("max_tokens", 16)))
+    words = [" " + w for w in str(script["text"]).split()] if "text" in script else None
+    tokens = len(words) if words is not None else int(script.get("tokens", req.get("max_tokens", 16)))
     per_chunk = max(1, int(script.get("tokens_per_chunk", 1)))
     itl = script.get("itl_s", 0.0)
     first_delay = float(script.get("first_token_delay_s", 0.0))
@@ -359,7 +375,7 @@ async def _generate(conn: _Conn, req: dict[str, Any], chat: bool) -> None:
 
     if not req.get("stream"):
         await _sleep_until(t0 + first_delay + sum(gaps))
-        text = " tok" * tokens
+        text = "".join(words) if words is not None else " tok" * tokens
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"} if chat
                   else {"index": 0, "text": text, "finish_reason": "length"})
         conn.respond(200, json.dumps({**base, "choices": [choice], "usage": usage}).encode())
@@ -386,9 +402,26 @@ async def _generate(conn: _Conn, req: dict[str, Any], chat: bool) -> None:
     events: list[tuple[bytes, bool]] = []
     if chat and script.get("role_chunk", True):
         events.append((stream.encode(chunk(None, role=True)), False))
-    for i, k in enumerate(sizes):
+    calls = _tool_calls(req, script) if chat else []
+    if calls:
+        finish_reason = "tool_calls"
+        fragments = [fragment for i, call in enumerate(calls) for fragment in _tool_fragments(i, call)]
+        sizes = [1] * len(fragments)
+        n_chunks = len(sizes)
+        gaps = itl if isinstance(itl, list) else [float(itl)] * max(0, n_chunks - 1)
+        for i, fragment in enumerate(fragments):
+            last = i == n_chunks - 1
+            delta = {"index": 0, "delta": {"tool_calls": [fragment]},
+                     "finish_reason": finish_reason if last and usage_mode != "finish" else None}
+            events.append((stream.encode(json.dumps({**base, "choices": [delta]}, separators=(",", ":")).encode()), True))
+    text_at = 0
+    for i, k in enumerate(sizes if not calls else []):
         last = i == n_chunks - 1
-        events.append((stream.encode(chunk(" tok" * k, finish_reason if last and usage_mode != "finish" else None)), True))
+        if words is not None:
+            piece, text_at = "".join(words[text_at:text_at + k]), text_at + k
+        else:
+            piece = " tok" * k
+        events.append((stream.encode(chunk(piece, finish_reason if last and usage_mode != "finish" else None)), True))
     if usage_mode == "finish":
         events.append((stream.encode(chunk(None, finish_reason, with_usage=True)), False))
     elif usage_mode == "separate":
@@ -420,6 +453,32 @@ async def _generate(conn: _Conn, req: dict[str, Any], chat: bool) -> None:
         await _fault(conn, stream, fault, script)
         return
     stream.end()
+
+
+MAX_BODIES = 10_000
+
+
+def _tool_calls(req: dict[str, Any], script: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tool calls to stream for a request with `tools` (none when the script says tool_call: false)."""
+    tools = req.get("tools") or []
+    if not tools or script.get("tool_call", True) is False:
+        return []
+    last_user = next((m.get("content") or "" for m in reversed(req.get("messages") or []) if m.get("role") == "user"), "")
+    calls = []
+    for i in range(int(script.get("tool_calls", 1))):
+        function = (tools[i % len(tools)].get("function") or {})
+        arguments = script.get("tool_arguments") or {"query": str(last_user)[:40], "n": i}
+        calls.append({"id": f"call_{i}_{len(last_user)}", "name": function.get("name", "tool"),
+                      "arguments": json.dumps(arguments)})
+    return calls
+
+
+def _tool_fragments(index: int, call: dict[str, Any]) -> list[dict[str, Any]]:
+    """A call as a stream sends it: id and name first, then the arguments in three pieces."""
+    args = call["arguments"]
+    cut = [0, len(args) // 3, 2 * len(args) // 3, len(args)]
+    first = {"index": index, "id": call["id"], "type": "function", "function": {"name": call["name"], "arguments": ""}}
+    return [first] + [{"index": index, "function": {"arguments": args[a:b]}} for a, b in zip(cut, cut[1:]) if b > a]
 
 
 async def _fault(conn: _Conn, stream: _Stream, fault: str, script: dict[str, Any]) -> None:
@@ -538,6 +597,9 @@ class ScriptedServer:
         req = urllib.request.Request(self.base_url + path, method=method, data=b"" if method == "POST" else None)
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())
+
+    def bodies(self, response_id: str | None = None) -> Any:
+        return self._get(f"/_bodies?id={response_id}" if response_id else "/_bodies")
 
     def write_log(self, response_id: str | None = None) -> Any:
         """Write times of the content chunks of one response (or {id: times} for all)."""
