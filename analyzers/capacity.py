@@ -200,7 +200,9 @@ def _record(result: CapacityResult, step: StepResult, on_step: Callable[[StepRes
 def _fmt(value: float | None, metric: str) -> str:
     if value is None:
         return "–"
-    return f"{value:.2%}" if metric == "error_rate" else format_duration(value, digits=0)
+    from servescope.slo import RATE_METRICS
+
+    return f"{value:.2%}" if metric in RATE_METRICS else format_duration(value, digits=0)
 
 
 def write_capacity(result: CapacityResult, out: Path) -> tuple[Path, Path]:
@@ -228,7 +230,7 @@ def _figures(result: CapacityResult) -> list[Any]:
     """Goodput (and throughput) vs offered rate; latency percentiles vs rate with the SLO lines."""
     import plotly.graph_objects as go
 
-    from servescope.slo import parse_slos
+    from servescope.slo import RATE_METRICS, parse_slos
 
     full = sorted((s for s in result.steps if not s.early_stop), key=lambda s: s.rate)
     rates = [s.rate for s in full]
@@ -255,7 +257,7 @@ def _figures(result: CapacityResult) -> list[Any]:
             lat.add_trace(go.Scatter(x=rates, y=ys, mode="lines+markers", name=key.replace("_s.", " ")))
     span = [min(rates), max(rates)] if rates else [0.0, 1.0]
     for slo in parse_slos(result.settings.slo):
-        threshold = _positive_ms(slo.threshold) if slo.metric != "error_rate" else None
+        threshold = _positive_ms(slo.threshold) if slo.metric not in RATE_METRICS else None
         if threshold is not None:
             drawn.append(threshold)
             lat.add_trace(go.Scatter(x=span, y=[threshold, threshold], mode="lines", name=f"SLO {slo.name} {_fmt(slo.threshold, slo.metric)}",

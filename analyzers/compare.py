@@ -8,6 +8,9 @@ for whole distributions, a Mann-Whitney U test. A verdict says `regressed` or
 least `threshold` in size: significance alone would flag 0.3% shifts on big
 runs, size alone would flag noise on small ones.
 
+Runs of scripted users (both sides with flows.parquet) also compare flow
+durations, end to end per task invocation, as `flow_p50` ... `flow_dist`.
+
 Single runs cannot show run-to-run spread (a noisy neighbour, a thermal
 throttle); the threshold is the guard then. Folders of repeated runs let the
 bootstrap resample whole runs, so between-run spread widens the interval.
@@ -32,6 +35,7 @@ from servescope.rundir.schema import RUN_JSON, RunDirError
 
 LATENCY_METRICS: dict[str, str] = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2e": "E2E"}
 LATENCY_STATS: tuple[str, ...] = ("p50", "p90", "p99", "mean")
+FLOW_METRIC, FLOW_LABEL = "flow", "flow duration"  # scripted users' task invocations (successful flows)
 # A percentile is compared only when each side has this many samples beyond it: with
 # fewer, the bootstrap cannot see past the sample's largest values, its interval comes
 # out too narrow, and two runs of one build "differ" (a p99 of 120 requests is their
@@ -106,6 +110,9 @@ def _metric_specs() -> dict[str, MetricSpec]:
         for stat in LATENCY_STATS:
             specs[f"{key}_{stat}"] = MetricSpec(f"{key}_{stat}", f"{label} {stat}", "s", True)
         specs[f"{key}_dist"] = MetricSpec(f"{key}_dist", f"{label} distribution (median, rank test)", "s", True)
+    for stat in LATENCY_STATS:
+        specs[f"{FLOW_METRIC}_{stat}"] = MetricSpec(f"{FLOW_METRIC}_{stat}", f"{FLOW_LABEL} {stat}", "s", True)
+    specs[f"{FLOW_METRIC}_dist"] = MetricSpec(f"{FLOW_METRIC}_dist", f"{FLOW_LABEL} distribution (median, rank test)", "s", True)
     specs["req_per_s"] = MetricSpec("req_per_s", "requests/s", "req/s", False)
     specs["output_tok_per_s"] = MetricSpec("output_tok_per_s", "output tokens/s", "tok/s", False)
     specs["error_rate"] = MetricSpec("error_rate", "error rate", "fraction", True, relative=False)
@@ -270,6 +277,7 @@ def compare_runs(base_path: str | Path, cand_path: str | Path, settings: Compare
     base_frames = [_measured(r) for r in base.runs]
     cand_frames = [_measured(r) for r in cand.runs]
     overall = _latency_results(base, cand, base_frames, cand_frames, settings, rng, settings.min_samples)
+    overall += _flow_results(base, cand, settings, rng, notes)
     overall += _throughput_results(base_frames, cand_frames, settings, rng)
     overall.append(_error_result(base_frames, cand_frames, settings, rng))
     for m in overall:
@@ -291,33 +299,64 @@ def _latency_results(
     for key in LATENCY_METRICS:
         b = [_latency_values(run, frame, key) for run, frame in zip(base.runs, base_frames)]
         c = [_latency_values(run, frame, key) for run, frame in zip(cand.runs, cand_frames)]
-        n_b, n_c = sum(len(v) for v in b), sum(len(v) for v in c)
-        too_few = min(n_b, n_c) < min_samples or min(len(v) for v in b + c) == 0
-        for stat in LATENCY_STATS:
-            spec = ALL_METRICS[f"{key}_{stat}"]
-            if too_few:
-                results.append(_few(spec, n_b, n_c, min_samples))
-                continue
-            tail_needed = math.ceil(MIN_TAIL_SAMPLES / (1 - PERCENTILES[stat])) if stat in PERCENTILES else 0
-            if min(n_b, n_c) < tail_needed:
-                results.append(_few(spec, n_b, n_c, tail_needed,
-                                    f"{stat} is compared from {tail_needed} samples a side ({MIN_TAIL_SAMPLES} beyond it); "
-                                    "run longer or --repeat more"))
-                continue
-            est = compare_stat(b, c, stat, alpha=settings.alpha, n_boot=settings.n_boot, rng=rng)
-            results.append(_result(spec, est.base, est.cand, est.change, est.ci_low, est.ci_high, est.p_value,
-                                   n_b, n_c, est.significant(settings.alpha), settings.threshold))
-        spec = ALL_METRICS[f"{key}_dist"]
+        results += _distribution_results(key, b, c, settings, rng, min_samples)
+    return results
+
+
+def _flow_results(base: RunGroup, cand: RunGroup, settings: CompareSettings, rng: np.random.Generator,
+                  notes: list[str]) -> list[MetricResult]:
+    """Flow durations of every run's measured, successful flows; none when neither side has scripted users."""
+    with_flows = [not r.flows.empty for r in base.runs + cand.runs]
+    if not any(with_flows):
+        return []
+    if not all(with_flows):
+        notes.append("only some runs have flows (scripted users): flow durations are not compared")
+        n_b, n_c = (sum(len(_flow_durations(r)) for r in g.runs) for g in (base, cand))
+        return [_few(spec, n_b, n_c, settings.min_samples, "a run on one side has no flows")
+                for name, spec in ALL_METRICS.items() if name.startswith(f"{FLOW_METRIC}_")]
+    b = [_flow_durations(r) for r in base.runs]
+    c = [_flow_durations(r) for r in cand.runs]
+    return _distribution_results(FLOW_METRIC, b, c, settings, rng, settings.min_samples)
+
+
+def _flow_durations(run: RunData) -> np.ndarray:
+    flows = run.flows
+    keep = (flows["phase"].fillna("") != WARMUP_PHASE) & (flows["status"] == "ok")
+    values = flows.loc[keep, "duration_s"].to_numpy(dtype=float)
+    return values[np.isfinite(values)]
+
+
+def _distribution_results(
+    key: str, b: list[np.ndarray], c: list[np.ndarray], settings: CompareSettings, rng: np.random.Generator, min_samples: int,
+) -> list[MetricResult]:
+    """`key`'s percentiles, mean and whole distribution compared, from each run's values on each side."""
+    results = []
+    n_b, n_c = sum(len(v) for v in b), sum(len(v) for v in c)
+    too_few = min(n_b, n_c) < min_samples or min(len(v) for v in b + c) == 0
+    for stat in LATENCY_STATS:
+        spec = ALL_METRICS[f"{key}_{stat}"]
         if too_few:
             results.append(_few(spec, n_b, n_c, min_samples))
             continue
-        est = compare_stat(b, c, "p50", alpha=settings.alpha, n_boot=settings.n_boot, rng=rng)
-        p_value, prob_slower = rank_test(b, c)
-        significant = p_value < settings.alpha and est.significant(settings.alpha)
-        res = _result(spec, est.base, est.cand, est.change, est.ci_low, est.ci_high, p_value,
-                      n_b, n_c, significant, settings.threshold)
-        res.note = f"P(candidate request slower) = {prob_slower:.2f}"
-        results.append(res)
+        tail_needed = math.ceil(MIN_TAIL_SAMPLES / (1 - PERCENTILES[stat])) if stat in PERCENTILES else 0
+        if min(n_b, n_c) < tail_needed:
+            results.append(_few(spec, n_b, n_c, tail_needed,
+                                f"{stat} is compared from {tail_needed} samples a side ({MIN_TAIL_SAMPLES} beyond it); "
+                                "run longer or --repeat more"))
+            continue
+        est = compare_stat(b, c, stat, alpha=settings.alpha, n_boot=settings.n_boot, rng=rng)
+        results.append(_result(spec, est.base, est.cand, est.change, est.ci_low, est.ci_high, est.p_value,
+                               n_b, n_c, est.significant(settings.alpha), settings.threshold))
+    spec = ALL_METRICS[f"{key}_dist"]
+    if too_few:
+        return results + [_few(spec, n_b, n_c, min_samples)]
+    est = compare_stat(b, c, "p50", alpha=settings.alpha, n_boot=settings.n_boot, rng=rng)
+    p_value, prob_slower = rank_test(b, c)
+    significant = p_value < settings.alpha and est.significant(settings.alpha)
+    res = _result(spec, est.base, est.cand, est.change, est.ci_low, est.ci_high, p_value,
+                  n_b, n_c, significant, settings.threshold)
+    res.note = f"P(candidate {'flow' if key == FLOW_METRIC else 'request'} slower) = {prob_slower:.2f}"
+    results.append(res)
     return results
 
 

@@ -1,7 +1,7 @@
 """`build_report(run_dir, slos=None) -> Path`: summary.json, findings.json and report.html of one run.
 
 This module gathers what the template shows (summary, findings, slice tables,
-time series, worst requests, load-generator health, metadata) and renders it
+scripted users' flows, time series, worst requests, load-generator health, metadata) and renders it
 with `report_templates.render_page`. It owns no numbers of its own: those come
 from `summarize`, the rules and the slice tables, so the JSON files and the
 HTML always agree.
@@ -18,6 +18,7 @@ import pandas as pd
 
 from servescope.analyzers.context import DiagnosisContext, build_context
 from servescope.analyzers.findings import Finding
+from servescope.analyzers.flow_view import flow_view
 from servescope.analyzers.rules import run_rules
 from servescope.analyzers.slices import all_slice_tables
 from servescope.analyzers.summary import summarize
@@ -79,6 +80,7 @@ def report_context(run: RunData, summary: dict[str, Any], findings: list[Finding
         "prompt_lengths_exact": prompt_lengths_exact(run.run),
         "target_label": target_label(run.run.get("target")),
         "server_metrics_present": not run.server_metrics.empty,
+        "flows": flow_view(summary, ctx.frame),
     }
 
 

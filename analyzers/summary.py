@@ -25,8 +25,10 @@ import numpy as np
 import pandas as pd
 
 from servescope.analyzers.client_health import client_health
+from servescope.analyzers.flows import flow_slo_metrics, flows_summary, measured_flows
 from servescope.analyzers.metrics import describe
 from servescope.analyzers.server_metrics import server_view
+from servescope.analyzers.telemetry import run_telemetry
 from servescope.rundir.reader import RunData
 from servescope.slo import SLO, evaluate, requests_meeting, slos_from_run
 
@@ -96,8 +98,12 @@ def _throughput(frame: pd.DataFrame, window: dict[str, Any], meets: np.ndarray) 
     }
 
 
-def summarize_group(run: RunData, mask: np.ndarray, name: str, slos: list[SLO], meets: np.ndarray) -> dict[str, Any]:
-    """One phase (or the overall measured set): counts, rates, latency distributions, SLO verdict."""
+def summarize_group(run: RunData, mask: np.ndarray, name: str, slos: list[SLO], meets: np.ndarray,
+                    flows: pd.DataFrame | None = None) -> dict[str, Any]:
+    """One phase (or the overall measured set): counts, rates, latency distributions, SLO verdict.
+
+    `flows` are the group's scripted-user flows (the flow SLOs are judged on them).
+    """
     frame = run.requests.loc[mask]
     status = frame["status"].fillna("error")
     ok_rows = (status == "ok").to_numpy()
@@ -123,7 +129,8 @@ def summarize_group(run: RunData, mask: np.ndarray, name: str, slos: list[SLO], 
         "metrics": metrics,
     }
     if slos:
-        group["slo"] = evaluate(slos, metrics, error_rate)
+        judged = metrics | flow_slo_metrics(run.flows.iloc[:0] if flows is None else flows)
+        group["slo"] = evaluate(slos, judged, error_rate)
     return group
 
 
@@ -134,11 +141,13 @@ def summarize(run: RunData, slos: list[SLO] | None = None) -> dict[str, Any]:
     frame = run.requests
     meets = requests_meeting(slos, frame, run.itl_max) if len(frame) else np.zeros(0, bool)
     phases_key = frame["phase"].fillna("").to_numpy() if len(frame) else np.empty(0, dtype=object)
+    flow_phase = run.flows["phase"].fillna("")
     phases = [
-        summarize_group(run, phases_key == name, name or "all", slos, meets) for name in phase_names(frame)
+        summarize_group(run, phases_key == name, name or "all", slos, meets, run.flows[flow_phase == name])
+        for name in phase_names(frame)
     ]
     measured = measured_mask(frame) if len(frame) else np.zeros(0, bool)
-    overall = summarize_group(run, measured, "overall", slos, meets)
+    overall = summarize_group(run, measured, "overall", slos, meets, measured_flows(run.flows))
     summary: dict[str, Any] = {
         "servescope_version": servescope_version(),
         "status": run.run.get("status", "unknown"),
@@ -147,5 +156,7 @@ def summarize(run: RunData, slos: list[SLO] | None = None) -> dict[str, Any]:
         "slo": overall.get("slo") if slos else {"ok": True, "objectives": []},
         "client": {k: v for k, v in client_health(run.run, frame.loc[measured]).items() if k != "self_check"},
         "server": server_view(run.server_metrics, overall["window"]["start_s"], overall["window"]["end_s"]),
+        "telemetry": run_telemetry(run.server_metrics, overall),
+        "flows": flows_summary(run.flows, phase_names(frame)),
     }
     return summary

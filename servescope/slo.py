@@ -1,9 +1,11 @@
 """Service-level objectives: parsing `--slo ttft_p99=500ms,...` and judging a run against them.
 
 One SLO is `<metric>_<stat>=<threshold>`: metric `ttft`, `tpot`, `itl` or
-`e2e`; stat `mean`, `p50`, `p90`, `p95`, `p99` or `p99.9` (also spelled
-`p999`); threshold a duration (`500ms`, `2s`, `1m`; a bare number is seconds). `error_rate=<x>` takes a
-fraction or a percentage (`0.001`, `0.1%`).
+`e2e`, or `flow` (the duration of a scripted user's task, end to end); stat
+`mean`, `p50`, `p90`, `p95`, `p99` or `p99.9` (also spelled `p999`);
+threshold a duration (`500ms`, `2s`, `1m`; a bare number is seconds).
+`error_rate=<x>` (failed requests) and `flow_error_rate=<x>` (flows that did
+not end ok) take a fraction or a percentage (`0.001`, `0.1%`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ import pandas as pd
 from servescope.errors import UsageError
 from servescope.units import DurationError, parse_seconds
 
-LATENCY_METRICS = {"ttft": "ttft_s", "tpot": "tpot_s", "itl": "itl_s", "e2e": "e2e_s"}
+REQUEST_METRICS = {"ttft": "ttft_s", "tpot": "tpot_s", "itl": "itl_s", "e2e": "e2e_s"}
+# Judged on flows.parquet (scripted users), not per request: they never decide a request's goodput.
+FLOW_METRICS = {"flow": "flow_duration_s"}
+LATENCY_METRICS = {**REQUEST_METRICS, **FLOW_METRICS}
+RATE_METRICS = ("error_rate", "flow_error_rate")
 STATS = ("mean", "p50", "p90", "p95", "p99", "p99.9")
 _STAT_ALIASES = {"p999": "p99.9", "p99_9": "p99.9"}
 
@@ -31,14 +37,14 @@ class SLO:
     """One objective: `stat` of `metric` must be <= `threshold` (seconds, or a fraction for error_rate)."""
 
     name: str  # as the user wrote the key, e.g. "ttft_p99"
-    metric: str  # "ttft_s" | "tpot_s" | "itl_s" | "e2e_s" | "error_rate"
-    stat: str  # one of STATS, or "rate" for error_rate
+    metric: str  # "ttft_s" | "tpot_s" | "itl_s" | "e2e_s" | "flow_duration_s" | "error_rate" | "flow_error_rate"
+    stat: str  # one of STATS, or "rate" for the error rates
     threshold: float
 
     def __post_init__(self) -> None:
-        if self.metric == "error_rate":
+        if self.metric in RATE_METRICS:
             if self.stat != "rate" or not 0 <= self.threshold <= 1:
-                raise SLOError(f"{self.name}: error_rate must be a fraction in [0, 1], got {self.threshold}")
+                raise SLOError(f"{self.name}: {self.metric} must be a fraction in [0, 1], got {self.threshold}")
         elif self.metric not in LATENCY_METRICS.values() or self.stat not in STATS:
             raise SLOError(f"{self.name}: unknown metric/stat {self.metric}/{self.stat}")
         elif not self.threshold > 0:
@@ -77,18 +83,18 @@ def parse_slos(text: str | None) -> list[SLO]:
 
 
 def _parse_one(key: str, value: str) -> SLO:
-    if key == "error_rate":
+    if key in RATE_METRICS:
         try:
             rate = float(value[:-1]) / 100 if value.endswith("%") else float(value)
         except ValueError:
-            raise SLOError(f"error_rate={value!r}: expected a fraction (0.001) or a percentage (0.1%)") from None
-        return SLO(name=key, metric="error_rate", stat="rate", threshold=rate)
+            raise SLOError(f"{key}={value!r}: expected a fraction (0.001) or a percentage (0.1%)") from None
+        return SLO(name=key, metric=key, stat="rate", threshold=rate)
     metric, _, stat = key.partition("_")
     stat = _STAT_ALIASES.get(stat, stat)
     if metric not in LATENCY_METRICS or stat not in STATS:
         raise SLOError(
             f"{key!r}: unknown objective. Use <metric>_<stat> with metric one of "
-            f"{', '.join(LATENCY_METRICS)} and stat one of {', '.join(STATS)}, or error_rate"
+            f"{', '.join(LATENCY_METRICS)} and stat one of {', '.join(STATS)}, or {' or '.join(RATE_METRICS)}"
         )
     try:
         threshold = parse_duration(value)
@@ -113,8 +119,10 @@ def slos_from_run(run: dict[str, Any]) -> list[SLO]:
 def evaluate(slos: list[SLO], metrics: dict[str, dict[str, Any]], error_rate: float) -> dict[str, Any]:
     """Verdict of each SLO against one group's described metrics; `ok` only if every one is met.
 
-    A latency objective with no samples is failed, not passed: "no data" must never
-    turn a CI job green.
+    `metrics` maps an SLO metric to its figures (`{"p99": ..., "n": ...}`; the flow
+    error rate as `{"rate": ..., "n": ...}`). A latency objective with no samples
+    is failed, not passed: "no data" (a flow SLO on a run without scripted users
+    too) must never turn a CI job green.
     """
     objectives = []
     for slo in slos:
@@ -135,8 +143,8 @@ def requests_meeting(slos: list[SLO], frame: pd.DataFrame, itl_max: np.ndarray) 
     """
     ok = (frame["status"] == "ok").to_numpy().copy()
     for slo in slos:
-        if slo.metric == "error_rate":
-            continue
+        if slo.metric not in REQUEST_METRICS.values():
+            continue  # the error rates and flow objectives judge a whole group, not one request
         value = itl_max if slo.metric == "itl_s" else frame[slo.metric].to_numpy(dtype=np.float64)
         # A missing TPOT (one-token output) cannot violate a TPOT objective.
         ok &= ~(value > slo.threshold)

@@ -63,3 +63,22 @@ def test_itl_slo_judges_each_requests_largest_gap(sim):
     ok_inside = s["goodput_req_per_s"] / s["req_per_s"]
     assert 0.4 < ok_inside < 0.6
     assert np.isclose(s["metrics"]["itl_s"]["n"], 50 * 9)
+
+
+def test_flow_objectives_parse():
+    slos = parse_slos("flow_p99=30s,flow_p50=5s,flow_error_rate=2%")
+    assert [(s.name, s.metric, s.stat, s.threshold) for s in slos] == [
+        ("flow_p99", "flow_duration_s", "p99", 30.0), ("flow_p50", "flow_duration_s", "p50", 5.0),
+        ("flow_error_rate", "flow_error_rate", "rate", pytest.approx(0.02)),
+    ]
+    with pytest.raises(SLOError, match="flow_error_rate"):
+        parse_slos("flow_error_rate=soon")
+    with pytest.raises(SLOError, match=r"fraction in \[0, 1\]"):
+        parse_slos("flow_error_rate=120%")
+    with pytest.raises(SLOError, match="flow"):
+        parse_slos("flow_p98=1s")  # the message lists flow among the metrics
+
+
+def test_flow_objectives_round_trip_through_run_json():
+    recorded = [s.to_dict() for s in parse_slos("flow_p90=2s,flow_error_rate=1%")]
+    assert slos_from_run({"slo": {"objectives": recorded}}) == parse_slos("flow_p90=2s,flow_error_rate=1%")

@@ -19,6 +19,7 @@ from servescope.analyzers.findings import Finding, rank_findings
 from servescope.analyzers.rules.client_bound import client_bound
 from servescope.analyzers.rules.convoy import convoy
 from servescope.analyzers.rules.errors import errors
+from servescope.analyzers.rules.flow_tail import flow_tail
 from servescope.analyzers.rules.preemption import preemption
 from servescope.analyzers.rules.prefix_cache import prefix_cache
 from servescope.analyzers.rules.queueing import queueing
@@ -43,13 +44,17 @@ RULES: dict[str, Rule] = {
     "spec_decode": spec_decode,
     "slice_outlier": slice_outlier,
     "tail": tail,
+    "flow_tail": flow_tail,
 }
 RULE_IDS: tuple[str, ...] = tuple(RULES)
 
 
-def run_rules(ctx: DiagnosisContext) -> list[Finding]:
+def run_rules(ctx: DiagnosisContext, only: tuple[str, ...] | None = None) -> list[Finding]:
+    """Every rule (or the rules named in `only`) on `ctx`, ranked; competing causes weighed."""
     findings = []
     for rule_id, rule in RULES.items():
+        if only is not None and rule_id not in only:
+            continue
         finding = rule(ctx)
         if finding is None:
             continue
