@@ -4,7 +4,7 @@ Task-level figures (flow durations, calls and tokens per flow, errors) come
 from summary.json's `flows` block (`analyzers.flows`), so the HTML and the
 JSON agree. This module adds what only the report shows: each task's calls
 sliced by step (does the third call of an agent loop get slower as its
-context grows, does it hit the prefix cache) and three charts.
+context grows, does it hit the prefix cache) and four charts.
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ from servescope.analyzers.flow_parts import step_label
 from servescope.analyzers.metrics import MIN_SAMPLES, describe
 
 LATENCIES = ("ttft_s", "tpot_s", "e2e_s")
+# One legend row per trace or two: room below the step axis for a few tasks' entries.
+# One colour per task in the step charts; its second series (p99, cached tokens) is dotted.
+TASK_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+STEP_CHART_LAYOUT = {"height": 400, "legend": {"orientation": "h", "y": -0.3}, "margin": {"l": 60, "r": 20, "t": 40, "b": 60}}
 
 
 def _call_row(calls: pd.DataFrame, step: str) -> dict[str, Any]:
@@ -74,41 +78,46 @@ def duration_chart(tasks: list[dict[str, Any]]) -> dict[str, Any] | None:
     )
 
 
+def _line(task_index: int, dash: str) -> dict[str, str]:
+    return {"color": TASK_COLORS[task_index % len(TASK_COLORS)], "dash": dash}
+
+
 def _step_numbers(table: dict[str, Any]) -> tuple[list[float], list[dict[str, Any]]]:
     rows = [r for r in table["rows"] if r["step"].startswith("step ") and r["step"][5:].isdigit()]
     return [float(r["step"][5:]) for r in rows], rows
 
 
-def step_latency_chart(tables: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """TTFT and E2E p50 of each task's calls by step: does a later call of a flow get slower?"""
+def step_latency_chart(tables: list[dict[str, Any]], key: str, label: str) -> dict[str, Any] | None:
+    """p50 and p99 of one latency (`key`) of each task's calls by step: does a later call of a flow get slower?"""
     traces = []
-    for table in tables:
+    for i, table in enumerate(tables):
         x, rows = _step_numbers(table)
         if len(x) < 2:
             continue
-        for key, label in (("ttft_s", "TTFT p50"), ("e2e_s", "E2E p50")):
-            y = [r[key]["p50"] if r[key]["n"] else np.nan for r in rows]
-            traces.append(charts.scatter(np.asarray(x), np.asarray(y, dtype=np.float64), f"{_task_name(table)} {label}",
-                                          scale=1e3, mode="lines+markers"))
+        for stat, dash in (("p50", "solid"), ("p99", "dot")):
+            y = [r[key][stat] if r[key]["n"] else np.nan for r in rows]
+            traces.append(charts.scatter(np.asarray(x), np.asarray(y, dtype=np.float64), f"{_task_name(table)} {stat}",
+                                          scale=1e3, mode="lines+markers", line=_line(i, dash)))
     if not traces:
         return None
-    return charts.figure(traces, "Call latency by step", "step (call order within the flow)", "ms")
+    return charts.figure(traces, f"{label} by step", "step (call order within the flow)", "ms", **STEP_CHART_LAYOUT)
 
 
 def step_cache_chart(tables: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Prompt and cached tokens (p50) of each task's calls by step: does the growing context hit the prefix cache?"""
     traces = []
-    for table in tables:
+    for i, table in enumerate(tables):
         x, rows = _step_numbers(table)
         if len(x) < 2 or all(r["cached_tokens_p50"] is None for r in rows):
             continue
-        for key, label in (("prompt_tokens_p50", "prompt tokens"), ("cached_tokens_p50", "cached tokens")):
+        for key, label, dash in (("prompt_tokens_p50", "prompt tokens", "solid"), ("cached_tokens_p50", "cached tokens", "dot")):
             y = [np.nan if r[key] is None else r[key] for r in rows]
             traces.append(charts.scatter(np.asarray(x), np.asarray(y, dtype=np.float64), f"{_task_name(table)} {label}",
-                                          mode="lines+markers"))
+                                          mode="lines+markers", line=_line(i, dash)))
     if not traces:
         return None
-    return charts.figure(traces, "Prompt and cached tokens by step (p50)", "step (call order within the flow)", "tokens")
+    return charts.figure(traces, "Prompt and cached tokens by step (p50)", "step (call order within the flow)", "tokens",
+                         **STEP_CHART_LAYOUT)
 
 
 def flow_view(summary: dict[str, Any], frame: pd.DataFrame) -> dict[str, Any] | None:
@@ -118,6 +127,7 @@ def flow_view(summary: dict[str, Any], frame: pd.DataFrame) -> dict[str, Any] | 
         return None
     tables = step_tables(frame)
     chart_list = [("duration", duration_chart(flows["overall"]["tasks"])),
-                  ("step-latency", step_latency_chart(tables)), ("step-cache", step_cache_chart(tables))]
+                  ("step-ttft", step_latency_chart(tables, "ttft_s", "TTFT")),
+                  ("step-e2e", step_latency_chart(tables, "e2e_s", "E2E")), ("step-cache", step_cache_chart(tables))]
     return {"overall": flows["overall"], "phases": flows["phases"], "steps": tables,
             "charts": [(name, fig) for name, fig in chart_list if fig is not None]}

@@ -12,7 +12,7 @@ log-normal noise, so a run without a planted fault has a tail spread evenly
 over its parts. `slow_step` plants one: in `slow_share` of that task's flows
 the call at that step is `slow_factor` times slower; `slow_between` plants
 the other kind, a task whose pauses between calls (tools, the script's own
-work) are `slow_factor` times longer. Steps count from 1.
+work) are `slow_factor` times longer. Steps count from 0, as the user runtime numbers them.
 """
 
 from __future__ import annotations
@@ -100,14 +100,14 @@ class _Builder:
     def tool_loop(self, flow: dict[str, Any], t: float, planted: bool) -> float:
         context = SYSTEM_PREFIX_TOKENS + int(self.rng.integers(64, 256))
         cached = SYSTEM_PREFIX_TOKENS
-        for step in range(1, AGENT_STEPS + 1):
+        for step in range(AGENT_STEPS):
             row = self.call(flow, step, t, context, cached, self.slowed("tool_loop", step, planted))
             t = row["end_at"]
-            if step == 1 and self.rng.random() < self.spec.script_error_rate:
+            if step == 0 and self.rng.random() < self.spec.script_error_rate:
                 flow["status"] = "script_error"
                 flow["error_type"], flow["error_message"], flow["error_location"] = SCRIPT_ERROR
                 return t
-            if step < AGENT_STEPS:
+            if step < AGENT_STEPS - 1:
                 tool_tokens = int(self.rng.integers(64, 192))
                 cached = context
                 context += (row.get("output_tokens") or 0) + tool_tokens
@@ -115,19 +115,19 @@ class _Builder:
         return t
 
     def fan_out(self, flow: dict[str, Any], t: float, planted: bool) -> float:
-        plan = self.call(flow, 1, t, SYSTEM_PREFIX_TOKENS + 128, SYSTEM_PREFIX_TOKENS, self.slowed("fan_out", 1, planted))
+        plan = self.call(flow, 0, t, SYSTEM_PREFIX_TOKENS + 128, SYSTEM_PREFIX_TOKENS, self.slowed("fan_out", 0, planted))
         t = plan["end_at"] + self.pause(flow, 0.01, planted)
-        parts = [self.call(flow, 2 + i, t + 0.0005 * i, SYSTEM_PREFIX_TOKENS + 96, SYSTEM_PREFIX_TOKENS,
-                           self.slowed("fan_out", 2 + i, planted)) for i in range(FAN_OUT)]
+        parts = [self.call(flow, 1 + i, t + 0.0005 * i, SYSTEM_PREFIX_TOKENS + 96, SYSTEM_PREFIX_TOKENS,
+                           self.slowed("fan_out", 1 + i, planted)) for i in range(FAN_OUT)]
         t = max(p["end_at"] for p in parts) + self.pause(flow, 0.01, planted)
-        join = self.call(flow, 2 + FAN_OUT, t, SYSTEM_PREFIX_TOKENS + 320, SYSTEM_PREFIX_TOKENS,
-                         self.slowed("fan_out", 2 + FAN_OUT, planted))
+        join = self.call(flow, 1 + FAN_OUT, t, SYSTEM_PREFIX_TOKENS + 320, SYSTEM_PREFIX_TOKENS,
+                         self.slowed("fan_out", 1 + FAN_OUT, planted))
         return join["end_at"]
 
     def ask(self, flow: dict[str, Any], t: float, planted: bool) -> float:
-        first = self.call(flow, 1, t, 200, 0, self.slowed("ask", 1, planted))
+        first = self.call(flow, 0, t, 200, 0, self.slowed("ask", 0, planted))
         t = first["end_at"] + self.pause(flow, 0.05, planted)
-        second = self.call(flow, 2, t, 200 + (first.get("output_tokens") or 0) + 16, 200, self.slowed("ask", 2, planted))
+        second = self.call(flow, 1, t, 200 + (first.get("output_tokens") or 0) + 16, 200, self.slowed("ask", 1, planted))
         return second["end_at"]
 
     def build(self) -> None:

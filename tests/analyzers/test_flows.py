@@ -114,9 +114,9 @@ def test_flow_parts_of_generated_runs_add_up():
     assert np.allclose(parts.sum(axis=1).to_numpy(), flows["duration_s"].to_numpy())
 
 
-@pytest.mark.parametrize("task, step", [("tool_loop", 2), ("fan_out", 3), ("ask", 1)])
+@pytest.mark.parametrize("task, step", [("tool_loop", 1), ("fan_out", 3), ("ask", 0)])
 def test_flow_tail_names_a_planted_slow_step(tmp_path, task, step):
-    run = write_scripted_run(tmp_path / "run", ScriptedSpec(flows=600, seed=step, slow_step=(task, step)))
+    run = write_scripted_run(tmp_path / "run", ScriptedSpec(flows=600, seed=step + 1, slow_step=(task, step)))
     finding = flow_tail(build_context(load_run(run)))
     assert finding is not None and finding.rule == "flow_tail"
     ev = finding.evidence
@@ -148,17 +148,17 @@ def test_flow_tail_is_silent_without_flows(tmp_path):
 
 
 def test_findings_json_carries_flow_tail(tmp_path):
-    run = write_scripted_run(tmp_path / "run", ScriptedSpec(flows=600, seed=2, slow_step=("tool_loop", 3)))
+    run = write_scripted_run(tmp_path / "run", ScriptedSpec(flows=600, seed=2, slow_step=("tool_loop", 2)))
     build_report(run)
     findings = json.loads((run / "findings.json").read_text())
     entry = next(f for f in findings if f["rule"] == "flow_tail")
-    assert entry["evidence"]["part"] == "step 3" and entry["confidence_level"] in ("low", "medium", "high")
+    assert entry["evidence"]["part"] == "step 2" and entry["confidence_level"] in ("low", "medium", "high")
 
 
 def test_compare_flow_durations(tmp_path):
     base = write_scripted_run(tmp_path / "base", ScriptedSpec(flows=800, seed=0))
     same = write_scripted_run(tmp_path / "same", ScriptedSpec(flows=800, seed=1))
-    slower = write_scripted_run(tmp_path / "slower", ScriptedSpec(flows=800, seed=2, slow_step=("tool_loop", 1),
+    slower = write_scripted_run(tmp_path / "slower", ScriptedSpec(flows=800, seed=2, slow_step=("tool_loop", 0),
                                                                    slow_share=1.0, slow_factor=2.0))
     settings = CompareSettings(gates=("flow_p99",))
     quiet = compare_runs(base, same, settings)
