@@ -57,3 +57,50 @@ def test_flows_charts_frame_what_they_draw(flows_report):
     flow_charts = [c for c in seen.charts if c["id"].startswith("chart-flows-") or c["id"] == "chart-flow_tail"]
     assert len(flow_charts) == 5
     assert_frames(seen.charts, expected=expected)
+
+
+AGENT_SCRIPT = '''
+import asyncio
+from servescope import User, task, constant
+
+
+class Agent(User):
+    wait_time = constant(0.0)
+
+    @task
+    async def tool_loop(self):
+        history = [{"role": "user", "content": self.prompt(tokens=32)}]
+        slow = self.rng.random() < 0.1  # one flow in ten waits 300 ms for its second call's first token
+        for step in range(3):
+            delay = 0.3 if slow and step == 1 else 0.005
+            reply = await self.client.chat(messages=history, max_tokens=4, script={
+                "first_token_delay_s": delay, "itl_s": 0.001, "cached_tokens": 16 * step, "usage": "finish"})
+            history += [reply.message, {"role": "user", "content": "tool result"}]
+            await asyncio.sleep(0.005)
+'''
+
+
+@pytest.mark.timeout(120)
+def test_a_real_scripted_run_reports_its_flows(tmp_path):
+    """Scripted users against the scripted server: summary, flow SLOs, Flows section and flow_tail from real records."""
+    from support.scripted_server import ScriptedServer
+
+    from servescope.harness.config import RunConfig
+    from servescope.harness.orchestration.repeat import execute_run
+
+    script = tmp_path / "agent.py"
+    script.write_text(AGENT_SCRIPT)
+    with ScriptedServer() as server:
+        outcome = execute_run(RunConfig(target=server.base_url, model="scripted", users=str(script), concurrency=8,
+                                        requests=200, out=str(tmp_path / "run"), slo="flow_p99=30s,flow_error_rate=1%",
+                                        show_progress=False))
+    assert outcome.exit_code == 0
+    run_dir = tmp_path / "run"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    overall = summary["flows"]["overall"]
+    assert overall["flows"] == 200 and overall["status"]["ok"] == 200 and overall["calls_per_flow"] == 3
+    assert {o["name"]: o["ok"] for o in summary["slo"]["objectives"]} == {"flow_p99": True, "flow_error_rate": True}
+    tail = next(f for f in json.loads((run_dir / "findings.json").read_text()) if f["rule"] == "flow_tail")
+    assert tail["evidence"]["part"] == "step 1" and tail["evidence"]["task"] == "tool_loop"
+    section = _section((run_dir / "report.html").read_text(), "flows")
+    assert "<td>Agent</td><td>tool_loop</td>" in section and "<td>step 2</td>" in section
