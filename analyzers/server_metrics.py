@@ -1,9 +1,15 @@
-"""Server metrics scraped from Prometheus: one vocabulary for vLLM, SGLang and the reference engine.
+"""Server metrics scraped from Prometheus: one vocabulary for vLLM, SGLang, the reference engine and telemetry.
 
 `ServerMetrics` renames every known series to a short canonical key (the
-table below is the only place that knows engine spellings) and answers the
-three questions analyzers ask: a gauge over time, a counter's rate over time
-(reset-safe deltas), and a histogram's quantile from bucket deltas.
+tables below are the only place that knows engine and exporter spellings) and
+answers the three questions analyzers ask: a gauge over time, a counter's rate
+over time (reset-safe deltas), and a histogram's quantile from bucket deltas.
+
+A run may scrape several endpoints (the engine, NVIDIA's DCGM exporter,
+node-exporter); each sample keeps its `source`. Series of one source are
+combined at its own scrape times, and sources are combined on the union of
+their times with each one's last value carried forward, so two scrapers that
+never sample at the same instant still add up.
 """
 
 from __future__ import annotations
@@ -36,61 +42,113 @@ METRIC_NAMES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "e2e_hist": ("histogram", ("vllm:e2e_request_latency_seconds",), ("sglang:e2e_request_latency_seconds",)),
     "queue_hist": ("histogram", ("vllm:request_queue_time_seconds",), ("sglang:queue_time_seconds",)),
 }
-# Gauges that are fractions are averaged across engines; counts are summed.
-_AVERAGED = {"kv_usage", "prefix_hit_rate", "spec_accept_rate", "spec_accept_length"}
+# GPU and host telemetry: canonical key -> (kind, ((exporter name, scale to the key's unit), ...)).
+# Units: percent, bytes, watts, joules, MHz. DCGM exporter names (dcgm-exporter's default counters),
+# node-exporter's, and the reference engine's own (`servescope:`, read through torch).
+TELEMETRY_NAMES: dict[str, tuple[str, tuple[tuple[str, float], ...]]] = {
+    "gpu_util": ("gauge", (("DCGM_FI_DEV_GPU_UTIL", 1.0), ("servescope:gpu_utilization_perc", 1.0))),
+    "gpu_mem_used": ("gauge", (("DCGM_FI_DEV_FB_USED", 2.0**20), ("servescope:gpu_memory_used_bytes", 1.0))),
+    "gpu_mem_total": ("gauge", (("servescope:gpu_memory_total_bytes", 1.0),)),
+    "gpu_power": ("gauge", (("DCGM_FI_DEV_POWER_USAGE", 1.0), ("servescope:gpu_power_watts", 1.0))),
+    "gpu_energy": ("counter", (("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", 1e-3),)),  # mJ
+    "gpu_sm_clock": ("gauge", (("DCGM_FI_DEV_SM_CLOCK", 1.0),)),
+    "gpu_mem_bw_util": ("gauge", (("DCGM_FI_DEV_MEM_COPY_UTIL", 1.0), ("DCGM_FI_PROF_DRAM_ACTIVE", 100.0))),
+    "host_cpu_seconds": ("counter", (("node_cpu_seconds_total", 1.0),)),  # per cpu and mode
+    "net_rx_bytes": ("counter", (("node_network_receive_bytes_total", 1.0),)),
+    "net_tx_bytes": ("counter", (("node_network_transmit_bytes_total", 1.0),)),
+}
+# Gauges that are fractions or per-device rates are averaged across engines and GPUs; counts and
+# amounts (requests, bytes, watts) are summed.
+_AVERAGED = {"kv_usage", "prefix_hit_rate", "spec_accept_rate", "spec_accept_length", "gpu_util", "gpu_sm_clock",
+             "gpu_mem_bw_util"}
 
 
-def _name_table() -> dict[str, tuple[str, str]]:
-    """Exact scraped sample name -> (canonical key, histogram part or "")."""
-    table: dict[str, tuple[str, str]] = {}
+def _name_table() -> dict[str, tuple[str, str, float]]:
+    """Exact scraped sample name -> (canonical key, histogram part or "", scale to the key's unit)."""
+    table: dict[str, tuple[str, str, float]] = {}
     for key, (kind, vllm, sglang) in METRIC_NAMES.items():
         for name in vllm + sglang:
             if kind == "histogram":
                 for part in ("_bucket", "_sum", "_count"):
-                    table[name + part] = (key, part)
+                    table[name + part] = (key, part, 1.0)
             else:
-                table[name] = (key, "")
+                table[name] = (key, "", 1.0)
+    for key, (_, names) in TELEMETRY_NAMES.items():
+        for name, scale in names:
+            table[name] = (key, "", scale)
     return table
 
 
 _NAMES = _name_table()
 
 
+def is_averaged(key: str) -> bool:
+    """Whether `key` is combined across label sets and sources by its mean (fractions) rather than its sum."""
+    return key in _AVERAGED
+
+
+def canonical_name(name: str) -> tuple[str, str, float] | None:
+    """(canonical key, histogram part, scale) of a scraped sample name; None for a series no analyzer reads."""
+    return _NAMES.get(name)
+
+
 @dataclass
 class ServerMetrics:
-    """Canonicalized samples: columns t, key, part, labels, value."""
+    """Canonicalized samples: columns t, key, part, labels, value (in the key's unit), source ("" when unknown)."""
 
     samples: pd.DataFrame
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame) -> "ServerMetrics":
+        columns = ["t", "key", "part", "labels", "value", "source"]
         if frame.empty:
-            return cls(pd.DataFrame(columns=["t", "key", "part", "labels", "value"]))
+            return cls(pd.DataFrame(columns=columns))
         mapped = frame["name"].map(_NAMES)
         keep = mapped.notna()
         sub = frame.loc[keep].copy()
         sub["key"] = [m[0] for m in mapped[keep]]
         sub["part"] = [m[1] for m in mapped[keep]]
-        return cls(sub[["t", "key", "part", "labels", "value"]].reset_index(drop=True))
+        sub["value"] = sub["value"].to_numpy(dtype=np.float64) * np.array([m[2] for m in mapped[keep]], dtype=np.float64)
+        sub["source"] = sub["source"].fillna("").astype(str) if "source" in sub else ""
+        return cls(sub[columns].reset_index(drop=True))
 
     def has(self, key: str) -> bool:
         return bool((self.samples["key"] == key).any()) if len(self.samples) else False
 
-    def gauge(self, key: str) -> pd.Series:
-        """The gauge over time (indexed by t), summed (or averaged for fractions) across label sets."""
+    def sources(self, key: str) -> list[str]:
+        """The endpoints that reported `key`, in the order first seen."""
+        sub = self.samples[self.samples["key"] == key]
+        return [str(s) for s in sub["source"].unique()]
+
+    def gauge(self, key: str, source: str | None = None) -> pd.Series:
+        """The gauge over time (indexed by t), summed (or averaged for fractions) across label sets and sources."""
         sub = self.samples[(self.samples["key"] == key) & (self.samples["part"] == "")]
+        if source is not None:
+            sub = sub[sub["source"] == source]
         if sub.empty:
             return pd.Series(dtype=float)
-        grouped = sub.groupby("t")["value"]
-        return (grouped.mean() if key in _AVERAGED else grouped.sum()).sort_index()
+        per_source = []
+        for _, part in sub.groupby("source", sort=False):
+            grouped = part.groupby("t")["value"]
+            per_source.append((grouped.mean() if key in _AVERAGED else grouped.sum()).sort_index())
+        if len(per_source) == 1:
+            return per_source[0]
+        joined = pd.concat(per_source, axis=1).sort_index().ffill()
+        return joined.mean(axis=1) if key in _AVERAGED else joined.sum(axis=1, min_count=1)
 
-    def counter_total(self, key: str) -> pd.Series:
-        """Cumulative increase since the first scrape (reset-safe), summed across label sets."""
+    def counter_total(self, key: str, where: dict[str, str] | None = None) -> pd.Series:
+        """Cumulative increase since the first scrape (reset-safe), summed across label sets and sources.
+
+        `where` keeps only the series whose labels carry those values (node-exporter's `mode="idle"`).
+        """
         sub = self.samples[(self.samples["key"] == key) & (self.samples["part"] == "")]
+        if where:
+            labels = [json.loads(text) for text in sub["labels"]]
+            sub = sub[np.array([all(lab.get(k) == v for k, v in where.items()) for lab in labels], dtype=bool)]
         if sub.empty:
             return pd.Series(dtype=float)
         parts = []
-        for _, series in sub.groupby("labels"):
+        for _, series in sub.groupby(["source", "labels"]):
             values = series.sort_values("t").set_index("t")["value"]
             delta = values.diff().fillna(0.0)
             delta[delta < 0] = values[delta < 0]  # a counter reset: the new value is the increase
@@ -137,12 +195,17 @@ class ServerMetrics:
         sub = self.samples[(self.samples["key"] == key) & (self.samples["part"] == "_bucket")]
         if sub.empty:
             return None
-        first, last = self._bracket(sub, t0, t1)
         les = sub["labels"].map(lambda text: json.loads(text).get("le"))
         sub = sub.assign(le=pd.to_numeric(les.replace({"+Inf": "inf"}), errors="coerce")).dropna(subset=["le"])
-        counts = sub[sub["t"] == last].groupby("le")["value"].sum()
-        if first is not None and first < last:
-            counts = counts - sub[sub["t"] == first].groupby("le")["value"].sum().reindex(counts.index, fill_value=0)
+        counts = None
+        for _, part in sub.groupby("source", sort=False):  # each endpoint's own scrapes bracket the window
+            first, last = self._bracket(part, t0, t1)
+            mine = part[part["t"] == last].groupby("le")["value"].sum()
+            if first is not None and first < last:
+                mine = mine - part[part["t"] == first].groupby("le")["value"].sum().reindex(mine.index, fill_value=0)
+            counts = mine if counts is None else counts.add(mine, fill_value=0)
+        if counts is None:
+            return None
         counts = counts.sort_index()
         total = counts.iloc[-1] if len(counts) else 0
         if total <= 0:
@@ -170,13 +233,16 @@ class ServerMetrics:
         counts = self.samples[(self.samples["key"] == key) & (self.samples["part"] == "_count")]
         if sums.empty or counts.empty:
             return None
-        first, last = self._bracket(counts, t0, t1)
+        n = total = 0.0
+        for source, source_counts in counts.groupby("source", sort=False):
+            first, last = self._bracket(source_counts, t0, t1)
 
-        def delta(part: pd.DataFrame) -> float:
-            value = float(part.loc[part["t"] == last, "value"].sum())
-            return value - float(part.loc[part["t"] == first, "value"].sum()) if first is not None and first < last else value
+            def delta(part: pd.DataFrame) -> float:
+                value = float(part.loc[part["t"] == last, "value"].sum())
+                return value - float(part.loc[part["t"] == first, "value"].sum()) if first is not None and first < last else value
 
-        n, total = delta(counts), delta(sums)
+            n += delta(source_counts)
+            total += delta(sums[sums["source"] == source])
         return total / n if n > 0 and total >= 0 else None
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""Time-series charts of a run: latency, throughput, queue, KV usage, cache hits, preemptions, acceptance.
+"""Time-series charts of a run: latency, GPU, throughput, queue, KV usage, cache hits, preemptions, acceptance, host.
 
 Client-side series come from the requests (always available); server-side ones
 from the scraped metrics when the target exposes them. Each function returns a
@@ -116,11 +116,15 @@ def cache_and_acceptance(frame: pd.DataFrame, metrics: ServerMetrics) -> dict[st
 
 
 def all_time_series(frame: pd.DataFrame, metrics: ServerMetrics) -> list[tuple[str, dict[str, Any]]]:
+    from servescope.analyzers.telemetry import gpu_over_time, host_over_time
+
     figures = [
         ("latency", latency_over_time(frame)),
+        ("gpu", gpu_over_time(frame, metrics)),
         ("throughput", throughput_over_time(frame)),
         ("queue", queue_over_time(frame, metrics)),
         ("kv", server_gauges(metrics)),
         ("cache", cache_and_acceptance(frame, metrics)),
+        ("host", host_over_time(metrics)),
     ]
     return [(name, fig) for name, fig in figures if fig is not None]

@@ -40,7 +40,7 @@ from servescope.harness.config import ConfigError, RunConfig, redact_command_lin
 from servescope.harness.console import RunConsole
 from servescope.harness.loadgen.dispatcher import Dispatcher, DispatchResult, Progress
 from servescope.harness.loadgen.models import Phase, default_workers, plan_phases
-from servescope.harness.scrape import MetricsScraper, probe_metrics
+from servescope.harness.scrape import MetricsSources
 from servescope.harness.targets import EngineError, EngineProcess, auth_headers, resolve_model
 from servescope.harness.worker import WorkerSettings
 from servescope.rundir.schema import RUN_JSON, SUMMARY_JSON, RunDirError
@@ -83,6 +83,7 @@ class _Prepared:
     api_key: str | None
     force_output_length: bool
     users: Any = None  # the loaded user script (harness.users.script.LoadedScript) for --users
+    replay: bool = False  # --trace of agent traces: the sessions are ReplayFlows, run as flows by the workers
 
 
 def execute_once(config: RunConfig, out: Path | None = None, console: RunConsole | None = None) -> RunOutcome:
@@ -90,6 +91,21 @@ def execute_once(config: RunConfig, out: Path | None = None, console: RunConsole
     console = console or RunConsole(config.show_progress)
     out = Path(out or config.out or default_out_dir())
     prepared = _prepare(config)  # ConfigError propagates: exit 2 before anything is written
+    if config.live is None:
+        return _execute(config, prepared, out, console, None)
+    from servescope.harness.live.page import LivePage
+
+    # The page's port is bound before the run directory exists: a busy port is exit 2 and costs nothing.
+    live = LivePage.open(config, out, [p.describe() for p in prepared.phases], console)
+    try:
+        outcome = _execute(config, prepared, out, console, live)
+        live.finished(outcome.status, outcome.exit_code)
+        return outcome
+    finally:
+        live.close()
+
+
+def _execute(config: RunConfig, prepared: _Prepared, out: Path, console: RunConsole, live: Any) -> RunOutcome:
     try:
         writer = RunDirWriter(out)
     except RunDirError as exc:
@@ -113,7 +129,7 @@ def execute_once(config: RunConfig, out: Path | None = None, console: RunConsole
         for remark in choice.remarks:
             console.warn(remark)
         writer.update(model_source=choice.source, models_endpoint=choice.describe())
-        status, extra = _drive(config, prepared, writer, base_url, choice.name, engine, console)
+        status, extra = _drive(config, prepared, writer, base_url, choice.name, engine, console, live)
         writer.finish(status, ended_at=_now_iso(), **extra)
     except ConfigError as exc:
         writer.finish("failed", problems=[str(exc)], ended_at=_now_iso())
@@ -135,7 +151,7 @@ def _prepare(config: RunConfig) -> _Prepared:
     from servescope.workloads.generator import session_stream
     from servescope.workloads.spec import fixed_workload, load_workload, with_lengths
     from servescope.workloads.tokenizer import load_tokenizer
-    from servescope.workloads.traces import trace_sessions
+    from servescope.workloads.trace_formats import open_trace
 
     api_key = config.read_api_key()
     phases = plan_phases(config)
@@ -148,9 +164,12 @@ def _prepare(config: RunConfig) -> _Prepared:
         tokenizer = load_tokenizer(config.tokenizer, target_is_reference=config.target is None)
         # --prompt-tokens/--max-tokens means fixed lengths: force the output length (DESIGN.md).
         force = config.force_output_length or (config.workload is None and config.trace is None)
+        replay = False
         if config.trace is not None:
-            sessions = trace_sessions(config.trace, tokenizer, config.seed, speed=config.trace_speed)
-            workload_meta = {"trace": config.trace, "trace_speed": config.trace_speed}
+            trace = open_trace(config.trace, tokenizer, config.seed, speed=config.trace_speed,
+                               fmt=config.trace_format, api=config.api, force_output_length=force)
+            sessions, workload_meta, replay = trace.jobs, trace.meta, trace.flows
+            force = force or replay  # agent traces replay their recorded output lengths
         else:
             if config.workload:
                 spec = load_workload(config.workload)
@@ -164,7 +183,7 @@ def _prepare(config: RunConfig) -> _Prepared:
         sessions = _primed(sessions)
     except WorkloadError as exc:
         raise ConfigError(str(exc)) from exc
-    return _Prepared(phases, workers, workload_meta, tokenizer, sessions, api_key, force)
+    return _Prepared(phases, workers, workload_meta, tokenizer, sessions, api_key, force, replay=replay)
 
 
 def _prepare_users(config: RunConfig, phases: list[Phase], workers: int, api_key: str | None) -> _Prepared:
@@ -193,32 +212,31 @@ def _primed(sessions: Iterator[Any]) -> Iterator[Any]:
 
 def _drive(
     config: RunConfig, prepared: _Prepared, writer: RunDirWriter, base_url: str, model: str,
-    engine: EngineProcess | None, console: RunConsole,
+    engine: EngineProcess | None, console: RunConsole, live: Any = None,
 ) -> tuple[str, dict[str, Any]]:
-    """Prewarm, run the phases, stop everything; returns the final status and run.json fields."""
+    """Prewarm, run the phases, stop everything; returns the final status and run.json fields.
+
+    `live` (harness.live.page.LivePage, with --live) listens to the dispatcher's hooks and the scrapers.
+    """
     from servescope.harness.loadgen.pool import LocalWorkerPool
 
     headers = auth_headers(prepared.api_key)
-    metrics_url = config.metrics_url or f"{base_url}/metrics"
-    metrics_problem = probe_metrics(metrics_url, headers)
-    if metrics_problem and config.metrics_url:
-        console.warn(f"--metrics-url {metrics_url} gave no Prometheus metrics ({metrics_problem}); running without them")
-    elif metrics_problem:
-        console.info(f"no server metrics: {metrics_url} gave no Prometheus metrics ({metrics_problem}); the run goes on "
-                     "with client-side measurements only (pass --metrics-url if the server exports them elsewhere)")
-    else:
-        console.info(f"scraping server metrics from {metrics_url}")
-    writer.update(model=model, target=_target_meta(config, engine, base_url),
-                  server_metrics={"url": metrics_url, "available": metrics_problem is None, "reason": metrics_problem})
+    sources = MetricsSources(list(config.metrics_url or [f"{base_url}/metrics"]), headers=headers)
+    _say_metrics_sources(sources, explicit=bool(config.metrics_url), console=console)
+    writer.update(model=model, target=_target_meta(config, engine, base_url), server_metrics=sources.describe())
 
     origin = time.perf_counter()
     clock = lambda: time.perf_counter() - origin  # noqa: E731 - the run clock, shared with the workers
-    writer.update(clock_origin_wall=_now_iso())
+    # The origin on perf_counter's own scale joins the records with other logs of the same clock.
+    writer.update(clock_origin_wall=_now_iso(), clock_origin_perf_counter_s=origin)
     pool = LocalWorkerPool(prepared.workers, _worker_settings(config, prepared, base_url, model, origin))
-    scraper = None
-    if metrics_problem is None:
-        scraper = MetricsScraper(metrics_url, writer.add_metric_samples, clock, headers=headers or None).start()
     hooks = _Hooks(writer, console, clock, engine)
+    dispatch_hooks: Any = hooks
+    sink = writer.add_metric_samples
+    if live is not None:
+        live.attach(clock, {"status": "running", "slo": config.slo}, console.warn)
+        dispatch_hooks, sink = live.hooks(hooks), live.tee(sink)
+    sources.start(sink, clock)
     console.info(f"servescope run → {base_url} model={model} phases={', '.join(p.name for p in prepared.phases)} "
                  f"workers={prepared.workers} out={writer.path}")
     console.start()
@@ -227,13 +245,14 @@ def _drive(
             hooks.interrupts = interrupts
             user_classes = ([(name, float(cls.weight)) for name, cls in prepared.users.classes.items()]
                             if prepared.users is not None else None)
-            result = Dispatcher(pool, prepared.phases, prepared.sessions, clock, hooks, seed=config.seed,
+            result = Dispatcher(pool, prepared.phases, prepared.sessions, clock, dispatch_hooks, seed=config.seed,
                                 grace_s=config.grace_s, user_classes=user_classes).run()
     finally:
         console.stop()
-        if scraper is not None:
-            scraper.stop()
+        sources.stop()
         pool.close()
+        if live is not None:
+            live.run_ended()
     status = _final_status(result, writer)
     for problem in result.problems:
         console.error(problem)
@@ -245,13 +264,24 @@ def _drive(
     extra = {
         "client_check": client_check(result), "phases": result.phases, "problems": result.problems,
         "prewarm": result.prewarm, "cancelled_in_flight": result.cancelled, "notices": result.notices,
-        **({"users": {"flows": result.flows, "retired": result.retired_users}} if prepared.users is not None else {}),
+        **({"users": {"flows": result.flows, "retired": result.retired_users}}
+           if prepared.users is not None or prepared.replay else {}),
         "output_length_forced": prepared.force_output_length and not any(
             n.startswith(FORCE_REJECTED_NOTICE) for n in result.notices),
-        "server_metrics": {"url": metrics_url, "available": metrics_problem is None, "reason": metrics_problem,
-                           **(scraper.describe() if scraper else {})},
+        "server_metrics": sources.describe(),
     }
     return status, extra
+
+
+def _say_metrics_sources(sources: MetricsSources, explicit: bool, console: RunConsole) -> None:
+    for url, problem in sources.problems.items():
+        if problem and explicit:
+            console.warn(f"--metrics-url {url} gave no Prometheus metrics ({problem}); running without it")
+        elif problem:
+            console.info(f"no server metrics: {url} gave no Prometheus metrics ({problem}); the run goes on "
+                         "with client-side measurements only (pass --metrics-url if the server exports them elsewhere)")
+        else:
+            console.info(f"scraping server metrics from {url}")
 
 
 def _final_status(result: DispatchResult, writer: RunDirWriter) -> str:
@@ -310,7 +340,7 @@ def _worker_settings(config: RunConfig, prepared: _Prepared, base_url: str, mode
                   "transport": config.transport,
                   "force_output_length": prepared.force_output_length}
         settings.append(WorkerSettings(client=client, prewarm=share, count_tokens=True,
-                                       tokenizer=config.tokenizer, seed=config.seed,
+                                       tokenizer=config.tokenizer, seed=config.seed, replay=prepared.replay,
                                        users_script=str(prepared.users.path) if prepared.users is not None else None))
     return settings
 

@@ -26,6 +26,7 @@ APIS = ("completions", "chat")
 ARRIVALS = ("poisson", "constant", "gamma")
 DEFAULT_DURATION_S = 60.0  # used when neither --duration nor --requests is given (trace: whole trace)
 DEFAULT_GRACE_S = 5.0  # Ctrl-C: how long in-flight requests may finish before they are cancelled
+LIVE_DEFAULT_PORT = 8089  # `--live` without a port; a free port is taken when this one is busy
 
 class ConfigError(UsageError):
     """A run option that cannot work; the message says which one, why, and how to fix it."""
@@ -149,7 +150,7 @@ class RunConfig:
     warmup_s: float | str = 0.0
     ramp_s: float | str = 0.0
     tokenizer: str | None = None
-    metrics_url: str | None = None
+    metrics_url: str | tuple[str, ...] | None = None  # one URL or several (`--metrics-url` repeated); kept as a tuple
     workers: int | None = None
     timeout_s: float | str = 60.0
     seed: int = 0
@@ -164,6 +165,8 @@ class RunConfig:
     grace_s: float | str = DEFAULT_GRACE_S
     command_line: tuple[str, ...] = ()  # what the user typed, for run.json (keys redacted there)
     show_progress: bool | None = None  # None: when stdout is a terminal
+    live: int | None = None  # --live [PORT]: serve the live page on this port (0: any free port)
+    live_host: str = "127.0.0.1"  # --live-host: loopback unless asked; elsewhere the page needs the printed token
 
     def __post_init__(self) -> None:
         self._check_target()
@@ -194,8 +197,12 @@ class RunConfig:
             self.slo = check_slo(self.slo)
         if self.api_key_env is not None and not self.api_key_env.strip():
             raise ConfigError("--api-key-env: give the NAME of an environment variable holding the key, e.g. OPENAI_API_KEY")
-        if self.metrics_url is not None:
-            self.metrics_url = _check_url(self.metrics_url, "metrics-url")
+        urls = (self.metrics_url,) if isinstance(self.metrics_url, str) else tuple(self.metrics_url or ())
+        self.metrics_url = tuple(_check_url(url, "metrics-url") for url in urls) or None
+        if self.live is not None and not 0 <= self.live <= 65535:
+            raise ConfigError(f"--live: a port number from 1 to 65535 (0: any free port), got {self.live}")
+        if not self.live_host.strip():
+            raise ConfigError("--live-host: give an address to bind the live page to, e.g. 127.0.0.1 or 0.0.0.0")
 
     # -- validation, one concern each -------------------------------------------------
 

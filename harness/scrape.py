@@ -1,10 +1,12 @@
-"""Sampling the target's Prometheus `/metrics` during a run.
+"""Sampling Prometheus endpoints during a run: the target's `/metrics` and any others given.
 
-A daemon thread in the main process GETs the metrics URL every
+One daemon thread per endpoint in the main process GETs its URL every
 `interval_s` and stores every sample (histogram buckets, `_sum` and `_count`
-included) as `{t, name, labels, value}`, t in seconds since the run start.
-Parsing is `prometheus_client`'s own text parser. A target without metrics is
-normal: `probe_metrics` says so before the run and the run goes on without them.
+included) as `{t, name, labels, value, source}`, t in seconds since the run
+start and `source` the endpoint's URL, so an engine, a DCGM exporter and
+node-exporter scraped side by side stay apart. Parsing is `prometheus_client`'s
+own text parser. A target without metrics is normal: `probe_metrics` says so
+before the run and the run goes on without them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ SCRAPE_INTERVAL_S = 1.0
 SCRAPE_TIMEOUT_S = 2.0
 
 
-def parse_samples(text: str, t: float) -> list[dict[str, Any]]:
+def parse_samples(text: str, t: float, source: str | None = None) -> list[dict[str, Any]]:
     """Every sample of a Prometheus text exposition as run-directory rows."""
     rows = []
     for family in text_string_to_metric_families(text):
@@ -32,6 +34,7 @@ def parse_samples(text: str, t: float) -> list[dict[str, Any]]:
                 "name": sample.name,
                 "labels": json.dumps(sample.labels, sort_keys=True),
                 "value": float(sample.value),
+                "source": source,
             })
     return rows
 
@@ -100,7 +103,7 @@ class MetricsScraper:
         try:
             response = client.get(self.url)
             response.raise_for_status()
-            rows = parse_samples(response.text, t)
+            rows = parse_samples(response.text, t, self.url)
         except Exception as exc:  # noqa: BLE001 - one bad scrape must not end the run
             self.failures += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
@@ -111,3 +114,37 @@ class MetricsScraper:
     def describe(self) -> dict[str, Any]:
         return {"url": self.url, "interval_s": self.interval_s, "scrapes": self.scrapes,
                 "failures": self.failures, "last_error": self.last_error}
+
+
+class MetricsSources:
+    """Every endpoint of a run (the `--metrics-url`s, else the target's `/metrics`): probed, then scraped.
+
+    Each endpoint is probed before the load starts; the ones that answer get a
+    scraper, the others are reported and skipped, so one dead exporter never
+    costs the run its other telemetry.
+    """
+
+    def __init__(self, urls: list[str], headers: dict[str, str] | None = None) -> None:
+        self.urls, self.headers = urls, headers
+        self.problems = {url: probe_metrics(url, headers) for url in urls}
+        self.scrapers: list[MetricsScraper] = []
+
+    @property
+    def available(self) -> list[str]:
+        return [url for url in self.urls if self.problems[url] is None]
+
+    def start(self, sink: Callable[[list[dict[str, Any]]], None], clock: Callable[[], float]) -> "MetricsSources":
+        self.scrapers = [MetricsScraper(url, sink, clock, headers=self.headers or None).start() for url in self.available]
+        return self
+
+    def stop(self) -> None:
+        for scraper in self.scrapers:
+            scraper.stop()
+
+    def describe(self) -> dict[str, Any]:
+        """run.json's `server_metrics`: the first endpoint's fields at the top (as before several
+        endpoints existed), and every endpoint under `sources`."""
+        scraped = {s.url: s.describe() for s in self.scrapers}
+        sources = [{"url": url, "available": self.problems[url] is None, "reason": self.problems[url],
+                    **scraped.get(url, {})} for url in self.urls]
+        return {**sources[0], "sources": sources}

@@ -62,8 +62,9 @@ CLIENT: Group = (
     _opt(["--workers", "workers"], type=int, help=WORKERS_HELP),
     _opt(["--seed", "seed"], type=int, default=0, show_default=True,
                  help="Seed of the workload and the arrival times."),
-    _opt(["--metrics-url", "metrics_url"],
-                 help="Prometheus endpoint to scrape (default: the target's /metrics, if it answers)."),
+    _opt(["--metrics-url", "metrics_url"], multiple=True, metavar="URL",
+                 help="Prometheus endpoint to scrape, repeatable: the engine, a DCGM exporter, node-exporter "
+                      "(default: the target's /metrics, if it answers)."),
     _opt(["--transport", "transport"], default="auto", show_default=True, metavar="auto|fast|httpx|aiohttp",
                  help="HTTP client: auto is the fast asyncio+httptools one; httpx and aiohttp are fallbacks."),
 )

@@ -12,6 +12,7 @@ import sys
 import click
 
 from servescope.harness.commands.options import CLIENT, TARGET, WORKLOAD, with_options
+from servescope.harness.config import LIVE_DEFAULT_PORT
 
 
 @click.command("run", context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,6 +37,11 @@ from servescope.harness.commands.options import CLIENT, TARGET, WORKLOAD, with_o
 @click.option("--stream/--no-stream", default=True, help="Streaming requests (--no-stream: E2E only).")
 @click.option("--repeat", type=int, default=1, show_default=True, help="Run N times into OUT/run-1..N (for noise-aware compare).")
 @click.option("--grace", "grace_s", default="5s", show_default=True, help="Ctrl-C: how long in-flight requests may finish.")
+@click.option("--live", type=int, is_flag=False, flag_value=LIVE_DEFAULT_PORT, default=None, metavar="[PORT]",
+              help=f"Serve a live page of the run on PORT (default {LIVE_DEFAULT_PORT}; 0: any free port): charts, "
+                   "findings as they fire, a stop button.")
+@click.option("--live-host", default="127.0.0.1", show_default=True,
+              help="Address of the live page; off loopback it needs the token printed on the console.")
 def run(**options: object) -> int:
     """Drive a target (or the bundled engine) with a workload and measure every request."""
     from servescope.harness.config import RunConfig

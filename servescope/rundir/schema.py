@@ -216,14 +216,29 @@ def flow_table(rows: list[dict[str, Any]]):
     return pa.Table.from_pylist([{k: v for k, v in row.items() if k in names} for row in rows], schema=schema)
 
 
-SERVER_METRIC_COLUMNS = ("t", "name", "labels", "value")
+# `source`: the metrics endpoint a sample came from (one run may scrape several: the engine, a DCGM
+# exporter, node-exporter). Run directories written before it existed have no such column; readers
+# fill it with nulls, so it is not a format change.
+SERVER_METRIC_COLUMNS = ("t", "name", "labels", "value", "source")
 
 
 def server_metrics_arrow_schema():
-    """The pyarrow schema of `server_metrics.parquet`: `t` (s since run start), `name`, `labels` (JSON text), `value`."""
+    """The pyarrow schema of `server_metrics.parquet`: `t` (s since run start), `name`, `labels` (JSON text),
+    `value`, `source` (the endpoint's URL; null in older run directories)."""
     import pyarrow as pa
 
-    return pa.schema([("t", pa.float64()), ("name", pa.string()), ("labels", pa.string()), ("value", pa.float64())])
+    return pa.schema([("t", pa.float64()), ("name", pa.string()), ("labels", pa.string()), ("value", pa.float64()),
+                      ("source", pa.string())])
+
+
+def conform_server_metrics(table):
+    """Add the columns an older or foreign writer left out (as nulls) and cast to the contract schema."""
+    import pyarrow as pa
+
+    schema = server_metrics_arrow_schema()
+    columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+               for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 # File names of the run directory.

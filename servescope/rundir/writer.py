@@ -28,6 +28,7 @@ from servescope.rundir.schema import (
     SERVER_METRICS_PARQUET,
     RunDirError,
     conform_requests,
+    conform_server_metrics,
     flow_table,
     request_table,
     server_metrics_arrow_schema,
@@ -176,7 +177,7 @@ def compact_flows(run_dir: Path) -> Path:
 
 
 def compact_server_metrics(run_dir: Path) -> Path | None:
-    """server_metrics.jsonl -> server_metrics.parquet (columns t, name, labels, value)."""
+    """server_metrics.jsonl -> server_metrics.parquet (columns t, name, labels, value, source)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -200,7 +201,7 @@ def write_run_dir(run_dir: str | Path, meta: dict[str, Any], requests: Any, serv
     """A complete run directory written in one go (an imported log, a simulation).
 
     `requests` is an Arrow table (missing columns become nulls) or a list of
-    row dicts; `server_metrics` an Arrow table of `t, name, labels, value` or None.
+    row dicts; `server_metrics` an Arrow table of `t, name, labels, value` (and `source`) or None.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -212,7 +213,7 @@ def write_run_dir(run_dir: str | Path, meta: dict[str, Any], requests: Any, serv
     table = conform_requests(requests) if isinstance(requests, pa.Table) else request_table(requests)
     pq.write_table(table, out / REQUESTS_PARQUET)
     if server_metrics is not None:
-        pq.write_table(server_metrics.cast(server_metrics_arrow_schema()), out / SERVER_METRICS_PARQUET)
+        pq.write_table(conform_server_metrics(server_metrics), out / SERVER_METRICS_PARQUET)
     if flows is not None:
         pq.write_table(flow_table(flows), out / FLOWS_PARQUET)
     return write_run_json(out, {"servescope_version": __version__, **meta}).parent

@@ -73,7 +73,8 @@ def test_closed_loop_never_exceeds_its_concurrency(tmp_path, slow_server_factory
         peak = max(peak, level)
     assert peak == 6
     server_metrics = pq.read_table(outcome.run_dir / "server_metrics.parquet").to_pandas()
-    assert list(server_metrics.columns) == ["t", "name", "labels", "value"]
+    assert list(server_metrics.columns) == ["t", "name", "labels", "value", "source"]
+    assert set(server_metrics["source"]) == {f"{server.base_url}/metrics"}
     assert {"vllm:num_requests_running", "vllm:e2e_request_latency_seconds_bucket",
             "vllm:e2e_request_latency_seconds_count"} <= set(server_metrics["name"])
     assert json.loads(server_metrics["labels"].iloc[0]) is not None

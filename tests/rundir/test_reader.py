@@ -28,7 +28,7 @@ def test_parquet_and_jsonl_load_identically(tmp_path):
     assert list(ra.requests.columns) == list(REQUEST_COLUMNS)
     assert ra.requests.drop(columns=["itl_s", "chunk_tokens"]).equals(rb.requests.drop(columns=["itl_s", "chunk_tokens"]))
     assert np.array_equal(ra.itl_values, rb.itl_values) and ra.itl_lengths.tolist() == [4] * 5
-    assert ra.server_metrics.empty and list(ra.server_metrics.columns) == ["t", "name", "labels", "value"]
+    assert ra.server_metrics.empty and list(ra.server_metrics.columns) == ["t", "name", "labels", "value", "source"]
 
 
 def test_a_run_that_died_mid_write_keeps_every_complete_line(tmp_path):
@@ -60,3 +60,16 @@ def test_server_metrics_jsonl_with_dict_labels(tmp_path):
     run = load_run(tmp_path)
     assert run.server_metrics.iloc[0]["labels"] == '{"engine": "0"}'
     assert run.requests.empty
+
+
+def test_server_metrics_written_before_sources_existed_still_read(tmp_path):
+    """A server_metrics.parquet of four columns (no `source`) loads, and the analyzers read its samples."""
+    from servescope.analyzers.server_metrics import ServerMetrics
+
+    (tmp_path / "run.json").write_text(json.dumps({"status": "complete"}))
+    old = pa.table({"t": [0.0, 1.0], "name": ["vllm:num_requests_waiting"] * 2, "labels": ["{}", "{}"],
+                    "value": [2.0, 5.0]})
+    pq.write_table(old, tmp_path / "server_metrics.parquet")
+    run = load_run(tmp_path)
+    assert run.server_metrics["source"].isna().all()
+    assert ServerMetrics.from_frame(run.server_metrics).gauge("waiting").tolist() == [2.0, 5.0]

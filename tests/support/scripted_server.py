@@ -68,6 +68,10 @@ vLLM in ways a request script cannot express:
     reject_fields    list[str]  generation requests naming any of these body fields get a 422
                                 "Unexpected fields in the request" (a strict pydantic server)
     default_script   dict       script keys applied under every request's own script
+    slots            int        serve at most this many generation requests at once; the rest wait
+                                in arrival order (a server that saturates: its queue grows when
+                                requests arrive faster than it finishes them), and /metrics reports
+                                vllm:num_requests_running / vllm:num_requests_waiting of them
 
 `ScriptedServer.transformers_like()` combines them the way `transformers serve`
 behaves (usage on the finish chunk, a bare role-only chunk, no `[DONE]`,
@@ -105,6 +109,9 @@ class _State:
         self.metrics = bool(options.get("metrics", True))
         self.reject_fields = tuple(options.get("reject_fields", ()))
         self.default_script = dict(options.get("default_script", {}))
+        self.slots = asyncio.Semaphore(int(options["slots"])) if options.get("slots") else None
+        self.running = 0
+        self.waiting = 0
         self.next_id = 0
         self.log: dict[str, list[float]] = {}
         self.bodies: dict[str, Any] = {}  # response id -> request body (bounded: the last MAX_BODIES)
@@ -248,12 +255,28 @@ async def _handle(conn: _Conn, method: str, url: str, headers: dict[str, str], b
         state.rejected += 1
         conn.respond(422, json.dumps({"detail": f"Unexpected fields in the request: {set(unexpected)}"}).encode())
         return
-    await _generate(conn, req, chat=path.endswith("/chat/completions"))
+    if state.slots is None:
+        await _generate(conn, req, chat=path.endswith("/chat/completions"))
+        return
+    state.waiting += 1
+    try:
+        await state.slots.acquire()  # a client that gives up while waiting leaves the queue here
+    finally:
+        state.waiting -= 1
+    state.running += 1
+    try:
+        await _generate(conn, req, chat=path.endswith("/chat/completions"))
+    finally:
+        state.running -= 1
+        state.slots.release()
 
 
 def _metrics(state: _State) -> str:
+    running = _Conn.open_count if state.slots is None else state.running
+    queue = "" if state.slots is None else ("# TYPE vllm:num_requests_waiting gauge\n"
+                                            f'vllm:num_requests_waiting{{model_name="scripted"}} {state.waiting}\n')
     return ("# TYPE vllm:num_requests_running gauge\n"
-            f'vllm:num_requests_running{{model_name="scripted"}} {_Conn.open_count}\n'
+            f'vllm:num_requests_running{{model_name="scripted"}} {running}\n' + queue +
             "# TYPE vllm:generation_tokens_total counter\n"
             f'vllm:generation_tokens_total{{model_name="scripted"}} {state.requests}\n')
 
@@ -535,11 +558,12 @@ class ScriptedServer:
     """Starts the server in a subprocess on a free 127.0.0.1 port; use as a context manager."""
 
     def __init__(self, *, health: bool = True, uvloop: bool = True, models_status: int = 200, metrics: bool = True,
-                 reject_fields: tuple[str, ...] | list[str] = (), default_script: dict[str, Any] | None = None) -> None:
+                 reject_fields: tuple[str, ...] | list[str] = (), default_script: dict[str, Any] | None = None,
+                 slots: int | None = None) -> None:
         self.health = health
         self.uvloop = uvloop
         self.options = {"models_status": models_status, "metrics": metrics, "reject_fields": list(reject_fields),
-                        "default_script": dict(default_script or {})}
+                        "default_script": dict(default_script or {}), "slots": slots}
         self.port: int | None = None
         self._proc: subprocess.Popen[str] | None = None
 
