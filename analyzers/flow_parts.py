@@ -25,8 +25,9 @@ def step_label(step: float) -> str:
 
 def call_exposure(calls: pd.DataFrame, flows: pd.DataFrame) -> pd.Series:
     """Per call (the index of `calls`): seconds it adds to its flow's covered time (0 for a call of an unknown flow)."""
-    start = calls["flow_id"].map(flows.set_index("flow_id")["start_at"]).to_numpy(dtype=np.float64)
-    stop = calls["flow_id"].map(flows.set_index("flow_id")["end_at"]).to_numpy(dtype=np.float64)
+    by_id = flows.set_index("flow_id")
+    start = calls["flow_id"].map(by_id["start_at"]).to_numpy(dtype=np.float64)
+    stop = calls["flow_id"].map(by_id["end_at"]).to_numpy(dtype=np.float64)
     sent = calls["sent_at"].to_numpy(dtype=np.float64)
     end = np.minimum(calls["end_at"].to_numpy(dtype=np.float64), stop)
     frame = pd.DataFrame({"flow": calls["flow_id"].to_numpy(dtype=object), "sent": sent, "end": end, "start": start},

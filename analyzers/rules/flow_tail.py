@@ -36,6 +36,8 @@ MIN_TAIL_RATIO = 1.2  # slow flows' mean duration over the typical ones': below 
 MEDIUM_TAIL_RATIO = 2.0
 CHART_PARTS = 6
 MAX_EFFECT = 1000.0
+CALL_COLUMNS = ("flow_id", "user_class", "task", "step", "sent_at", "end_at", "status", "ttft_s", "tpot_s",
+                "prompt_tokens", "cached_tokens")
 
 
 def flow_tail(ctx: DiagnosisContext) -> Finding | None:
@@ -43,11 +45,15 @@ def flow_tail(ctx: DiagnosisContext) -> Finding | None:
     flows = flows[(flows["status"] == "ok") & np.isfinite(flows["duration_s"].to_numpy(dtype=np.float64))]
     if len(flows) < MIN_FLOWS:
         return None
-    calls = ctx.frame[ctx.frame["flow_id"].notna()]
+    # Only the columns the rule reads, ids as Python strings: filtering the whole request frame
+    # (token gaps included) by flow, once per task, cost more than the rest of the rule.
+    calls = ctx.frame.loc[ctx.frame["flow_id"].notna(), list(CALL_COLUMNS)].astype({"flow_id": object})
+    by_task = dict(iter(calls.groupby(["user_class", "task"], sort=False)))
+    flows = flows.astype({"flow_id": object})
     found = []
     for (user_class, task), group in flows.groupby(["user_class", "task"], sort=True):
-        if len(group) >= MIN_FLOWS:
-            entry = _judge_task(group, calls)
+        if len(group) >= MIN_FLOWS and (user_class, task) in by_task:
+            entry = _judge_task(group, by_task[(user_class, task)])
             if entry is not None:
                 found.append({"user_class": str(user_class), "task": str(task), **entry})
     if not found:
