@@ -42,7 +42,7 @@ WORKLOAD: Group = (
     _opt(["--workload", "workload"], metavar="PRESET|FILE.yaml", help="Workload preset name or YAML file."),
     _opt(["--users", "users"], metavar="FILE.py|EXAMPLE",
                  help="Scripted users (User classes with @task coroutines) instead of a workload; "
-                      "or a bundled example (agent, rag, chat, planner)."),
+                      "or a bundled example (agent_loop, rag_flow, chat_history, planner)."),
     _opt(["--api", "api"], type=click.Choice(["completions", "chat"]),
                  help="API to use (default: the workload's)."),
     _opt(["--prompt-tokens", "prompt_tokens"], type=int,

@@ -1,4 +1,4 @@
-"""`servescope workloads list | show NAME`: the bundled workload presets."""
+"""`servescope workloads list | show NAME`: the bundled workload presets and example user scripts."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from servescope.workloads.spec import list_presets, preset_path
 @click.group("workloads", invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.pass_context
 def workloads(ctx: click.Context) -> None:
-    """List or show the bundled workload presets (`servescope run --workload NAME` uses them)."""
+    """List or show the bundled workload presets (`run --workload NAME`) and user scripts (`run --users NAME`)."""
     if ctx.invoked_subcommand is None:
         ctx.invoke(list_cmd)
 
@@ -25,18 +25,38 @@ def list_cmd() -> None:
     table = Table("preset", "description", "classes", box=None, header_style="bold")
     for info in list_presets():
         table.add_row(info.name, info.description, ", ".join(info.classes))
-    Console(width=160).print(table)
+    console = Console(width=160)
+    console.print(table)
+    scripts = Table("user script", "description", "users (weight: tasks)", box=None, header_style="bold")
+    for name, script in _scripts().items():
+        users = "; ".join(f"{c.name} ({c.weight:g}: {', '.join(c.tasks)})" for c in script.describe())
+        scripts.add_row(name, _first_line(script.module.__doc__), users)
+    console.print()
+    console.print(scripts)
 
 
 @workloads.command("show")
 @click.argument("name")
 def show_cmd(name: str) -> None:
-    """Print a preset's YAML (copy it to start a workload file of your own)."""
-    path = preset_path(name)
+    """Print a preset's YAML or a user script's source (copy it to start one of your own)."""
+    from servescope.harness.users.script import bundled_scripts
+
+    path = preset_path(name) or bundled_scripts().get(name)
     if path is None:
         names = ", ".join(p.name for p in list_presets())
-        raise click.UsageError(f"no preset named {name!r} (presets: {names})")
+        raise click.UsageError(f"no preset or user script named {name!r} (presets: {names}; "
+                               f"user scripts: {', '.join(bundled_scripts())})")
     click.echo(path.read_text(encoding="utf-8"), nl=False)
+
+
+def _scripts() -> dict:
+    from servescope.harness.users.script import bundled_scripts, load_script
+
+    return {name: load_script(path) for name, path in bundled_scripts().items()}
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0] if doc else ""
 
 
 __all__ = ["workloads", "WorkloadError"]

@@ -55,9 +55,8 @@ class LoadedScript:
 
 def bundled_scripts() -> dict[str, Path]:
     """The example scripts shipped with servescope, by name (file stem)."""
+    # harness/users/ -> the package root: the checkout's root, or the installed servescope/ (both hold workloads/)
     folder = Path(__file__).resolve().parents[2] / "workloads" / "users"
-    if not folder.is_dir():  # an installed copy: workloads/ lives inside the package
-        folder = Path(__file__).resolve().parents[1].parent / "workloads" / "users"
     return {p.stem: p for p in sorted(folder.glob("*.py")) if not p.name.startswith("_")}
 
 

@@ -308,3 +308,28 @@ def test_ctrl_c_keeps_every_finished_call_and_flow(tmp_path, server):
     assert set(run.flows["status"]) == {"error"} or set(run.flows["status"]) <= {"error", "cancelled"}
     assert len(run.flows) == 3 and set(run.flows["flow_id"]) == set(run.requests["flow_id"])
     assert (out / "flows.parquet").exists() and not (out / "flows.jsonl").exists()
+
+
+@pytest.mark.parametrize("example", ["agent_loop", "rag_flow", "chat_history", "planner"])
+def test_bundled_examples_run_their_flows(tmp_path, server, example):
+    outcome = execute_run(RunConfig(target=server.base_url, model="scripted", users=example, concurrency=2,
+                                    requests=2, out=str(tmp_path / "run"), report=False, show_progress=False))
+    assert outcome.exit_code == 0
+    run = load_run(tmp_path / "run")
+    work = run.flows[~run.flows["task"].isin(["on_start", "on_stop"])]
+    assert len(work) == 2 and set(work["status"]) == {"ok"}, work[["status", "error_message", "error_location"]]
+    assert (work["calls"] >= 1).all() and set(run.requests["status"]) == {"ok"}
+    if example == "agent_loop":  # the server calls tools: the loop runs until its last step, context growing
+        steps = run.requests.groupby("flow_id")["prompt_tokens"].apply(list)
+        assert all(len(s) == 6 and s == sorted(s) for s in steps), steps
+    if example == "planner":  # three workers between the plan and the join
+        assert (work["calls"] == 5).all()
+
+
+def test_workloads_list_and_show_include_the_user_scripts():
+    listed = CliRunner().invoke(main, ["workloads", "list"])
+    assert listed.exit_code == 0
+    for name in ("agent_loop", "rag_flow", "chat_history", "planner"):
+        assert name in listed.output
+    shown = CliRunner().invoke(main, ["workloads", "show", "agent_loop"])
+    assert shown.exit_code == 0 and "class ToolAgent(User)" in shown.output
