@@ -41,7 +41,7 @@ FLOW_METRIC, FLOW_LABEL = "flow", "flow duration"  # scripted users' task invoca
 # out too narrow, and two runs of one build "differ" (a p99 of 120 requests is their
 # second-slowest one). p99 thus needs 500 requests a side, p90 50.
 MIN_TAIL_SAMPLES = 5
-SLICE_DIMENSIONS: tuple[str, ...] = ("prompt_bucket", "output_bucket", "tenant", "phase")
+SLICE_DIMENSIONS: tuple[str, ...] = ("prompt_bucket", "output_bucket", "tenant", "phase", "user_class", "task")
 DEFAULT_GATES: tuple[str, ...] = ("ttft_p99", "tpot_p99", "e2e_p99", "output_tok_per_s")
 GATE_ALIASES: dict[str, str] = {"throughput": "output_tok_per_s", "tok_per_s": "output_tok_per_s", "rps": "req_per_s"}
 # run.json fields that must agree for a comparison to mean anything: what was sent, and how.

@@ -167,6 +167,9 @@ def test_compare_flow_durations(tmp_path):
     assert moved.metric("flow_p50").verdict == VERDICT_REGRESSED and moved.metric("flow_p50").change > 0.05
     assert moved.metric("flow_p99").failed_gate and moved.exit_code == 1
     assert moved.metric("flow_dist").n_base == int((load_run(base).flows["status"] == "ok").sum())
+    by_task = {s.value: {m.name: m.verdict for m in s.metrics} for s in moved.slices if s.dimension == "task"}
+    assert by_task["tool_loop"]["ttft_p50"] == VERDICT_REGRESSED  # the calls of the slowed task, sliced by task
+    assert by_task["fan_out"]["ttft_p50"] != VERDICT_REGRESSED
 
 
 def test_compare_without_flows_on_one_side(tmp_path):
