@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from servescope.reference_engine.gpu_metrics import GpuCollector
+
 if TYPE_CHECKING:
     from servescope.reference_engine.engine import LLMEngine, StepOutput
 
@@ -65,6 +67,7 @@ class EngineMetrics:
         self.queue_time = histogram("vllm:request_queue_time_seconds", "Arrival to first scheduling.",
                                     _LATENCY_BUCKETS)
         self.e2e = histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.", _LATENCY_BUCKETS)
+        r.register(GpuCollector(values))  # servescope:gpu_* where torch can read them (gpu_metrics.py)
         self._last: dict[str, int] = {}
 
     def _advance(self, counter: Counter, key: str, total: int) -> None:
