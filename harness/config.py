@@ -24,6 +24,7 @@ from servescope.units import DurationError, parse_seconds
 
 APIS = ("completions", "chat")
 ARRIVALS = ("poisson", "constant", "gamma")
+TRACE_FORMATS = ("auto", "burstgpt", "mooncake", "otel", "agent-graph")  # as workloads.trace_formats reads them
 DEFAULT_DURATION_S = 60.0  # used when neither --duration nor --requests is given (trace: whole trace)
 DEFAULT_GRACE_S = 5.0  # Ctrl-C: how long in-flight requests may finish before they are cancelled
 LIVE_DEFAULT_PORT = 8089  # `--live` without a port; a free port is taken when this one is busy
@@ -145,6 +146,7 @@ class RunConfig:
     sweep: Sweep | str | None = None
     trace: str | None = None
     trace_speed: float = 1.0
+    trace_format: str = "auto"  # --trace-format: what --trace FILE is (workloads.trace_formats.TRACE_FORMATS)
     duration_s: float | str | None = None
     requests: int | None = None
     warmup_s: float | str = 0.0
@@ -270,6 +272,10 @@ class RunConfig:
             raise ConfigError(f"--trace-speed: must be positive (2 = twice as fast), got {self.trace_speed}")
         if self.trace is not None and not os.path.isfile(self.trace):
             raise ConfigError(f"--trace {self.trace}: no such file")
+        if self.trace_format not in TRACE_FORMATS:
+            raise ConfigError(f"--trace-format: one of {', '.join(TRACE_FORMATS)}, got {self.trace_format!r}")
+        if self.trace_format != "auto" and self.trace is None:
+            raise ConfigError("--trace-format says what the --trace FILE is: give --trace FILE too, or drop it")
 
     # -- derived views ------------------------------------------------------------------
 

@@ -59,6 +59,7 @@ class WorkerSettings:
     count_tokens: bool = False
     tokenizer: str | None = None
     users_script: str | None = None  # scripted users: the script's path (imported again in the worker)
+    replay: bool = False  # agent-trace replay: the jobs are ReplayFlows (harness/users/replay.py)
     seed: int = 0  # scripted users: each user's rng is seeded from this and its id
 
 
@@ -98,6 +99,10 @@ def _make_client(settings: WorkerSettings, tokenizer: Any) -> Any:
 
 
 def _make_users(worker: "Worker", settings: WorkerSettings, tokenizer: Any) -> Any:
+    if settings.replay:
+        from servescope.harness.users.replay import ReplayRuntime
+
+        return ReplayRuntime(worker)
     from servescope.harness.users.runtime import UserRuntime
     from servescope.harness.users.script import load_script
     from servescope.workloads.spec import Buckets
@@ -137,7 +142,7 @@ class Worker:
         needs_tokenizer = self.settings.count_tokens or self.settings.users_script is not None
         tokenizer = _load_tokenizer(self.settings) if needs_tokenizer else None
         self.client = _make_client(self.settings, tokenizer)
-        if self.settings.users_script is not None:
+        if self.settings.users_script is not None or self.settings.replay:
             self.users = _make_users(self, self.settings, tokenizer)
         t0 = time.perf_counter()
         error = None

@@ -51,7 +51,7 @@ def trace_sessions(path: str | Path, tokenizer: PromptTokenizer, seed: int, spee
             raise WorkloadError("cannot tell the trace format from the file name", source=str(path),
                                 allowed=("*.csv (BurstGPT)", "*.jsonl (Mooncake)"))
     records = _burstgpt(path) if fmt == "burstgpt" else _mooncake(path)
-    synth = _Synthesizer(prompt_builder(tokenizer), api, block_tokens)
+    synth = Synthesizer(prompt_builder(tokenizer), api, block_tokens)
     buckets = buckets or Buckets()
     t0 = None
     for i, (ts, n_in, n_out, hash_ids, labels) in enumerate(records):
@@ -110,7 +110,7 @@ def _mooncake(path: Path) -> Iterator[tuple[float, int, int, list[int], dict[str
                int(_number(obj["output_length"], where, str(path), "output_length")), hash_ids, {})
 
 
-class _Synthesizer:
+class Synthesizer:
     """Prompts of exact length; with hash_ids, built block by block so equal ids give equal text."""
 
     def __init__(self, builder: PromptBuilder, api: str, block_tokens: int) -> None:

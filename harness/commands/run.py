@@ -12,7 +12,7 @@ import sys
 import click
 
 from servescope.harness.commands.options import CLIENT, TARGET, WORKLOAD, with_options
-from servescope.harness.config import LIVE_DEFAULT_PORT
+from servescope.harness.config import LIVE_DEFAULT_PORT, TRACE_FORMATS
 
 
 @click.command("run", context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,8 +22,13 @@ from servescope.harness.config import LIVE_DEFAULT_PORT
               help="Closed loop: start the N users (slots) at this many per second instead of all at once.")
 @click.option("--rate", type=float, help="Open loop: R requests per second (with --users: R arriving users per second).")
 @click.option("--sweep", metavar="SPEC", help="One phase per value: rate:1,2,4,8 or concurrency:1,8,64.")
-@click.option("--trace", type=click.Path(dir_okay=False), help="Replay the arrivals of a trace file.")
-@click.option("--trace-speed", type=float, default=1.0, show_default=True, help="Trace replay speed (2 = twice as fast).")
+@click.option("--trace", type=click.Path(dir_okay=False),
+              help="Replay a trace: request arrivals (BurstGPT .csv, Mooncake .jsonl) or agent traces "
+                   "(OTLP GenAI spans .json/.jsonl, agent-graph .jsonl), each trace a flow.")
+@click.option("--trace-speed", type=float, default=1.0, show_default=True,
+              help="Trace replay speed (2 = twice as fast): scales arrivals and the gaps between an agent's calls.")
+@click.option("--trace-format", type=click.Choice(TRACE_FORMATS), default="auto", show_default=True,
+              help="What --trace FILE is, when its name and first record do not tell.")
 @click.option("--duration", "duration_s", help="Per phase: 500ms, 30s, 1m (default 60s unless --requests is given).")
 @click.option("--requests", type=int, help="Per phase: this many sessions (requests, single-turn; with --users: tasks).")
 @click.option("--warmup", "warmup_s", default="0s", show_default=True,
