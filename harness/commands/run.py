@@ -30,7 +30,8 @@ from servescope.harness.config import LIVE_DEFAULT_PORT, TRACE_FORMATS
 @click.option("--trace-format", type=click.Choice(TRACE_FORMATS), default="auto", show_default=True,
               help="What --trace FILE is, when its name and first record do not tell.")
 @click.option("--duration", "duration_s", help="Per phase: 500ms, 30s, 1m (default 60s unless --requests is given).")
-@click.option("--requests", type=int, help="Per phase: this many sessions (requests, single-turn; with --users: tasks).")
+@click.option("--requests", type=int,
+              help="Per phase: this many sessions (requests, single-turn; with --users: tasks; agent traces: traces).")
 @click.option("--warmup", "warmup_s", default="0s", show_default=True,
               help="Warm-up at the first phase's load (phase `warmup`, not summarized).")
 @click.option("--ramp", "ramp_s", default="0s", show_default=True,
