@@ -53,6 +53,7 @@ class AsyncEngine(EngineClient):
         self._inbox.put(("stop",))
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self.engine.shutdown()  # the other tensor-parallel ranks, if any
 
     @property
     def num_waiting(self) -> int:

@@ -72,6 +72,10 @@ def _resolve_device(device: str) -> str:
 @click.option("--async-scheduling/--no-async-scheduling", default=None,
               help="Schedule step N+1 while step N runs, sampling on the device "
                    "(default: on for CUDA without --spec, off on the CPU).")
+@click.option("--tensor-parallel-size", "-tp", "tensor_parallel_size", type=click.IntRange(min=1), default=1,
+              show_default=True,
+              help="Split the model over N ranks, one process each (NCCL on CUDA, rank r on cuda:r; gloo on the "
+                   "CPU): attention heads, MLP and vocabulary sharded, KV heads split or replicated.")
 @click.option("--debug-pause", default=None, metavar="EVERY:FOR",
               help="Fault injection: the engine stands still FOR every EVERY of serving, e.g. 4s:1.5s.")
 @click.option("--engine-process/--no-engine-process", default=True, show_default=True,
@@ -85,7 +89,7 @@ def serve(preset: str | None, model_path: str | None, served_model_name: str | N
           max_model_len: int | None, chunked_prefill: bool, enable_prefix_caching: bool, max_waiting: int | None,
           spec: str | None, seed: int, api_key: str | None, threads: int | None, cuda_graph: bool,
           enforce_eager: bool, cuda_graph_max_len: int, piecewise_graph_max_tokens: int,
-          async_scheduling: bool | None, debug_pause: str | None,
+          async_scheduling: bool | None, debug_pause: str | None, tensor_parallel_size: int,
           engine_process: bool) -> None:
     """Start the bundled reference engine (OpenAI-compatible server)."""
     for module in ("torch", "aiohttp"):  # the engine extra: the model, and the HTTP server
@@ -118,7 +122,8 @@ def serve(preset: str | None, model_path: str | None, served_model_name: str | N
             device=_resolve_device(device), dtype=dtype, attention_backend=attention_backend, seed=seed,
             served_model_name=name, cuda_graph=cuda_graph and not enforce_eager,
             cuda_graph_max_len=cuda_graph_max_len, piecewise_graph_max_tokens=piecewise_graph_max_tokens,
-            async_scheduling=async_scheduling, debug_pause=EngineConfig.parse_debug_pause(debug_pause))
+            async_scheduling=async_scheduling, debug_pause=EngineConfig.parse_debug_pause(debug_pause),
+            tensor_parallel_size=tensor_parallel_size)
         if engine_process:  # built in the child; a ConfigError there comes back as one
             launch = EngineLaunch(config, preset or "tiny", model_path, tokenizer_dir, name, torch_threads)
             # A SIGTERM while the engine loads must still reap the child: make it an interrupt until then.

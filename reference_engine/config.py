@@ -232,6 +232,9 @@ class EngineConfig:
     # Schedule step N+1 while step N runs on the GPU (sampling on the GPU, sampled ids synced one step
     # late). None: on for CUDA without speculation, off on the CPU (where nothing would overlap).
     async_scheduling: bool | None = None
+    # Ranks of one model split by tensor parallelism (tensor_parallel.py), one process each; rank 0 is
+    # the engine. On CUDA rank r runs on cuda:r.
+    tensor_parallel_size: int = 1
     # A fault to diagnose on purpose (`servescope lab stall`): (every_s, for_s) makes the step loop
     # stand still for for_s seconds every every_s seconds of serving. None: never.
     debug_pause: tuple[float, float] | None = None
@@ -255,6 +258,8 @@ class EngineConfig:
             raise ConfigError(f"--cuda-graph-max-len must be >= the block size, got {self.cuda_graph_max_len}")
         if self.piecewise_graph_max_tokens < 0:
             raise ConfigError(f"--piecewise-graph-max-tokens must be >= 0 (0: off), got {self.piecewise_graph_max_tokens}")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
         if self.debug_pause is not None:
             every, length = self.debug_pause
             if not (every > 0 and 0 < length < every):

@@ -21,7 +21,7 @@ from servescope.reference_engine.block_manager import BlockManager
 from servescope.reference_engine.config import EngineConfig, ModelConfig, model_config_from_hf, preset
 from servescope.reference_engine.errors import ConfigError
 from servescope.reference_engine.limits import PromptLimits
-from servescope.reference_engine.model import LlamaModel, _mm_out_dtype_works, rope_cos_sin_cache
+from servescope.reference_engine.model_loader import build_model, local_kv_blocks, torch_dtype
 from servescope.reference_engine.model_runner import ModelRunner
 from servescope.reference_engine.ops import build_ops
 from servescope.reference_engine.sampler import DeviceSampler, Sampler, SampleRequest
@@ -29,9 +29,7 @@ from servescope.reference_engine.scheduler import Scheduler, SchedulerOutput
 from servescope.reference_engine.sequence import SamplingParams, Sequence, SequenceStatus, stop_reason
 from servescope.reference_engine.spec_decode import NgramProposer
 from servescope.reference_engine.tokenization import EngineTokenizer, IncrementalDetokenizer, tokenizer_dir_for
-from servescope.reference_engine.weights import DEVICE_INIT_MIN_PARAMS, init_random_weights, load_hf_weights
-
-DEFAULT_CPU_KV_MEMORY = 256 << 20
+from servescope.reference_engine.tensor_parallel import check_divisible
 GENERATE_MAX_STEPS = 100_000  # generate() gives up after this many steps rather than spin forever
 
 
@@ -69,12 +67,6 @@ class EngineObserver(Protocol):
     def on_step(self, engine: "LLMEngine", outputs: list[StepOutput], step_s: float) -> None: ...
 
 
-def _torch_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, name)
-
-
 class LLMEngine:
     def __init__(self, model_config: ModelConfig, config: EngineConfig, tokenizer: EngineTokenizer,
                  checkpoint_dir: str | Path | None = None, observer: EngineObserver | None = None) -> None:
@@ -89,24 +81,27 @@ class LLMEngine:
                                  model_config.max_position_embeddings)
         config.max_model_len = self.max_model_len
         self.device = torch.device(config.device)
-        self.dtype = _torch_dtype(config.dtype, config.device)
+        self.dtype = torch_dtype(config.dtype, config.device)
         self.ops = build_ops(config.attention_backend, config.device)
 
         torch.manual_seed(config.seed)
-        if self.device.type == "cuda":
-            self.model = self._build_on_device(model_config, checkpoint_dir)
-        else:
-            model = LlamaModel(model_config, max_positions=self.max_model_len)
-            if checkpoint_dir is None:
-                init_random_weights(model, config.seed)
-            else:
-                load_hf_weights(model, checkpoint_dir)
-            self.model = model.to(device=self.device, dtype=self.dtype).eval()
-            self.model.cos_sin_cache = self.model.cos_sin_cache.float()  # RoPE angles stay float32
-
-        self.num_blocks = self._num_kv_blocks()
+        # Tensor parallelism: this engine is rank 0; ranks 1..N-1 are processes of their own (tp_workers.py).
+        self.tp_workers = None
+        tp = None
+        if config.tensor_parallel_size > 1:
+            tp = self._start_ranks(checkpoint_dir)
+        self.model = build_model(model_config, config, self.device, self.dtype, self.max_model_len,
+                                 checkpoint_dir, tp)
+        self.num_blocks = local_kv_blocks(model_config, config, self.model.num_kv_heads, self.device, self.dtype)
+        if self.tp_workers is not None:
+            self.num_blocks = self.tp_workers.agree_kv_blocks(self.num_blocks)
         self.runner = ModelRunner(self.model, self.ops, model_config, config, self.num_blocks,
                                   self.device, self.dtype)
+        if self.tp_workers is not None:
+            from servescope.reference_engine.tp_workers import StepTimer
+
+            self.runner.ranks = self.tp_workers
+            self.runner.timer = StepTimer(self.device.type == "cuda")
         self.eos_token_ids = tuple(sorted(set(tokenizer.eos_token_ids) | set(model_config.eos_token_ids)))
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
         proposer = NgramProposer(config.spec) if config.spec else None
@@ -133,49 +128,41 @@ class LLMEngine:
         """(Re)capture the decode graphs and the piecewise graphs of steps with prefill, as the config
         says (benchmarks recapture after changing the kernels' policy); returns the seconds it took."""
         cfg = self.config
-        self.graph_capture_s = self.runner.capture_graphs(
-            cfg.max_num_seqs, min(cfg.cuda_graph_max_len, self.max_model_len),
-            piecewise_max_tokens=min(cfg.piecewise_graph_max_tokens, cfg.max_num_batched_tokens))
+        args = dict(max_num_seqs=cfg.max_num_seqs, max_len=min(cfg.cuda_graph_max_len, self.max_model_len),
+                    piecewise_max_tokens=min(cfg.piecewise_graph_max_tokens, cfg.max_num_batched_tokens))
+        if self.tp_workers is not None:  # every rank captures the same graphs, collectives included
+            self.tp_workers.send(("capture", args))
+        self.graph_capture_s = self.runner.capture_graphs(**args)
         return self.graph_capture_s
 
-    def _build_on_device(self, model_config: ModelConfig, checkpoint_dir: str | Path | None) -> LlamaModel:
-        """Parameters made on the GPU in the serving dtype (no float32 copy in host memory); random
-        weights of big models drawn there too (see weights.DEVICE_INIT_MIN_PARAMS)."""
-        previous = torch.get_default_dtype()
-        try:
-            torch.set_default_dtype(self.dtype)
-            with torch.device(self.device):
-                model = LlamaModel(model_config, max_positions=self.max_model_len)
-        finally:
-            torch.set_default_dtype(previous)
-        if checkpoint_dir is not None:
-            load_hf_weights(model, checkpoint_dir)
-        elif model_config.num_params >= DEVICE_INIT_MIN_PARAMS:
-            init_random_weights(model, self.config.seed, device=self.device)
-        else:
-            init_random_weights(model, self.config.seed)
-        # RoPE angles stay float32, computed once where they are used.
-        model.cos_sin_cache = rope_cos_sin_cache(model_config, self.max_model_len, self.device)
-        _mm_out_dtype_works()  # probe now, never while a CUDA graph is being captured
-        return model.eval()
+    def _start_ranks(self, checkpoint_dir: str | Path | None):
+        """Spawn ranks 1..N-1 and join their group as rank 0 (on cuda:0); returns rank 0's TPGroup."""
+        from servescope.reference_engine.tp_workers import RankWorkers
 
-    def _num_kv_blocks(self) -> int:
-        cfg, mc = self.config, self.model_config
-        if cfg.num_kv_blocks is not None:
-            return cfg.num_kv_blocks
-        bytes_per_block = mc.kv_bytes_per_token(torch.finfo(self.dtype).bits // 8) * cfg.block_size
-        budget = cfg.kv_cache_memory
-        if budget is None:
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                budget = int(free * 0.8)
-            else:
-                budget = DEFAULT_CPU_KV_MEMORY
-        blocks = budget // bytes_per_block
-        if blocks < 2:
-            raise ConfigError(f"--kv-cache-memory {budget} bytes holds {blocks} blocks of {bytes_per_block} "
-                              "bytes; give it more memory or set --num-kv-blocks")
-        return int(blocks)
+        size = self.config.tensor_parallel_size
+        check_divisible(self.model_config, size)
+        if self.device.type == "cuda":
+            if self.config.device != "cuda":
+                raise ConfigError(f"--tensor-parallel-size {size} places rank r on cuda:r; use --device cuda, "
+                                  f"not {self.config.device}")
+            if torch.cuda.device_count() < size:
+                raise ConfigError(f"--tensor-parallel-size {size} needs {size} GPUs; this machine has "
+                                  f"{torch.cuda.device_count()}")
+            self.device = torch.device("cuda", 0)
+        self.tp_workers, tp = RankWorkers.start(self.model_config, self.config, checkpoint_dir, self.max_model_len,
+                                                torch.get_num_threads())
+        return tp
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do without them); safe to call twice."""
+        if self.tp_workers is not None:
+            self.tp_workers.stop()
+
+    def rank_step_stats(self) -> dict:
+        """Each tensor-parallel rank's step-time histogram (tp_workers.StepStats); {} without TP."""
+        if self.tp_workers is None:
+            return {}
+        return {0: self.runner.timer.stats, **self.tp_workers.rank_stats()}
 
     @classmethod
     def build(cls, config: EngineConfig, preset_name: str | None = "tiny", model_path: str | Path | None = None,
@@ -216,6 +203,8 @@ class LLMEngine:
             "graph_steps": self.runner.num_graph_steps, "eager_steps": self.runner.num_eager_steps,
             "piecewise_steps": self.runner.num_piecewise_steps,
             "async_scheduling": self.async_scheduling,
+            "tensor_parallel_size": self.config.tensor_parallel_size,
+            "tp_worker_pids": self.tp_workers.pids if self.tp_workers is not None else [],
             "generation_tokens_total": self.generation_tokens_total, "pid": os.getpid(),
         }
 
@@ -311,6 +300,8 @@ class LLMEngine:
         else:  # a seeded request: the host sampler (this step waits for its logits)
             tokens = [t[0] for t in self.sampler.sample(logits.cpu(), requests)]
             ids = torch.tensor(tokens, dtype=torch.int64).to(self.device)
+        if self.tp_workers is not None and requests:
+            self.tp_workers.share_ids(ids)  # the other ranks' next inputs gather from them
         if not on_gpu:
             return _InFlight(out, ids, ids, None)
         host = torch.empty(ids.shape, dtype=torch.int64, pin_memory=True)

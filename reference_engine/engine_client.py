@@ -107,6 +107,11 @@ class EngineClient(abc.ABC):
         """False once the engine can serve nothing more (its process died); /health then answers 503."""
         return self._lost is None
 
+    @property
+    def lost_reason(self) -> str | None:
+        """Why the engine can serve nothing more (None while it can)."""
+        return self._lost
+
     @abc.abstractmethod
     def _post(self, command: tuple) -> None:
         """Send one command (step_loop.py lists them) to the step loop, without blocking."""

@@ -31,9 +31,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import select
 import signal
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -81,6 +83,7 @@ class EngineStartError(RuntimeError):
 def _child_main(launch: EngineLaunch, sock: socket.socket) -> None:
     """The engine process: build the engine, say ready (or why not), then serve commands until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server stops this process; Ctrl-C is the server's
+    wire = _Wire(sock)
     try:
         import torch
 
@@ -98,12 +101,18 @@ def _child_main(launch: EngineLaunch, sock: socket.socket) -> None:
         ready = ("error", type(exc).__name__, str(exc), traceback.format_exc())
         engine = None
     try:
-        sock.sendall(encode(ready))
+        wire.send(ready)
     except OSError:
+        if engine is not None:
+            engine.shutdown()
         return  # the server is gone already
     if engine is not None:
-        wire = _Wire(sock)
-        StepLoop(engine, metrics, "process").run(wire.receive, wire.send)
+        if engine.tp_workers is not None:
+            engine.tp_workers.on_fatal = wire.fatal
+        try:
+            StepLoop(engine, metrics, "process").run(wire.receive, wire.send)
+        finally:
+            engine.shutdown()  # the other tensor-parallel ranks stop with this one
     sock.close()
 
 
@@ -113,6 +122,7 @@ class _Wire:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.decoder = FrameDecoder()
+        self.lock = threading.Lock()
 
     def receive(self, block: bool) -> list[tuple] | None:
         """Every command that has arrived, without waiting unless `block` and none has; None at end of file."""
@@ -133,7 +143,19 @@ class _Wire:
                 commands.extend(frame)
 
     def send(self, message: tuple) -> None:
-        self.sock.sendall(encode(message))  # OSError once the server is gone: the step loop ends
+        with self.lock:  # a fatal message may come from the tensor-parallel watchdog's thread
+            self.sock.sendall(encode(message))  # OSError once the server is gone: the step loop ends
+
+    def fatal(self, reason: str) -> None:
+        """The engine cannot go on (a tensor-parallel rank died): tell the server why, then exit 1 at
+        once, even if the step loop is stuck in a collective that will never complete."""
+        log.error("%s; the engine process exits", reason)
+        if self.lock.acquire(timeout=2.0):  # a send stuck on a full socket must not keep us alive
+            try:
+                self.sock.sendall(encode(("fatal", reason)))
+            except OSError:
+                pass
+        os._exit(1)
 
 
 # -- the parent: start-up and shutdown ----------------------------------------------------------------
@@ -333,6 +355,12 @@ class ProcessEngineClient(EngineClient):
             future = self._calls.get(message[1])
             if future is not None and not future.done():
                 future.set_result(message[2])
+        elif kind == "fatal":  # the engine process is exiting, and says why (a tensor-parallel rank died)
+            self._lost = message[1]
+            self._fail_all(self._lost)
+            log.error("%s; the server cannot serve requests any more", self._lost)
+            if self.on_lost is not None:
+                self.on_lost(self._lost)
 
     def _connection_lost(self) -> None:
         if self._lost is not None:

@@ -1,5 +1,8 @@
 """Prometheus metrics under vLLM's names, so one servescope report reads vLLM and this engine alike.
 
+What vLLM has no name for is in the engine's own namespace: `servescope:rank_step_seconds`, each
+tensor-parallel rank's step time (label `rank`), so a report can show a straggler rank.
+
 Counters are declared without `_total` (prometheus_client appends it on
 export, as vLLM's do) and every series carries `model_name` and `engine`
 labels. Prefix-cache queries and hits are counted in tokens, as vLLM does.
@@ -15,6 +18,7 @@ import time
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from servescope.reference_engine.gpu_metrics import GpuCollector
@@ -69,6 +73,8 @@ class EngineMetrics:
         self.e2e = histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.", _LATENCY_BUCKETS)
         r.register(GpuCollector(values))  # servescope:gpu_* where torch can read them (gpu_metrics.py)
         self._last: dict[str, int] = {}
+        self._engine: LLMEngine | None = None
+        r.register(_RankStepCollector(self, values))
 
     def _advance(self, counter: Counter, key: str, total: int) -> None:
         """Counters follow the engine's running totals (the engine keeps plain ints; this adds the delta)."""
@@ -78,6 +84,7 @@ class EngineMetrics:
         self._last[key] = total
 
     def on_step(self, engine: LLMEngine, outputs: list[StepOutput], step_s: float) -> None:
+        self._engine = engine
         sched, bm = engine.scheduler, engine.block_manager
         self.running.set(len(sched.running))
         self.waiting.set(len(sched.waiting))
@@ -103,9 +110,42 @@ class EngineMetrics:
 
     def refresh_idle(self, engine: LLMEngine) -> None:
         """Gauges after an abort or while idle (no step ran to update them)."""
+        self._engine = engine
         self.running.set(len(engine.scheduler.running))
         self.waiting.set(len(engine.scheduler.waiting))
         self.kv_usage.set(engine.block_manager.usage)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _RankStepCollector:
+    """`servescope:rank_step_seconds{rank}`: histograms kept by each rank (tp_workers.StepTimer), read
+    at scrape time; nothing without tensor parallelism."""
+
+    NAME = "servescope:rank_step_seconds"
+
+    def __init__(self, metrics: EngineMetrics, labels: dict[str, str]) -> None:
+        self.metrics = metrics
+        self.labels = labels
+
+    def describe(self) -> list:
+        return []  # values appear only under tensor parallelism: nothing to check at registration
+
+    def collect(self):
+        from servescope.reference_engine.tp_workers import STEP_BUCKETS
+
+        engine = self.metrics._engine
+        stats = engine.rank_step_stats() if engine is not None else {}
+        if not stats:
+            return
+        family = HistogramMetricFamily(self.NAME, "Step time of each tensor-parallel rank (device time on a GPU).",
+                                       labels=[*self.labels, "rank"])
+        for rank, st in sorted(stats.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip(STEP_BUCKETS, st.buckets):
+                cumulative += count
+                buckets.append((repr(float(bound)), cumulative))
+            buckets.append(("+Inf", st.count))
+            family.add_metric([*self.labels.values(), str(rank)], buckets, st.total_s)
+        yield family

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from servescope.reference_engine.config import ModelConfig
 from servescope.reference_engine.ops import Ops
+from servescope.reference_engine.tensor_parallel import ShardPlan, TPGroup
 
 
 @dataclass
@@ -67,20 +68,24 @@ def rope_cos_sin_cache(config: ModelConfig, max_positions: int, device: torch.de
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """One decoder layer; under tensor parallelism (`tp`), this rank's heads and MLP slice, and the
+    all-reduce after each row-parallel projection (o, down)."""
+
+    def __init__(self, config: ModelConfig, plan: ShardPlan, tp: TPGroup | None = None) -> None:
         super().__init__()
         hidden, head_dim = config.hidden_size, config.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, head_dim
-        self.q_size, self.kv_size = config.num_heads * head_dim, config.num_kv_heads * head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = plan.num_heads, plan.num_kv_heads, head_dim
+        self.q_size, self.kv_size = plan.num_heads * head_dim, plan.num_kv_heads * head_dim
         self.scale = head_dim ** -0.5
         self.eps = config.rms_norm_eps
+        self.tp = tp
         self.input_norm = nn.Parameter(torch.ones(hidden))
         self.post_attention_norm = nn.Parameter(torch.ones(hidden))
         self.qkv_proj = nn.Parameter(torch.empty(self.q_size + 2 * self.kv_size, hidden))
         self.qkv_bias = nn.Parameter(torch.zeros(self.q_size + 2 * self.kv_size)) if config.attention_bias else None
         self.o_proj = nn.Parameter(torch.empty(hidden, self.q_size))
-        self.gate_up_proj = nn.Parameter(torch.empty(2 * config.intermediate_size, hidden))
-        self.down_proj = nn.Parameter(torch.empty(hidden, config.intermediate_size))
+        self.gate_up_proj = nn.Parameter(torch.empty(2 * plan.intermediate_size, hidden))
+        self.down_proj = nn.Parameter(torch.empty(hidden, plan.intermediate_size))
 
     def forward(self, ops: Ops, hidden: Tensor, residual: Tensor | None, positions: Tensor,
                 cos_sin: Tensor, kv_cache: tuple[Tensor, Tensor], meta: AttentionMetadata) -> tuple[Tensor, Tensor]:
@@ -140,34 +145,62 @@ class DecoderLayer(nn.Module):
     def post_attention(self, ops: Ops, attn_out: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
         """Output projection, post-attention RMSNorm (+ residual add) and the MLP: (hidden, residual)."""
         hidden = ops.linear(attn_out, self.o_proj)
+        if self.tp is not None:
+            self.tp.all_reduce(hidden)
         gate_up, residual = ops.norm_linear(hidden, self.post_attention_norm, self.eps, residual,
                                             self.gate_up_proj)
-        return ops.silu_mul_linear(gate_up, self.down_proj), residual
+        out = ops.silu_mul_linear(gate_up, self.down_proj)
+        if self.tp is not None:
+            self.tp.all_reduce(out)
+        return out, residual
 
 
 class LlamaModel(nn.Module):
-    """Embedding, decoder layers, final norm and LM head (tied to the embedding or not)."""
+    """Embedding, decoder layers, final norm and LM head (tied to the embedding or not).
 
-    def __init__(self, config: ModelConfig, max_positions: int | None = None) -> None:
+    With a `TPGroup` the model is one rank's shard (tensor_parallel.py): its heads, MLP slice and
+    vocabulary rows; its logits are gathered whole on every rank."""
+
+    def __init__(self, config: ModelConfig, max_positions: int | None = None, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.tp = tp
+        self.plan = tp.plan if tp is not None else ShardPlan.of(config)
+        vocab_rows = self.plan.vocab_shard
+        self.embed_tokens = nn.Parameter(torch.empty(vocab_rows, config.hidden_size))
+        self.layers = nn.ModuleList(DecoderLayer(config, self.plan, tp) for _ in range(config.num_layers))
         self.norm = nn.Parameter(torch.ones(config.hidden_size))
         self.lm_head = None if config.tie_word_embeddings else nn.Parameter(
-            torch.empty(config.vocab_size, config.hidden_size))
+            torch.empty(vocab_rows, config.hidden_size))
         positions = max_positions or config.max_position_embeddings
         self.register_buffer("cos_sin_cache", rope_cos_sin_cache(config, positions, "cpu"), persistent=False)
 
     def forward(self, ops: Ops, input_ids: Tensor, positions: Tensor,
                 kv_caches: list[tuple[Tensor, Tensor]], meta: AttentionMetadata) -> Tensor:
         """Hidden states [T, hidden] after the final norm."""
-        hidden = F.embedding(input_ids, self.embed_tokens)
+        hidden = self.embed(input_ids)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(ops, hidden, residual, positions, self.cos_sin_cache, kv_cache, meta)
         hidden, _ = ops.rms_norm(hidden, self.norm, self.config.rms_norm_eps, residual)
         return hidden
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """[T] ids -> [T, hidden]. A shard looks up the ids of its vocabulary range, zeros the rest,
+        and the all-reduce sums each token's one looked-up row (no host sync: CUDA graphs capture it)."""
+        if self.tp is None:
+            return F.embedding(input_ids, self.embed_tokens)
+        start, stop = self.plan.vocab
+        local = input_ids - start
+        outside = (local < 0) | (local >= stop - start)
+        hidden = F.embedding(local.masked_fill(outside, 0), self.embed_tokens)
+        hidden.masked_fill_(outside.unsqueeze(-1), 0)
+        return self.tp.all_reduce(hidden)
+
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads this model (shard) holds: the KV cache's head count."""
+        return self.plan.num_kv_heads
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """float32 logits [T, V]. On a GPU in half precision the LM head writes float32 directly
@@ -175,8 +208,12 @@ class LlamaModel(nn.Module):
         decoding does not hinge on how two backends break them."""
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         if hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and _mm_out_dtype_works():
-            return torch.mm(hidden, head.t(), out_dtype=torch.float32)
-        return F.linear(hidden, head).float()
+            logits = torch.mm(hidden, head.t(), out_dtype=torch.float32)
+        else:
+            logits = F.linear(hidden, head).float()
+        if self.tp is not None:
+            logits = self.tp.gather_vocab(logits, self.config.vocab_size)
+        return logits
 
 
 _MM_OUT_DTYPE: bool | None = None

@@ -21,9 +21,9 @@ schedule step N+1 while step N runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from servescope.reference_engine.config import EngineConfig, ModelConfig
@@ -31,6 +31,9 @@ from servescope.reference_engine.model import AttentionMetadata, LlamaModel
 from servescope.reference_engine.ops import Ops
 from servescope.reference_engine.sampler import SampleRequest
 from servescope.reference_engine.scheduler import SchedulerOutput
+
+if TYPE_CHECKING:
+    from servescope.reference_engine.tp_workers import RankWorkers, StepTimer
 
 # Decode batch sizes that get a CUDA graph; a batch runs in the smallest bucket that holds it.
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
@@ -97,7 +100,7 @@ class ModelRunner:
         self.device = device
         self.block_size = engine_config.block_size
         self.vocab_size = model_config.vocab_size
-        shape = (num_blocks, engine_config.block_size, model_config.num_kv_heads, model_config.head_dim)
+        shape = (num_blocks, engine_config.block_size, model.num_kv_heads, model_config.head_dim)
         self.kv_caches: list[tuple[Tensor, Tensor]] = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(model_config.num_layers)
@@ -115,6 +118,10 @@ class ModelRunner:
         self.num_graph_steps = 0
         self.num_piecewise_steps = 0
         self.num_eager_steps = 0
+        # Tensor parallelism, on rank 0: each collected step goes to the other ranks before this rank
+        # runs it (tp_workers.py). Every rank may time its steps (`timer`, per-rank metrics).
+        self.ranks: RankWorkers | None = None
+        self.timer: StepTimer | None = None
 
     # -- inputs -----------------------------------------------------------------
     def _tensor(self, data: list, dtype: torch.dtype) -> Tensor:
@@ -325,11 +332,12 @@ class ModelRunner:
         """Static inputs and the tensors handed between pieces and the eager attention."""
         cfg, dev = self.model.config, self.device
         dtype = self.model.embed_tokens.dtype
+        layer = self.model.layers[0]  # this rank's heads
         self._p_ids = torch.zeros(tokens, dtype=torch.int64, device=dev)
         self._p_pos = torch.zeros(tokens, dtype=torch.int64, device=dev)
         self._p_slots = torch.full((tokens,), -1, dtype=torch.int64, device=dev)
-        self._p_q = torch.zeros(tokens, cfg.num_heads, cfg.head_dim, dtype=dtype, device=dev)
-        self._p_attn = torch.zeros(tokens, cfg.num_heads * cfg.head_dim, dtype=dtype, device=dev)
+        self._p_q = torch.zeros(tokens, layer.num_heads, cfg.head_dim, dtype=dtype, device=dev)
+        self._p_attn = torch.zeros(tokens, layer.q_size, dtype=dtype, device=dev)
         self._p_res = torch.zeros(tokens, cfg.hidden_size, dtype=dtype, device=dev)
         self._p_hidden = torch.zeros(tokens, cfg.hidden_size, dtype=dtype, device=dev)
 
@@ -339,7 +347,7 @@ class ModelRunner:
         or the final norm after the last layer. Reads and writes only the static buffers."""
         model, ops, t = self.model, self.ops, bucket
         if index == 0:
-            hidden, residual = F.embedding(self._p_ids[:t], model.embed_tokens), None
+            hidden, residual = model.embed(self._p_ids[:t]), None
         else:
             hidden, residual = model.layers[index - 1].post_attention(ops, self._p_attn[:t], self._p_res[:t])
         if index < len(model.layers):
@@ -443,31 +451,42 @@ class ModelRunner:
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
-    def run_device(self, out: SchedulerOutput, prev_ids: Tensor | None = None) -> tuple[Tensor | None, list[SampleRequest]]:
-        """Launch the step; logits of the sampling rows stay on the device (float32). Never waits on
-        the GPU. `prev_ids`: the previous step's sampled ids, for placeholder inputs."""
-        s = self.collect(out)
+    def execute(self, s: StepInputs, prev_ids: Tensor | None = None) -> Tensor | None:
+        """Run one collected step on this rank: logits of its sampling rows (float32, on the device),
+        or None when nothing samples. Never waits on the GPU. Every tensor-parallel rank calls this
+        with the same inputs, so each takes the same path and their collectives meet."""
+        if self.timer is not None:
+            self.timer.begin()
         bucket = self._graph_bucket(s)
         if bucket is not None:
-            return self._run_graph(s, bucket, prev_ids), s.requests
-        if self.piecewise and self.piecewise_enabled:
-            bucket = _smallest_holding(self._piece_buckets, len(s.input_ids))
-            if bucket is not None:
-                return self._run_piecewise(s, bucket, prev_ids), s.requests
-        return self._forward_eager(s, prev_ids), s.requests
+            logits = self._run_graph(s, bucket, prev_ids)
+        elif self.piecewise and self.piecewise_enabled and (
+                bucket := _smallest_holding(self._piece_buckets, len(s.input_ids))) is not None:
+            logits = self._run_piecewise(s, bucket, prev_ids)
+        else:
+            logits = self._forward_eager(s, prev_ids)
+        if self.timer is not None:
+            self.timer.end()
+        return logits
 
-    @torch.inference_mode()
+    def run_device(self, out: SchedulerOutput, prev_ids: Tensor | None = None,
+                   overlapped: bool = True) -> tuple[Tensor | None, list[SampleRequest]]:
+        """Launch the step; logits of the sampling rows stay on the device (float32). Never waits on
+        the GPU. `prev_ids`: the previous step's sampled ids, for placeholder inputs. `overlapped`:
+        the engine will share this step's sampled ids with the other tensor-parallel ranks."""
+        s = self.collect(out)
+        if self.ranks is None:
+            return self.execute(s, prev_ids), s.requests
+        self.ranks.publish(s, overlapped)
+        try:
+            return self.execute(s, prev_ids), s.requests
+        except Exception:
+            self.ranks.check()  # a rank died: that is the error to report, not the broken collective
+            raise
+
     def run(self, out: SchedulerOutput) -> tuple[Tensor | None, list[SampleRequest]]:
         """Forward the step; returns logits of the sampling rows (float32, on the model's device) and
         who owns them. On a GPU they stay there: the host sampler draws on the device and reads back
         only the chosen ids (copying [batch, vocab] logits to sample on the CPU cost ~140 ms a step at
         batch 32 with llama3's vocabulary)."""
-        if self.on_gpu or self.graphs:
-            return self.run_device(out)
-        input_ids, positions, meta, rows, requests = self.prepare(out)
-        hidden = self.model(self.ops, input_ids, positions, self.kv_caches, meta)
-        if not rows:
-            return None, requests
-        if len(rows) != hidden.shape[0]:
-            hidden = hidden.index_select(0, self._tensor(rows, torch.int64))
-        return self.model.compute_logits(hidden).cpu(), requests
+        return self.run_device(out, overlapped=False)

@@ -14,6 +14,7 @@ request and frees its KV blocks at once.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -74,14 +75,27 @@ def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
+# Routes a key guards when one is set: the API and the engine's internals. /health and /metrics stay
+# open, as vLLM's do, for probes and scrapers.
+_KEYED_PREFIXES = ("/v1/", "/internal/")
+
+
 @web.middleware
 async def _api_key_middleware(request: web.Request, handler):
     api_key = request.app[SETTINGS_KEY].get("api_key")
-    if api_key and request.path.startswith("/v1/"):
-        if request.headers.get("Authorization", "") != f"Bearer {api_key}":
+    if api_key and request.path.startswith(_KEYED_PREFIXES):
+        sent = request.headers.get("Authorization", "").encode()
+        # Constant time: how long a wrong key takes must not tell how much of it was right.
+        if not hmac.compare_digest(sent, f"Bearer {api_key}".encode()):
             return _json_error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                "authentication_error", code="invalid_api_key")
     return await handler(request)
+
+
+def _engine_gone(engine: EngineClient) -> web.Response:
+    """503 with the reason the engine can serve nothing more (e.g. a tensor-parallel rank died); the
+    server is exiting."""
+    return _json_error(503, f"the engine is gone: {engine.lost_reason}", "server_error", code="engine_dead")
 
 
 async def _tokenize(tokenizer: BatchTokenizer, parsed: ParsedRequest) -> list[int]:
@@ -96,6 +110,8 @@ async def _generate(request: web.Request, api: str) -> web.StreamResponse:
     arrival = time.perf_counter()
     engine = request.app[ENGINE_KEY]
     settings = request.app[SETTINGS_KEY]
+    if not engine.alive:
+        return _engine_gone(engine)
     try:
         body = await request.json(loads=json.loads)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -124,6 +140,8 @@ async def _generate(request: web.Request, api: str) -> web.StreamResponse:
                 texts.append(out.text)
                 last = out
         except EngineFailed as exc:
+            if not engine.alive:
+                return _engine_gone(engine)
             return _json_error(500, f"the engine failed: {exc}", "server_error")
         assert last is not None
         return web.json_response(builder.full_response("".join(texts), last.finish_reason, last.usage))
@@ -169,8 +187,9 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    if not request.app[ENGINE_KEY].alive:
-        return web.Response(status=503, text="the engine process is gone")
+    engine = request.app[ENGINE_KEY]
+    if not engine.alive:
+        return web.Response(status=503, text=f"the engine is gone: {engine.lost_reason}")
     return web.Response(text="ok")
 
 

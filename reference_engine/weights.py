@@ -5,13 +5,15 @@ shrunk by depth, an embedding wide enough for peaked logits) so a random model
 produces varied, non-degenerate text: a benchmark of a model that only ever
 emits one token would measure nothing real. Checkpoints are read with
 `safetensors` (single file or a sharded `model.safetensors.index.json`), and
-HF's separate q/k/v and gate/up projections are fused on load.
+HF's separate q/k/v and gate/up projections are fused on load. A
+tensor-parallel shard gets, and reads, only its slice of every weight.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,31 +31,41 @@ DEVICE_INIT_MIN_PARAMS = 500_000_000
 def init_random_weights(model: LlamaModel, seed: int, device: torch.device | str | None = None) -> None:
     """Seeded random weights. With a CUDA `device` they are drawn by a generator on that device
     (different values from the CPU stream, same distribution); the model's parameters may live
-    on any device and dtype either way."""
-    config = model.config
+    on any device and dtype either way.
+
+    Every full weight is drawn in the same order whatever the tensor-parallel size, and a shard
+    keeps its slice (`model.plan`): TP=N holds exactly the weights of TP=1, so their outputs agree."""
+    config, plan = model.config, model.plan
     device = torch.device(device) if device is not None else torch.device("cpu")
     gen = torch.Generator(device=device).manual_seed(seed)
 
-    def normal_(param: torch.Tensor, std: float) -> None:
+    def draw(rows: int, cols: int | None, std: float) -> torch.Tensor:
+        shape = (rows,) if cols is None else (rows, cols)
         if device.type == "cpu":
-            param.data.copy_(torch.randn(param.shape, generator=gen) * std)
-        else:
-            # Rounded through bfloat16, so a float32 engine and a bf16 one of the same preset and seed
-            # hold the very same weights (the GPU correctness test compares them).
-            param.data.copy_(torch.randn(param.shape, generator=gen, device=device).mul_(std).to(torch.bfloat16))
+            return torch.randn(shape, generator=gen) * std
+        # Rounded through bfloat16, so a float32 engine and a bf16 one of the same preset and seed
+        # hold the very same weights (the GPU correctness test compares them).
+        return torch.randn(shape, generator=gen, device=device).mul_(std).to(torch.bfloat16)
+
+    hidden, head_dim = config.hidden_size, config.head_dim
+    q_full, kv_full = config.num_heads * head_dim, config.num_kv_heads * head_dim
+    inter = config.intermediate_size
+
+    def qkv(full: torch.Tensor) -> torch.Tensor:
+        return plan.qkv(*full.split([q_full, kv_full, kv_full]))
 
     # Logit std ~4 with a unit-RMS final hidden state: peaked but not one-hot.
-    normal_(model.embed_tokens, 4.0 / math.sqrt(config.hidden_size))
+    model.embed_tokens.data.copy_(plan.vocab_part(draw(config.vocab_size, hidden, 4.0 / math.sqrt(hidden))))
     if model.lm_head is not None:
-        normal_(model.lm_head, 4.0 / math.sqrt(config.hidden_size))
+        model.lm_head.data.copy_(plan.vocab_part(draw(config.vocab_size, hidden, 4.0 / math.sqrt(hidden))))
     residual_scale = 1.0
     for layer in model.layers:
-        normal_(layer.qkv_proj, 1.0 / math.sqrt(config.hidden_size))
+        layer.qkv_proj.data.copy_(qkv(draw(q_full + 2 * kv_full, hidden, 1.0 / math.sqrt(hidden))))
         if layer.qkv_bias is not None:
-            normal_(layer.qkv_bias, 0.02)
-        normal_(layer.o_proj, residual_scale / math.sqrt(layer.q_size))
-        normal_(layer.gate_up_proj, 1.0 / math.sqrt(config.hidden_size))
-        normal_(layer.down_proj, residual_scale / math.sqrt(config.intermediate_size))
+            layer.qkv_bias.data.copy_(qkv(draw(q_full + 2 * kv_full, None, 0.02)))
+        layer.o_proj.data.copy_(plan.o_columns(draw(hidden, q_full, residual_scale / math.sqrt(q_full))))
+        layer.gate_up_proj.data.copy_(plan.gate_up(*draw(2 * inter, hidden, 1.0 / math.sqrt(hidden)).chunk(2)))
+        layer.down_proj.data.copy_(plan.down_columns(draw(hidden, inter, residual_scale / math.sqrt(inter))))
 
 
 def _tensor_files(checkpoint_dir: Path) -> dict[str, Path]:
@@ -74,36 +86,64 @@ def _tensor_files(checkpoint_dir: Path) -> dict[str, Path]:
     return names
 
 
-def load_hf_weights(model: LlamaModel, checkpoint_dir: str | Path) -> None:
-    """Copy HF Llama/Qwen2 tensors into the model, fusing q/k/v and gate/up; every parameter must be found."""
+@dataclass
+class LoadReport:
+    """What loading read from the checkpoint: each tensor name with the shape of every slice taken."""
+
+    reads: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)
+    bytes_read: int = 0
+
+
+def load_hf_weights(model: LlamaModel, checkpoint_dir: str | Path) -> LoadReport:
+    """Copy HF Llama/Qwen2 tensors into the model, fusing q/k/v and gate/up; every parameter must be found.
+
+    Tensors are opened as safetensors slices (`get_slice`): a tensor-parallel shard reads only its
+    rows or columns of each, never the whole tensor (the plan's ranges, tensor_parallel.py)."""
     checkpoint_dir = Path(checkpoint_dir)
     files = _tensor_files(checkpoint_dir)
     handles: dict[Path, object] = {}
+    report = LoadReport()
+    plan = model.plan
 
-    def get(name: str) -> torch.Tensor:
+    class _Counted:
+        """A safetensors slice that records the shape and bytes of what is read through it."""
+
+        def __init__(self, name: str, lazy: object) -> None:
+            self.name, self.lazy = name, lazy
+
+        def __getitem__(self, index: object) -> torch.Tensor:
+            tensor = self.lazy[index]  # type: ignore[index]
+            report.reads.setdefault(self.name, []).append(tuple(tensor.shape))
+            report.bytes_read += tensor.numel() * tensor.element_size()
+            return tensor
+
+    def get(name: str) -> _Counted:
         for candidate in (name, name.removeprefix("model.")):
             if candidate in files:
                 path = files[candidate]
                 if path not in handles:
                     handles[path] = safe_open(str(path), framework="pt")
-                return handles[path].get_tensor(candidate)  # type: ignore[attr-defined]
+                return _Counted(candidate, handles[path].get_slice(candidate))  # type: ignore[attr-defined]
         raise ConfigError(f"{checkpoint_dir}: tensor {name!r} is missing from the checkpoint")
 
     def has(name: str) -> bool:
         return name in files or name.removeprefix("model.") in files
 
+    whole = slice(None)
     with torch.no_grad():
-        model.embed_tokens.copy_(get("model.embed_tokens.weight"))
-        model.norm.copy_(get("model.norm.weight"))
+        model.embed_tokens.copy_(plan.vocab_part(get("model.embed_tokens.weight")))
+        model.norm.copy_(get("model.norm.weight")[whole])
         if model.lm_head is not None:
-            model.lm_head.copy_(get("lm_head.weight") if has("lm_head.weight") else get("model.embed_tokens.weight"))
+            head = "lm_head.weight" if has("lm_head.weight") else "model.embed_tokens.weight"
+            model.lm_head.copy_(plan.vocab_part(get(head)))
         for i, layer in enumerate(model.layers):
             p = f"model.layers.{i}."
-            layer.input_norm.copy_(get(p + "input_layernorm.weight"))
-            layer.post_attention_norm.copy_(get(p + "post_attention_layernorm.weight"))
-            layer.qkv_proj.copy_(torch.cat([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"]))
+            layer.input_norm.copy_(get(p + "input_layernorm.weight")[whole])
+            layer.post_attention_norm.copy_(get(p + "post_attention_layernorm.weight")[whole])
+            layer.qkv_proj.copy_(plan.qkv(*(get(p + f"self_attn.{x}_proj.weight") for x in "qkv")))
             if layer.qkv_bias is not None:
-                layer.qkv_bias.copy_(torch.cat([get(p + f"self_attn.{x}_proj.bias") for x in "qkv"]))
-            layer.o_proj.copy_(get(p + "self_attn.o_proj.weight"))
-            layer.gate_up_proj.copy_(torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]))
-            layer.down_proj.copy_(get(p + "mlp.down_proj.weight"))
+                layer.qkv_bias.copy_(plan.qkv(*(get(p + f"self_attn.{x}_proj.bias") for x in "qkv")))
+            layer.o_proj.copy_(plan.o_columns(get(p + "self_attn.o_proj.weight")))
+            layer.gate_up_proj.copy_(plan.gate_up(get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")))
+            layer.down_proj.copy_(plan.down_columns(get(p + "mlp.down_proj.weight")))
+    return report

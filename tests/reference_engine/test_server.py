@@ -192,7 +192,7 @@ def test_precomputed_sse_chunks_equal_the_json_shape() -> None:
             assert json.loads(raw[6:]) == builder.text_chunk(text, None)
 
 
-def test_api_key_guards_the_openai_routes_only(server) -> None:
+def test_api_key_guards_the_openai_and_internal_routes(server) -> None:
     srv = server(api_key="s3cret")
     body = {"prompt": "hi", "max_tokens": 2}
     denied = httpx.post(srv.url + "/v1/completions", json=body)
@@ -200,3 +200,8 @@ def test_api_key_guards_the_openai_routes_only(server) -> None:
     allowed = httpx.post(srv.url + "/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"}, timeout=30)
     assert allowed.status_code == 200 and allowed.json()["usage"]["completion_tokens"] >= 1
     assert httpx.get(srv.url + "/health").status_code == 200  # probes need no key
+    assert httpx.get(srv.url + "/internal/engine").status_code == 401  # the engine's internals do
+    wrong = httpx.get(srv.url + "/internal/engine", headers={"Authorization": "Bearer s3cre"})
+    assert wrong.status_code == 401
+    state = httpx.get(srv.url + "/internal/engine", headers={"Authorization": "Bearer s3cret"})
+    assert state.status_code == 200 and state.json()["steps"] >= 1
