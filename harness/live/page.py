@@ -130,6 +130,12 @@ class LiveHooks:
         self.inner.records(rows)
         self.state.add_records(rows)
 
+    def flows(self, rows: list[dict[str, Any]]) -> None:
+        self.inner.flows(rows)
+
+    def notice(self, text: str) -> None:
+        self.inner.notice(text)
+
     def tick(self, progress: Progress) -> None:
         self.inner.tick(progress)
         self.state.add_progress(progress)
