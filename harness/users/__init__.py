@@ -9,5 +9,6 @@ through `self.client` (`chat` / `completions`, streamed), think between tasks
 * `script` - loading a script file (or a bundled example) and checking it;
 * `jobs` - the units the dispatcher hands out (a task to run, a user to start);
 * `client` - `UserClient`, the per-user view of the worker's streaming client;
-* `runtime` - runs users inside a worker process: tasks, waits, flow records.
+* `runtime` - runs users inside a worker process: tasks, waits, flow records;
+* `replay` - runs replayed agent traces the same way: each trace a flow, each call when its parents ended.
 """
