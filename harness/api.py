@@ -83,6 +83,7 @@ class _Prepared:
     api_key: str | None
     force_output_length: bool
     users: Any = None  # the loaded user script (harness.users.script.LoadedScript) for --users
+    cluster: dict[str, Any] | None = None  # --ray: the cluster joined (address, nodes, CPUs)
     replay: bool = False  # --trace of agent traces: the sessions are ReplayFlows, run as flows by the workers
 
 
@@ -157,9 +158,16 @@ def _prepare(config: RunConfig) -> _Prepared:
     phases = plan_phases(config)
     if config.trace is not None and config.warmup_s > 0:
         raise ConfigError("--warmup does not combine with --trace (the trace's own start is the warm-up); drop --warmup")
-    workers = config.workers or default_workers(phases, os.cpu_count() or 1)
+    cluster = None
+    if config.ray is not None:  # joined before anything is written: an unreachable cluster is exit 2
+        from servescope.harness.loadgen.ray_pool import connect
+
+        cluster = connect(config.ray)
+    workers = config.workers or (cluster["spare_cpus"] if cluster else default_workers(phases, os.cpu_count() or 1))
     if config.users is not None:
-        return _prepare_users(config, phases, workers, api_key)
+        prepared = _prepare_users(config, phases, workers, api_key)
+        prepared.cluster = cluster
+        return prepared
     try:
         tokenizer = load_tokenizer(config.tokenizer, target_is_reference=config.target is None)
         # --prompt-tokens/--max-tokens means fixed lengths: force the output length (DESIGN.md).
@@ -183,7 +191,7 @@ def _prepare(config: RunConfig) -> _Prepared:
         sessions = _primed(sessions)
     except WorkloadError as exc:
         raise ConfigError(str(exc)) from exc
-    return _Prepared(phases, workers, workload_meta, tokenizer, sessions, api_key, force, replay=replay)
+    return _Prepared(phases, workers, workload_meta, tokenizer, sessions, api_key, force, replay=replay, cluster=cluster)
 
 
 def _prepare_users(config: RunConfig, phases: list[Phase], workers: int, api_key: str | None) -> _Prepared:
@@ -229,7 +237,16 @@ def _drive(
     clock = lambda: time.perf_counter() - origin  # noqa: E731 - the run clock, shared with the workers
     # The origin on perf_counter's own scale joins the records with other logs of the same clock.
     writer.update(clock_origin_wall=_now_iso(), clock_origin_perf_counter_s=origin)
-    pool = LocalWorkerPool(prepared.workers, _worker_settings(config, prepared, base_url, model, origin))
+    settings = _worker_settings(config, prepared, base_url, model, origin)
+    if prepared.cluster is not None:
+        from servescope.harness.loadgen.ray_pool import RayWorkerPool
+
+        console.info(f"starting {prepared.workers} worker actor(s) on the Ray cluster at {config.ray} "
+                     f"({prepared.cluster['nodes']} node(s), {prepared.cluster['cpus']} CPUs)")
+        pool: Any = RayWorkerPool(prepared.workers, settings)
+        writer.update(ray={**prepared.cluster, **pool.describe()})
+    else:
+        pool = LocalWorkerPool(prepared.workers, settings)
     hooks = _Hooks(writer, console, clock, engine)
     dispatch_hooks: Any = hooks
     sink = writer.add_metric_samples
@@ -266,6 +283,8 @@ def _drive(
         "prewarm": result.prewarm, "cancelled_in_flight": result.cancelled, "notices": result.notices,
         **({"users": {"flows": result.flows, "retired": result.retired_users}}
            if prepared.users is not None or prepared.replay else {}),
+        **({"ray": {**prepared.cluster, **pool.describe()}} if prepared.cluster is not None else {}),
+        "lost_workers": result.lost_workers,
         "output_length_forced": prepared.force_output_length and not any(
             n.startswith(FORCE_REJECTED_NOTICE) for n in result.notices),
         "server_metrics": sources.describe(),
@@ -339,9 +358,12 @@ def _worker_settings(config: RunConfig, prepared: _Prepared, base_url: str, mode
                   "timeout_s": config.timeout_s, "stream": config.stream, "pool_size": max(64, share),
                   "transport": config.transport,
                   "force_output_length": prepared.force_output_length}
+        remote = prepared.cluster is not None
         settings.append(WorkerSettings(client=client, prewarm=share, count_tokens=True,
                                        tokenizer=config.tokenizer, seed=config.seed, replay=prepared.replay,
-                                       users_script=str(prepared.users.path) if prepared.users is not None else None))
+                                       users_script=str(prepared.users.path) if prepared.users is not None else None,
+                                       users_source=prepared.users.path.read_text() if remote and prepared.users else None,
+                                       report_starts=remote))
     return settings
 
 
@@ -390,6 +412,9 @@ class _Hooks:
 
     def flows(self, rows: list[dict[str, Any]]) -> None:
         self.writer.add_flows(rows)
+
+    def notice(self, text: str) -> None:
+        self.console.warn(text)
 
     def tick(self, progress: Progress) -> None:
         self.writer.tick()

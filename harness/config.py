@@ -138,6 +138,7 @@ class RunConfig:
     workload: str | None = None
     users: str | None = None  # --users FILE.py | bundled example: scripted users instead of a workload
     spawn_rate: float | None = None  # --spawn-rate: closed loop, users (slots) started per second
+    ray: str | None = None  # --ray [ADDRESS]: workers as Ray actors on this cluster (auto, host:port, ray://host:port)
     prompt_tokens: int | None = None
     max_tokens: int | None = None
     concurrency: int | None = None
@@ -185,6 +186,8 @@ class RunConfig:
             raise ConfigError("--timeout: must be longer than 0s, e.g. --timeout 60s")
         if self.requests is not None and self.requests < 1:
             raise ConfigError(f"--requests: must be at least 1, got {self.requests}")
+        if self.ray is not None and not self.ray.strip():
+            raise ConfigError("--ray: give a cluster address (auto, HOST:PORT or ray://HOST:PORT), or --ray alone for auto")
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"--workers: must be at least 1, got {self.workers}")
         if self.repeat < 1:

@@ -14,7 +14,9 @@ lag); a busy loop shows up there and in every record's `schedule_lag_s`.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import tempfile
 import threading
 import time
 import traceback
@@ -33,6 +35,7 @@ from servescope.harness.loadgen.messages import (
     Records,
     SessionDone,
     Shutdown,
+    Started,
     StartPhase,
     Stop,
     WorkerFailed,
@@ -61,12 +64,17 @@ class WorkerSettings:
     users_script: str | None = None  # scripted users: the script's path (imported again in the worker)
     replay: bool = False  # agent-trace replay: the jobs are ReplayFlows (harness/users/replay.py)
     seed: int = 0  # scripted users: each user's rng is seeded from this and its id
+    users_source: str | None = None  # the script's text, for a worker on a host without the file (Ray)
+    node: str | None = None  # the Ray node this worker runs on (records' `node`); None for local workers
+    report_starts: bool = False  # send `Started` batches, so a lost worker's in-flight requests are known
 
 
 def worker_main(index: int, inbox: Any, outbox: Any, settings: WorkerSettings) -> None:
     """Process entry point (multiprocessing target)."""
     # Ctrl-C reaches the whole process group; only the main process decides what it means.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # (A worker hosted in a thread, as in a Ray actor, has no signals of its own to set.)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import uvloop  # optional: a faster loop means less self-inflicted lag
     except ImportError:
@@ -107,7 +115,13 @@ def _make_users(worker: "Worker", settings: WorkerSettings, tokenizer: Any) -> A
     from servescope.harness.users.script import load_script
     from servescope.workloads.spec import Buckets
 
-    return UserRuntime(worker, load_script(settings.users_script), tokenizer, settings.seed, Buckets())
+    path = settings.users_script
+    if settings.users_source is not None and not os.path.isfile(path):  # another host: the driver sent the text
+        folder = tempfile.mkdtemp(prefix="servescope-users-")
+        path = os.path.join(folder, os.path.basename(path))
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(settings.users_source)
+    return UserRuntime(worker, load_script(path), tokenizer, settings.seed, Buckets())
 
 
 class Worker:
@@ -123,6 +137,7 @@ class Worker:
         self.users: Any = None  # UserRuntime when the run drives scripted users
         self.rows: list[dict[str, Any]] = []
         self.flow_rows: list[dict[str, Any]] = []
+        self.started: list[tuple[str, str, float | None]] = []  # report_starts: requests sent since the last flush
         self.lags = array("d")
         self.stopping = False
         self.waiting: set[asyncio.Task] = set()  # sessions sleeping until their next send
@@ -296,6 +311,7 @@ class Worker:
         await self._execute(spec, record, reply)
 
     def add_flow(self, row: dict[str, Any]) -> None:
+        row["node"] = self.settings.node
         self.flow_rows.append(row)
 
     async def _sleep_until(self, at: float) -> bool:
@@ -333,6 +349,8 @@ class Worker:
         )
 
     async def _execute(self, spec: RequestSpec, record: RequestRecord, reply: Any = None) -> None:
+        if self.settings.report_starts:
+            self.started.append((record.request_id, record.phase, record.scheduled_at))
         task = asyncio.get_running_loop().create_task(self.client.execute(spec, record, reply))
         self.executing[task] = record
         try:
@@ -361,6 +379,7 @@ class Worker:
             record.error_message = f"{type(exc).__name__}: {exc}"[:500]
         if record.schedule_lag_s is None and record.sent_at is not None and record.scheduled_at is not None:
             record.schedule_lag_s = record.sent_at - record.scheduled_at
+        record.node = self.settings.node
         self.rows.append(record.to_dict())
         if len(self.rows) >= FLUSH_BATCH:
             self._flush()
@@ -391,6 +410,9 @@ class Worker:
         self.finished.set()
 
     def _flush(self) -> None:
+        if self.started:  # before the records: a request is known to be out before it is known to be done
+            started, self.started = self.started, []
+            self.outbox.put(Started(self.index, started))
         if self.rows:
             rows, self.rows = self.rows, []
             self.outbox.put(Records(self.index, rows))

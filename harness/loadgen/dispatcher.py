@@ -31,6 +31,7 @@ from servescope.harness.loadgen.messages import (
     Records,
     SessionDone,
     Shutdown,
+    Started,
     StartPhase,
     Stop,
     WorkerFailed,
@@ -60,6 +61,7 @@ class Hooks(Protocol):
 
     def records(self, rows: list[dict[str, Any]]) -> None: ...
     def flows(self, rows: list[dict[str, Any]]) -> None: ...  # scripted users' task invocations
+    def notice(self, text: str) -> None: ...  # something the user should know now (a worker was lost)
     def tick(self, progress: "Progress") -> None: ...
     def stop_requested(self) -> int: ...  # 0: go on; 1: stop gracefully; 2: stop now
     def failure(self) -> str | None: ...  # a reason to abandon the run (e.g. the engine died)
@@ -93,6 +95,7 @@ class DispatchResult:
     cancelled: int = 0
     notices: list[str] = field(default_factory=list)  # workers' clients' remarks on the target, deduplicated
     flows: int = 0  # scripted users' task invocations recorded
+    lost_workers: list[dict[str, Any]] = field(default_factory=list)  # workers that died mid-run (Ray actors)
     retired_users: int = 0  # scripted users retired early (on_start failed, or StopUser)
 
 
@@ -128,6 +131,8 @@ class Dispatcher:
         self.outstanding = [0] * self.workers  # sessions handed to a worker and not yet done
         self.idle: set[int] = set()
         self.exited: set[int] = set()
+        self.lost: set[int] = set()  # workers gone mid-run; a channel with `tolerates_loss` lets the run go on
+        self.in_flight: list[dict[str, tuple[str, float | None]]] = [{} for _ in range(self.workers)]
         self._rr = itertools.cycle(range(self.workers))
 
     # -- the run ------------------------------------------------------------------------
@@ -160,7 +165,7 @@ class Dispatcher:
 
     def _run_phase(self, index: int, phase: Phase) -> None:
         start = self.clock() + START_LEAD_S
-        self.idle.clear()
+        self.idle = set(self.lost)
         self.progress = Progress(
             phase=phase.name, phase_index=index, phase_count=len(self.phases), phase_started_at=start,
             phase_duration_s=phase.duration_s, phase_expected=phase.expected_sessions(),
@@ -200,7 +205,7 @@ class Dispatcher:
             if deadline is not None and self.clock() >= deadline:
                 return dispatched
             for worker in range(self.workers):
-                while self.outstanding[worker] < buffer[worker]:
+                while self.outstanding[worker] < buffer[worker] and worker not in self.lost:
                     if phase.requests is not None and dispatched >= phase.requests:
                         break
                     session = next(self.sessions, None)
@@ -252,8 +257,12 @@ class Dispatcher:
     def _least_loaded(self) -> int:
         """Round-robin, skipping a worker that is far busier than the others."""
         worker = next(self._rr)
-        low = min(self.outstanding)
-        return worker if self.outstanding[worker] <= low + 8 else self.outstanding.index(low)
+        while worker in self.lost:
+            worker = next(self._rr)
+        low = min(n for w, n in enumerate(self.outstanding) if w not in self.lost)
+        if self.outstanding[worker] <= low + 8:
+            return worker
+        return next(w for w, n in enumerate(self.outstanding) if n == low and w not in self.lost)
 
     # -- shared plumbing ------------------------------------------------------------------
 
@@ -276,12 +285,47 @@ class Dispatcher:
             if failure:
                 raise _StopRun(failure)
             gone = [w for w in self.channel.dead() if w not in self.exited]
-            if gone:
+            if gone and not getattr(self.channel, "tolerates_loss", False):
                 raise _StopRun(f"worker process(es) {gone} died unexpectedly")
+            for worker in gone:
+                self._lose(worker)
+            if gone and len(self.lost) == self.workers:
+                raise _StopRun(f"every worker was lost ({len(self.lost)}); the load cannot go on")
         return messages
 
+    def _lose(self, worker: int) -> None:
+        """A worker died mid-run: its in-flight requests become `worker_lost` records; the rest go on."""
+        reason = (getattr(self.channel, "lost", None) or {}).get(worker, "it stopped answering")
+        node = (getattr(self.channel, "nodes", None) or [None] * self.workers)[worker]
+        rows = [{"request_id": request_id, "worker": worker, "node": node, "phase": phase, "scheduled_at": scheduled,
+                 "status": "cancelled", "error_kind": "worker_lost",
+                 "error_message": f"load-generator worker {worker} was lost while this request was in flight: {reason}"}
+                for request_id, (phase, scheduled) in self.in_flight[worker].items()]
+        self.in_flight[worker].clear()
+        if rows:
+            self.progress.records += len(rows)
+            self.progress.errors += len(rows)
+            self.hooks.records(rows)
+        self.lost.add(worker)
+        self.exited.add(worker)
+        self.idle.add(worker)
+        self.outstanding[worker] = 0
+        left = self.workers - len(self.lost)
+        self.result.lost_workers.append({"worker": worker, "node": node, "at_s": self.clock(), "reason": reason,
+                                         "in_flight_lost": len(rows)})
+        self.result.problems.append(
+            f"worker {worker}{f' on node {node}' if node else ''} was lost at t={self.clock():.1f} s ({reason}): "
+            f"{len(rows)} in-flight request(s) recorded as worker_lost; the run went on with {left} worker(s)")
+        self.hooks.notice(self.result.problems[-1])
+
     def _handle(self, message: Any) -> None:
-        if isinstance(message, Records):
+        if isinstance(message, Started):
+            self.in_flight[message.worker].update((rid, (phase, at)) for rid, phase, at in message.requests)
+        elif isinstance(message, Records):
+            if self.in_flight[message.worker]:
+                flying = self.in_flight[message.worker]
+                for row in message.rows:
+                    flying.pop(row["request_id"], None)
             self.progress.records += len(message.rows)
             for row in message.rows:
                 if row.get("status") != "ok":

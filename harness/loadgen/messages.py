@@ -76,6 +76,17 @@ class Records:
 
 
 @dataclass(slots=True)
+class Started:
+    """Requests that went out since the last batch: (request_id, phase, scheduled_at) each.
+
+    Sent only by workers that may be lost (Ray actors): with the records that
+    came back, it tells the driver exactly which requests a lost worker had in flight."""
+
+    worker: int
+    requests: list[tuple[str, str, float | None]]
+
+
+@dataclass(slots=True)
 class Flows:
     """A batch of finished task invocations of scripted users (`FlowRecord.to_dict()` rows)."""
 

@@ -37,6 +37,7 @@ ERROR_KINDS = (
     "timeout",
     "cancelled",
     "client",
+    "worker_lost",
 )
 OUTPUT_TOKENS_SOURCES = ("usage", "tokenizer", "chunks")
 
