@@ -109,6 +109,11 @@ def preset(name: str, vocab_size: int | None = None) -> ModelConfig:
                            num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
                            max_position_embeddings=131072, rope_theta=500000.0,
                            rope_scaling=replace(_LLAMA3_ROPE, factor=8.0))
+    if name == "llama3-70b":  # Llama 3.1 70B: 141 GB of bf16 weights, more than one GPU holds
+        return ModelConfig(name=name, vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                           num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128,
+                           max_position_embeddings=131072, rope_theta=500000.0,
+                           rope_scaling=replace(_LLAMA3_ROPE, factor=8.0))
     if name == "qwen2.5-7b":
         return ModelConfig(name=name, vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                            num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128,
@@ -117,7 +122,7 @@ def preset(name: str, vocab_size: int | None = None) -> ModelConfig:
     raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
 
 
-PRESETS = ("tiny", "llama3-1b", "llama3-8b", "qwen2.5-7b")
+PRESETS = ("tiny", "llama3-1b", "llama3-8b", "llama3-70b", "qwen2.5-7b")
 
 
 def model_config_from_hf(checkpoint_dir: str | Path) -> ModelConfig:
