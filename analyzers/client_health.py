@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from servescope.analyzers.loadgen_nodes import LagLimits, behind, generator_units, lag_reasons
 from servescope.analyzers.metrics import quantile
 
 # Schedule lag shifts when load arrives (the offered rate), event-loop lag delays
@@ -47,8 +48,14 @@ def _first_number(section: dict[str, Any], *keys: str) -> float | None:
     return None
 
 
-def client_health(run: dict[str, Any], measured: pd.DataFrame) -> dict[str, Any]:
-    """`{"schedule_lag_p99_s", "loop_lag_max_s", "client_bound", ...}` for summary.json and the client_bound rule."""
+def client_health(run: dict[str, Any], measured: pd.DataFrame, chunks: np.ndarray | None = None) -> dict[str, Any]:
+    """`{"schedule_lag_p99_s", "loop_lag_max_s", "client_bound", "nodes", "workers", "behind", ...}`.
+
+    For summary.json and the client_bound rule. `chunks`: each measured row's ITL
+    gap count (counted from `itl_s` when not given). The run is client-bound when
+    its own figures are over the limits or when one node (or, on one machine, one
+    worker) is: `behind` names those, each with its reasons.
+    """
     check = client_self_check(run)
     lag = measured["schedule_lag_s"].to_numpy(dtype=np.float64) if len(measured) else np.empty(0)
     lag_p99 = quantile(lag, 0.99)
@@ -58,25 +65,26 @@ def client_health(run: dict[str, Any], measured: pd.DataFrame) -> dict[str, Any]
     loop_p99 = _first_number(check, "loop_lag_p99_s", "loop_lag_p99")
     ttft = measured.loc[measured["status"] == "ok", "ttft_s"].to_numpy(dtype=np.float64) if len(measured) else np.empty(0)
     ttft_p50 = quantile(ttft, 0.5) or 0.0
-    limit = max(SCHEDULE_LAG_FLOOR_S, LAG_SHARE_OF_TTFT * ttft_p50)
-    loop_p99_limit = max(LOOP_LAG_P99_FLOOR_S, LAG_SHARE_OF_TTFT * ttft_p50)
-    loop_max_limit = max(LOOP_LAG_MAX_FLOOR_S, ttft_p50)
-    reasons = []
-    if lag_p99 is not None and lag_p99 > limit:
-        reasons.append(f"schedule lag p99 {lag_p99 * 1e3:.1f} ms > {limit * 1e3:.1f} ms")
-    if loop_p99 is not None and loop_p99 > loop_p99_limit:
-        reasons.append(f"event-loop lag p99 {loop_p99 * 1e3:.1f} ms > {loop_p99_limit * 1e3:.1f} ms")
-    if loop_max is not None and loop_max > loop_max_limit:
-        reasons.append(f"an event-loop stall of {loop_max * 1e3:.1f} ms > {loop_max_limit * 1e3:.1f} ms")
+    limits = LagLimits(schedule_p99_s=max(SCHEDULE_LAG_FLOOR_S, LAG_SHARE_OF_TTFT * ttft_p50),
+                       loop_p99_s=max(LOOP_LAG_P99_FLOOR_S, LAG_SHARE_OF_TTFT * ttft_p50),
+                       loop_max_s=max(LOOP_LAG_MAX_FLOOR_S, ttft_p50))
+    reasons = lag_reasons(lag_p99, loop_p99, loop_max, limits)
+    per_worker = check.get("per_worker") if isinstance(check.get("per_worker"), list) else []
+    units = generator_units(run, measured, chunks, limits, per_worker)
+    lagging = behind(units)
+    reasons += [f"{unit['label']}: {'; '.join(unit['reasons'])}" for unit in lagging]
     return {
         "schedule_lag_p50_s": quantile(lag, 0.5),
         "schedule_lag_p99_s": lag_p99,
+        "schedule_lag_n": int(np.isfinite(lag).sum()),
         "loop_lag_p99_s": loop_p99,
         "loop_lag_max_s": loop_max,
-        "lag_limit_s": limit,
-        "loop_lag_p99_limit_s": loop_p99_limit,
-        "loop_lag_max_limit_s": loop_max_limit,
+        "lag_limit_s": limits.schedule_p99_s,
+        "loop_lag_p99_limit_s": limits.loop_p99_s,
+        "loop_lag_max_limit_s": limits.loop_max_s,
         "client_bound": bool(reasons),
         "reasons": reasons,
+        "behind": lagging,
+        **units,
         "self_check": check,
     }

@@ -87,7 +87,7 @@ def build_context(run: RunData) -> DiagnosisContext:
         run=run,
         frame=frame,
         metrics=ServerMetrics.from_frame(run.server_metrics),
-        client=client_health(run.run, frame),
+        client=client_health(run.run, frame, run.itl_lengths[mask]),
         frame_mask=mask,
     )
 

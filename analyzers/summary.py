@@ -26,6 +26,7 @@ import pandas as pd
 
 from servescope.analyzers.client_health import client_health
 from servescope.analyzers.flows import flow_slo_metrics, flows_summary, measured_flows
+from servescope.analyzers.from_scheduled import from_scheduled, open_loop_mask
 from servescope.analyzers.metrics import describe
 from servescope.analyzers.server_metrics import server_view
 from servescope.analyzers.telemetry import run_telemetry
@@ -99,10 +100,11 @@ def _throughput(frame: pd.DataFrame, window: dict[str, Any], meets: np.ndarray) 
 
 
 def summarize_group(run: RunData, mask: np.ndarray, name: str, slos: list[SLO], meets: np.ndarray,
-                    flows: pd.DataFrame | None = None) -> dict[str, Any]:
+                    flows: pd.DataFrame | None = None, open_loop: np.ndarray | None = None) -> dict[str, Any]:
     """One phase (or the overall measured set): counts, rates, latency distributions, SLO verdict.
 
-    `flows` are the group's scripted-user flows (the flow SLOs are judged on them).
+    `flows` are the group's scripted-user flows (the flow SLOs are judged on them); `open_loop`
+    marks the rows of open-loop phases (their latencies from the scheduled time are added).
     """
     frame = run.requests.loc[mask]
     status = frame["status"].fillna("error")
@@ -128,6 +130,8 @@ def summarize_group(run: RunData, mask: np.ndarray, name: str, slos: list[SLO], 
         "window": window,
         "metrics": metrics,
     }
+    if open_loop is not None and (scheduled := from_scheduled(ok_frame, open_loop[mask][ok_rows])) is not None:
+        group["from_scheduled"] = scheduled
     if slos:
         judged = metrics | flow_slo_metrics(run.flows.iloc[:0] if flows is None else flows)
         group["slo"] = evaluate(slos, judged, error_rate)
@@ -142,19 +146,20 @@ def summarize(run: RunData, slos: list[SLO] | None = None) -> dict[str, Any]:
     meets = requests_meeting(slos, frame, run.itl_max) if len(frame) else np.zeros(0, bool)
     phases_key = frame["phase"].fillna("").to_numpy() if len(frame) else np.empty(0, dtype=object)
     flow_phase = run.flows["phase"].fillna("")
+    open_loop = open_loop_mask(run.run, frame) if len(frame) else np.zeros(0, bool)
     phases = [
-        summarize_group(run, phases_key == name, name or "all", slos, meets, run.flows[flow_phase == name])
+        summarize_group(run, phases_key == name, name or "all", slos, meets, run.flows[flow_phase == name], open_loop)
         for name in phase_names(frame)
     ]
     measured = measured_mask(frame) if len(frame) else np.zeros(0, bool)
-    overall = summarize_group(run, measured, "overall", slos, meets, measured_flows(run.flows))
+    overall = summarize_group(run, measured, "overall", slos, meets, measured_flows(run.flows), open_loop)
     summary: dict[str, Any] = {
         "servescope_version": servescope_version(),
         "status": run.run.get("status", "unknown"),
         "phases": phases,
         "overall": overall,
         "slo": overall.get("slo") if slos else {"ok": True, "objectives": []},
-        "client": {k: v for k, v in client_health(run.run, frame.loc[measured]).items() if k != "self_check"},
+        "client": {k: v for k, v in client_health(run.run, frame.loc[measured], run.itl_lengths[measured]).items() if k != "self_check"},
         "server": server_view(run.server_metrics, overall["window"]["start_s"], overall["window"]["end_s"]),
         "telemetry": run_telemetry(run.server_metrics, overall),
         "flows": flows_summary(run.flows, phase_names(frame)),
