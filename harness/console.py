@@ -119,6 +119,12 @@ class RunConsole:
             for key, name in LATENCIES:
                 stats = metrics.get(key) or {}
                 latency.add_row(name, *(_ms(stats.get(p)) for p in PERCENTILES), str(stats.get("n", 0)))
+            # Open loop with a late generator: what users arriving on schedule saw (summary.json decides when).
+            scheduled = group.get("from_scheduled") or {}
+            for key, name in LATENCIES if scheduled.get("differs") else ():
+                if key in scheduled.get("metrics", {}):
+                    stats = scheduled["metrics"][key]
+                    latency.add_row(f"{name} from scheduled", *(_ms(stats.get(p)) for p in PERCENTILES), str(stats.get("n", 0)))
             self.console.print(latency)
         slo = summary.get("slo") or {}
         for objective in slo.get("objectives", []):
