@@ -15,9 +15,9 @@
   var config = {responsive: true, displaylogo: false};
   var baseLayout = function (title, yTitle, extra) {
     var layout = {
-      title: {text: title, font: {size: 14}}, height: 300, margin: {l: 60, r: 60, t: 40, b: 40},
+      title: {text: title, font: {size: 14}}, height: 320, margin: {l: 60, r: 60, t: 40, b: 50},
       xaxis: {title: {text: 'time in run (s)'}}, yaxis: {title: {text: yTitle}, rangemode: 'tozero'},
-      legend: {orientation: 'h', y: -0.3}, paper_bgcolor: '#ffffff', plot_bgcolor: '#ffffff',
+      legend: {orientation: 'h', y: -0.38}, paper_bgcolor: '#ffffff', plot_bgcolor: '#ffffff',
       font: {family: 'system-ui, sans-serif', size: 12, color: '#1f2933'}, uirevision: 'keep',
     };
     Object.keys(extra || {}).forEach(function (k) { layout[k] = extra[k]; });
@@ -80,7 +80,6 @@
   };
 
   var drawServer = function () {
-    document.getElementById('no-server').hidden = state.server.size > 0;
     var kv = [];
     serverSeries('kv_usage', 100).forEach(function (s) { kv.push(line(s.x, s.y, 'KV usage %' + s.label)); });
     serverSeries('prefix_hit_rate', 100).forEach(function (s) { kv.push(line(s.x, s.y, 'prefix-cache hit rate %' + s.label)); });
@@ -92,6 +91,10 @@
     serverSeries('gpu_mem_used', 1 / 1073741824).forEach(function (s) { gpu.push(line(s.x, s.y, 'GPU memory GiB' + s.label, {yaxis: 'y2'})); });
     serverSeries('gpu_power').forEach(function (s) { gpu.push(line(s.x, s.y, 'GPU power W' + s.label, {yaxis: 'y2'})); });
     draw('chart-gpu', gpu, baseLayout('GPU utilisation, memory and power', '%', {yaxis2: y2('GiB / W')}));
+    var note = document.getElementById('no-server');
+    note.hidden = (kv.length + gpu.length) > 0;
+    note.textContent = state.server.size ? 'The scraped endpoints report no KV cache, preemption or GPU series (queue and running are under Client side).'
+      : 'No metrics endpoint has answered yet.';
   };
 
   // -- findings, header -------------------------------------------------------------------------
@@ -180,7 +183,8 @@
     fetch(withToken('/api/state?since=' + state.version, '&'), {cache: 'no-store'})
       .then(function (r) { if (!r.ok) { throw new Error('HTTP ' + r.status); } return r.json(); })
       .then(function (s) {
-        var fresh = s.data_at !== null && s.data_at !== state.lastDataAt;
+        // The first read finds data older than the page itself: not a delay of the page.
+        var fresh = s.data_at !== null && s.data_at !== state.lastDataAt && state.polls > 0;
         merge(s);
         state.version = s.version;
         drawClient(); drawServer(); drawFindings(); drawHeader(s);
@@ -190,8 +194,8 @@
           // How long the newest data waited before this page showed it: its age when served,
           // plus the request and the drawing (the page's own clock).
           state.delays.push((s.now - s.data_at) + (performance.now() - started) / 1e3);
-          state.lastDataAt = s.data_at;
         }
+        state.lastDataAt = s.data_at;
         setTimeout(poll, s.status === 'finished' ? FINISHED_POLL_MS : POLL_MS);
       })
       .catch(function () {

@@ -86,16 +86,22 @@ class LivePage:
         return both
 
     def run_ended(self) -> None:
-        """The load is over: one last judgement on everything measured, then no more."""
+        """The load is over: no more live judgements (the report's diagnosis follows on everything measured)."""
         if self.findings is not None:
             self.findings.stop()
-            try:
-                self.state.evaluate_findings()
-            except Exception:  # noqa: BLE001 - the findings loop already said why once
-                pass
+
+    def describe(self) -> dict[str, Any]:
+        """run.json's `live`: where the page was and what judging on the data so far cost the driver."""
+        loop = self.findings
+        return {"url": self.url.split("?")[0], "host": self.host, "port": self.server.port,
+                "token_required": self.token is not None, "polls": self.server.polls,
+                "findings_evaluations": loop.evaluations if loop else 0,
+                "findings_seconds": round(loop.seconds, 4) if loop else 0.0,
+                "findings_fired": sorted({f["rule"] for f in self.state.snapshot(0)["findings"]})}
 
     def finished(self, status: str, exit_code: int) -> None:
         """Link the report, then stay up while a page still watches (Ctrl-C closes it at once)."""
+        _record_in_run_json(self.server.run_dir, self.describe())
         report = (self.server.run_dir / "report.html").exists()
         self.state.finish({"status": status, "exit_code": exit_code,
                            "report": "report.html" + (f"?token={self.token}" if self.token else "") if report else None,
@@ -118,6 +124,21 @@ class LivePage:
         if self.findings is not None:
             self.findings.stop()
         self.server.close()
+
+
+def _record_in_run_json(run_dir: Path, live: dict[str, Any]) -> None:
+    """Add the `live` section to a finished run's run.json (a run directory that failed early may have none)."""
+    import json
+
+    from servescope.rundir.schema import RUN_JSON
+    from servescope.rundir.writer import write_json_atomic
+
+    path = run_dir / RUN_JSON
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    write_json_atomic(path, {**meta, "live": live})
 
 
 class LiveHooks:

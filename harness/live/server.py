@@ -64,6 +64,7 @@ class LiveServer(ThreadingHTTPServer):
         self.state, self.page, self.script, self.token, self.run_dir = state, page, script, token, run_dir
         self.loopback = is_loopback(address[0])
         self.last_poll: float | None = None  # time.monotonic() of the page's latest state request
+        self.polls = 0
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="live-page", daemon=True)
 
@@ -108,10 +109,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         path = urlsplit(self.path).path
-        if path in ("/live.js", "/plotly.min.js"):
-            if self._allowed(needs_token=False):
-                body = self.server.script if path == "/live.js" else plotly_bundle()
-                self._send(200, body, "text/javascript; charset=utf-8", cache=True)
+        if path in ("/live.js", "/plotly.min.js", "/favicon.ico"):
+            if not self._allowed(needs_token=False):
+                return
+            if path == "/favicon.ico":
+                self._send(204, b"", "image/x-icon", cache=True)  # no icon, and no 404 in the browser's console
+                return
+            body = self.server.script if path == "/live.js" else plotly_bundle()
+            self._send(200, body, "text/javascript; charset=utf-8", cache=True)
             return
         if not self._allowed(needs_token=True):
             return
@@ -121,6 +126,7 @@ class _Handler(BaseHTTPRequestHandler):
             import time
 
             self.server.last_poll = time.monotonic()
+            self.server.polls += 1
             since = parse_qs(urlsplit(self.path).query).get("since", ["0"])[0]
             try:
                 version = int(since)

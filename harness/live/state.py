@@ -35,9 +35,10 @@ from servescope.analyzers.live import (
 from servescope.analyzers.server_metrics import canonical_name
 from servescope.harness.loadgen.dispatcher import Progress
 
-FINDINGS_EVERY_S = 3.0  # the rules run on the data so far this often
+FINDINGS_EVERY_S = 3.0  # the rules run on the data so far this often...
+MAX_FINDINGS_SHARE = 0.05  # ...or less often, so that judging takes at most this share of the driver's time
 PROGRESS_EVERY_S = 0.25  # progress ticks arrive every 10 ms; the page needs a few per second
-MAX_FINDING_ROWS = 20_000  # the rules judge the most recent rows (a phase's worth at 300 req/s for a minute)
+MAX_FINDING_ROWS = 10_000  # the rules judge the most recent rows (a minute at 160 req/s)
 MAX_FINDING_SAMPLES = 400_000  # scraped samples of the keys the rules read, most recent
 
 
@@ -75,6 +76,8 @@ class LiveState:
         self._rows: deque[dict[str, Any]] = deque(maxlen=MAX_FINDING_ROWS)
         self._samples: deque[dict[str, Any]] = deque(maxlen=MAX_FINDING_SAMPLES)
         self._findings: list[dict[str, Any]] = []
+        self._findings_version = 0
+        self._judged_records = 0
         self._announced: dict[str, str] = {}  # rule -> severity already printed
         self._progress_at = -1.0
         self.data_at: float | None = None  # run clock when the newest rows or samples arrived
@@ -95,7 +98,7 @@ class LiveState:
                 index = window_index(end if end is not None else now)
                 self._windows.setdefault(index, []).append(row)
                 self._dirty.add(index)
-            self._rows.extend(rows)
+            self._rows.extend(_for_rules(row) for row in rows)
             self.records += len(rows)
             self.data_at = now
 
@@ -138,8 +141,14 @@ class LiveState:
     # -- findings ------------------------------------------------------------------------------
 
     def evaluate_findings(self) -> list[dict[str, Any]]:
-        """Run the live rules on a copy of the rows so far; announce the new or more severe ones."""
+        """Run the live rules on a copy of the rows so far; announce the new or more severe ones.
+
+        Nothing new since the last judgement: the last findings stand (the rules are not run again).
+        """
         with self._lock:
+            if self.records == self._judged_records and self._findings_version:
+                return self._findings
+            self._judged_records = self.records
             rows, samples = list(self._rows), list(self._samples)
         now = self.clock()
         findings = [{**f.to_dict(), "t": now} for f in live_findings(rows, samples, self.run_meta)]
@@ -198,8 +207,24 @@ class LiveState:
 _SEVERITY_RANK = {"high": 0, "medium": 1, "low": 2, "info": 3}
 
 
+# The columns the live rules read (the rest become nulls in their frame).
+_RULE_COLUMNS = ("request_id", "phase", "status", "error_kind", "http_status", "error_message", "scheduled_at",
+                 "sent_at", "first_token_at", "end_at", "ttft_s", "e2e_s", "schedule_lag_s", "output_tokens",
+                 "prompt_tokens", "cached_tokens")
+
+
+def _for_rules(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as the live rules need it: their columns, and of its gaps only the largest (the preemption
+    rule's stall). Building the rules' frame from whole rows with every gap cost most of each judgement."""
+    gaps = row.get("itl_s") or ()
+    kept = {key: row.get(key) for key in _RULE_COLUMNS}
+    kept["itl_s"] = [max(gaps)] if gaps else []
+    return kept
+
+
 class FindingsLoop:
-    """Evaluates the live rules every `every_s` on a daemon thread until `stop()`.
+    """Evaluates the live rules every `every_s` (longer when one judgement takes more than
+    MAX_FINDINGS_SHARE of that) on a daemon thread until `stop()`.
 
     A rule that raises is reported once on the console and the loop goes on:
     a bug in a live judgement must never cost the measurement.
@@ -220,7 +245,8 @@ class FindingsLoop:
         return self
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.every_s):
+        pause = self.every_s
+        while not self._stop.wait(pause):
             started = time.perf_counter()
             try:
                 self.state.evaluate_findings()
@@ -230,7 +256,9 @@ class FindingsLoop:
                     self.warn(f"live findings disabled for this run ({type(exc).__name__}: {exc})")
                 return
             self.evaluations += 1
-            self.seconds += time.perf_counter() - started
+            took = time.perf_counter() - started
+            self.seconds += took
+            pause = max(self.every_s, took / MAX_FINDINGS_SHARE)  # the driver's CPU goes to driving first
 
     def stop(self) -> None:
         self._stop.set()

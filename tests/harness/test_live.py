@@ -189,6 +189,8 @@ def test_a_saturated_run_watched_live_shows_queueing_and_stops_from_the_page(tmp
     assert (frame["status"] == "ok").sum() >= 20
     meta = json.loads((run_dir / "run.json").read_text())
     assert meta["status"] == "interrupted" and (run_dir / "report.html").exists()
+    assert meta["live"]["polls"] >= 2 and "queueing" in meta["live"]["findings_fired"]
+    assert meta["live"]["findings_evaluations"] >= 1 and not meta["live"]["token_required"]
 
 
 def test_a_busy_live_port_is_a_usage_error_before_anything_is_written(tmp_path):
