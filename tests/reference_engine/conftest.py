@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from servescope.reference_engine.tokenizer import TOKENIZER_DIR
+from support.checkpoints import save_widened
 
 # One intra-op thread: the tiny shapes gain nothing from two, and the suite shares 2 cores with
 # other test processes, where a spinning thread pool slows every op many times over.
@@ -84,11 +85,5 @@ def hf_qwen2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
                          num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
                          tie_word_embeddings=True, rope_theta=1000000.0, eos_token_id=1)
     torch.manual_seed(1)
-    model = Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(1.0 + 0.1 * torch.randn_like(param) if "norm" in name else torch.randn_like(param) * 0.15)
-    model.save_pretrained(out, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(TOKENIZER_DIR / name, out / name)
-    return out
+    return save_widened(Qwen2ForCausalLM(config).eval(), out)
+

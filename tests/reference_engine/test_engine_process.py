@@ -28,6 +28,7 @@ from servescope.reference_engine.engine_client import EngineFailed
 from servescope.reference_engine.frames import FrameDecoder, encode
 from servescope.reference_engine.sequence import SamplingParams
 from servescope.reference_engine.server import ServerThread
+from support.processes import parent_of, process_gone, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +44,6 @@ def servers(engine_factory, launch_factory):
 def _run_on(srv: ServerThread, coro, timeout: float = 30.0):
     """Run a coroutine on the server's own event loop (where its engine client lives)."""
     return asyncio.run_coroutine_threadsafe(coro, srv._loop).result(timeout)
-
-
-def _wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_frames_survive_any_split_of_the_byte_stream() -> None:
@@ -69,7 +62,7 @@ def test_engine_runs_in_its_own_process(servers) -> None:
     srv = servers["process"]
     state = httpx.get(srv.url + "/internal/engine").json()
     assert state["mode"] == "process" and state["pid"] != os.getpid()
-    assert _parent_of(state["pid"]) == os.getpid()
+    assert parent_of(state["pid"]) == os.getpid()
     assert httpx.get(servers["thread"].url + "/internal/engine").json()["mode"] == "thread"
     models = httpx.get(srv.url + "/v1/models").json()["data"]
     assert models[0]["id"] == "tiny" and models[0]["max_model_len"] == 32768
@@ -118,7 +111,7 @@ def test_a_refused_add_fails_only_its_own_request(servers) -> None:
         return str(info.value)
 
     assert "the prompt is empty" in _run_on(srv, refused())
-    _wait_until(lambda: client.num_waiting == 0, what="the refused add to be counted as taken")
+    wait_until(lambda: client.num_waiting == 0, what="the refused add to be counted as taken")
     ok = httpx.post(srv.url + "/v1/completions", json={"prompt": "still serving", "max_tokens": 3}, timeout=30)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
 
@@ -139,7 +132,7 @@ def test_num_waiting_counts_adds_the_engine_has_not_reported(servers) -> None:
 
     posted_now, reasons = _run_on(srv, burst())
     assert posted_now == 5 and reasons == [["length"]] * 5
-    _wait_until(lambda: client.num_waiting == 0, what="num_waiting to settle")
+    wait_until(lambda: client.num_waiting == 0, what="num_waiting to settle")
 
 
 def test_config_error_reaches_the_cli_as_a_usage_error() -> None:
@@ -177,26 +170,6 @@ def _cli_server(*args: str) -> Iterator[tuple[subprocess.Popen, str]]:
         proc.communicate(timeout=10)
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, parent pid) from /proc, or None when no such process exists."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return None
-    return fields[0], int(fields[1])
-
-
-def _parent_of(pid: int) -> int | None:
-    stat = _proc_stat(pid)
-    return stat[1] if stat else None
-
-
-def _gone(pid: int) -> bool:
-    stat = _proc_stat(pid)
-    return stat is None or stat[0] == "Z"  # a zombie has exited; only its exit status is left
-
-
 @pytest.mark.parametrize("stop", ["sigterm", "harness", "sigkill"])
 def test_stopping_the_server_leaves_no_engine_process(stop: str) -> None:
     """SIGTERM and the harness's SIGINT stop the engine process in order; a server killed outright
@@ -210,7 +183,7 @@ def test_stopping_the_server_leaves_no_engine_process(stop: str) -> None:
             proc, url = stack.enter_context(_cli_server())
             server_pid = proc.pid
         child = httpx.get(url + "/internal/engine").json()["pid"]
-        assert child != server_pid and _parent_of(child) == server_pid
+        assert child != server_pid and parent_of(child) == server_pid
         reply = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
         assert reply.status_code == 200
         if stop == "sigterm":
@@ -221,7 +194,7 @@ def test_stopping_the_server_leaves_no_engine_process(stop: str) -> None:
             proc.wait(10)
         else:
             assert engine.stop() == 0, engine.stderr_tail()
-        _wait_until(lambda: _gone(child), timeout=10, what=f"engine process {child} to exit")
+        wait_until(lambda: process_gone(child), timeout=10, what=f"engine process {child} to exit")
 
 
 def test_a_dead_engine_process_fails_its_requests_and_stops_the_server() -> None:

@@ -8,7 +8,6 @@ shard, and every projection's all-reduce and the LM head's all-gather go through
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,8 +27,9 @@ from servescope.reference_engine.model import LlamaModel
 from servescope.reference_engine.sequence import SamplingParams
 from servescope.reference_engine.tensor_parallel import ShardPlan, TPGroup
 from servescope.reference_engine.tokenization import EngineTokenizer
-from servescope.reference_engine.tokenizer import TOKENIZER_DIR
 from servescope.reference_engine.weights import load_hf_weights
+from support.checkpoints import save_widened
+from support.processes import process_gone, wait_until
 
 SERVER_START_S = 90.0
 
@@ -44,14 +44,7 @@ def odd_vocab_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
                          tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
     torch.manual_seed(3)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(1.0 + 0.1 * torch.randn_like(param) if "norm" in name else torch.randn_like(param) * 0.15)
-    model.save_pretrained(out, safe_serialization=True, max_shard_size="300KB")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(TOKENIZER_DIR / name, out / name)
-    return out
+    return save_widened(LlamaForCausalLM(config).eval(), out, max_shard_size="300KB")
 
 
 def _engine(checkpoint: Path, tp: int) -> LLMEngine:
@@ -200,23 +193,6 @@ def _start_server(*extra: str) -> tuple[subprocess.Popen, str]:
     pytest.fail(f"`servescope serve -tp 2` did not answer /health within {SERVER_START_S:.0f} s")
 
 
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    with open(f"/proc/{pid}/stat") as f:  # a zombie is gone too, only not reaped yet
-        return f.read().split(")")[1].split()[0] == "Z"
-
-
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_served_two_ranks_answer_and_stop_together_on_ctrl_c() -> None:
     proc, url = _start_server()
     try:
@@ -231,7 +207,7 @@ def test_served_two_ranks_answer_and_stop_together_on_ctrl_c() -> None:
         pids = [state["pid"], *state["tp_worker_pids"]]
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
-        _wait(lambda: all(_gone(pid) for pid in pids), 15, "every rank to exit")
+        wait_until(lambda: all(process_gone(pid) for pid in pids), 15, "every rank to exit")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -250,7 +226,7 @@ def test_a_dying_rank_gives_503_and_exit_1_with_its_error() -> None:
 
         client = threading.Thread(target=long_request)
         client.start()
-        _wait(lambda: httpx.get(url + "/internal/engine").json()["running"] == 1, 30, "the request to run")
+        wait_until(lambda: httpx.get(url + "/internal/engine").json()["running"] == 1, 30, "the request to run")
         os.kill(rank1, signal.SIGKILL)
         client.join(60)
         response = result["response"]
