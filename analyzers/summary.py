@@ -26,12 +26,12 @@ import pandas as pd
 
 from servescope.analyzers.client_health import client_health
 from servescope.analyzers.flows import flow_slo_metrics, flows_summary, measured_flows
-from servescope.analyzers.from_scheduled import from_scheduled, open_loop_mask
+from servescope.analyzers.from_scheduled import from_scheduled, from_scheduled_columns, open_loop_mask
 from servescope.analyzers.metrics import describe
 from servescope.analyzers.server_metrics import server_view
 from servescope.analyzers.telemetry import run_telemetry
 from servescope.rundir.reader import RunData
-from servescope.slo import SLO, evaluate, requests_meeting, slos_from_run
+from servescope.slo import SCHEDULED_METRICS, SLO, evaluate, requests_meeting, slos_from_run
 
 WARMUP_PHASE = "warmup"
 LATENCY_COLUMNS = ("ttft_s", "tpot_s", "e2e_s")
@@ -134,6 +134,8 @@ def summarize_group(run: RunData, mask: np.ndarray, name: str, slos: list[SLO], 
         group["from_scheduled"] = scheduled
     if slos:
         judged = metrics | flow_slo_metrics(run.flows.iloc[:0] if flows is None else flows)
+        if any(slo.metric in SCHEDULED_METRICS for slo in slos):  # every loop kind: from the intended send
+            judged |= {column: describe(values) for column, values in from_scheduled_columns(ok_frame).items()}
         group["slo"] = evaluate(slos, judged, error_rate)
     return group
 

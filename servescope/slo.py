@@ -1,7 +1,9 @@
 """Service-level objectives: parsing `--slo ttft_p99=500ms,...` and judging a run against them.
 
 One SLO is `<metric>_<stat>=<threshold>`: metric `ttft`, `tpot`, `itl` or
-`e2e`, or `flow` (the duration of a scripted user's task, end to end); stat
+`e2e`, `ttft_sched` or `e2e_sched` (TTFT and E2E from the scheduled send time:
+what users saw when the load generator was late), or `flow` (the duration of a
+scripted user's task, end to end); stat
 `mean`, `p50`, `p90`, `p95`, `p99` or `p99.9` (also spelled `p999`);
 threshold a duration (`500ms`, `2s`, `1m`; a bare number is seconds).
 `error_rate=<x>` (failed requests) and `flow_error_rate=<x>` (flows that did
@@ -19,7 +21,9 @@ import pandas as pd
 from servescope.errors import UsageError
 from servescope.units import DurationError, parse_seconds
 
-REQUEST_METRICS = {"ttft": "ttft_s", "tpot": "tpot_s", "itl": "itl_s", "e2e": "e2e_s"}
+REQUEST_METRICS = {"ttft": "ttft_s", "tpot": "tpot_s", "itl": "itl_s", "e2e": "e2e_s",
+                   "ttft_sched": "ttft_from_scheduled_s", "e2e_sched": "e2e_from_scheduled_s"}
+SCHEDULED_METRICS = ("ttft_from_scheduled_s", "e2e_from_scheduled_s")
 # Judged on flows.parquet (scripted users), not per request: they never decide a request's goodput.
 FLOW_METRICS = {"flow": "flow_duration_s"}
 LATENCY_METRICS = {**REQUEST_METRICS, **FLOW_METRICS}
@@ -89,7 +93,10 @@ def _parse_one(key: str, value: str) -> SLO:
         except ValueError:
             raise SLOError(f"{key}={value!r}: expected a fraction (0.001) or a percentage (0.1%)") from None
         return SLO(name=key, metric=key, stat="rate", threshold=rate)
-    metric, _, stat = key.partition("_")
+    # The longest metric name the key starts with: `ttft_sched_p99` is ttft_sched's p99, not ttft's `sched_p99`.
+    metric = next((m for m in sorted(LATENCY_METRICS, key=len, reverse=True) if key.startswith(m + "_")),
+                  key.partition("_")[0])
+    stat = key[len(metric) + 1:]
     stat = _STAT_ALIASES.get(stat, stat)
     if metric not in LATENCY_METRICS or stat not in STATS:
         raise SLOError(
@@ -142,10 +149,16 @@ def requests_meeting(slos: list[SLO], frame: pd.DataFrame, itl_max: np.ndarray) 
     its TPOT, its E2E, and for ITL its largest gap (every token arrived in time).
     """
     ok = (frame["status"] == "ok").to_numpy().copy()
+    scheduled = {}
+    if any(slo.metric in SCHEDULED_METRICS for slo in slos):
+        from servescope.analyzers.from_scheduled import from_scheduled_columns
+
+        scheduled = from_scheduled_columns(frame)  # older runs: derived from scheduled_at
     for slo in slos:
         if slo.metric not in REQUEST_METRICS.values():
             continue  # the error rates and flow objectives judge a whole group, not one request
-        value = itl_max if slo.metric == "itl_s" else frame[slo.metric].to_numpy(dtype=np.float64)
+        value = (itl_max if slo.metric == "itl_s" else scheduled[slo.metric] if slo.metric in scheduled
+                 else frame[slo.metric].to_numpy(dtype=np.float64))
         # A missing TPOT (one-token output) cannot violate a TPOT objective.
         ok &= ~(value > slo.threshold)
     return ok

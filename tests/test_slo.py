@@ -82,3 +82,19 @@ def test_flow_objectives_parse():
 def test_flow_objectives_round_trip_through_run_json():
     recorded = [s.to_dict() for s in parse_slos("flow_p90=2s,flow_error_rate=1%")]
     assert slos_from_run({"slo": {"objectives": recorded}}) == parse_slos("flow_p90=2s,flow_error_rate=1%")
+
+
+def test_from_scheduled_objectives_judge_what_users_saw(sim):
+    slos = parse_slos("ttft_sched_p99=100ms,e2e_sched_p999=1s")
+    assert [(s.metric, s.stat) for s in slos] == [("ttft_from_scheduled_s", "p99"), ("e2e_from_scheduled_s", "p99.9")]
+    t = 0.0
+    for i in range(200):
+        t += 0.1
+        late = 0.2 if i % 4 == 0 else 0.0  # a quarter left 200 ms after their scheduled time
+        sim.add(t + late, ttft=0.05, scheduled_at=t)  # no from-scheduled columns: derived from scheduled_at
+    s = summarize(sim.run(), parse_slos("ttft_sched_p99=100ms"))["overall"]
+    assert s["metrics"]["ttft_s"]["p99"] == pytest.approx(0.05)  # from the send, every request looks fine
+    assert s["slo"]["ok"] is False and s["slo"]["objectives"][0]["value"] == pytest.approx(0.25)
+    assert s["goodput_req_per_s"] == pytest.approx(0.75 * s["req_per_s"], rel=0.05)
+    with pytest.raises(SLOError, match="ttft_sched"):
+        parse_slos("ttft_late_p99=1s")  # the message lists the metrics, the scheduled ones among them
