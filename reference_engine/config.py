@@ -181,10 +181,15 @@ def parse_size(text: str) -> int:
 
 @dataclass(frozen=True)
 class SpecConfig:
-    """N-gram (prompt lookup) speculation: propose up to `k` tokens that followed the last `n` tokens."""
+    """N-gram (prompt lookup) speculation: propose up to `k` tokens that followed the last `n` tokens.
+
+    adaptive (the default): each step drafts only for requests, and only as far, as their acceptance
+    so far and the engine's measured step times say pays (draft_policy.py); off: every decoding
+    request drafts up to k tokens every step."""
 
     k: int = 4
     n: int = 3
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= 16 or not 1 <= self.n <= 8:
@@ -192,7 +197,7 @@ class SpecConfig:
 
     @classmethod
     def parse(cls, text: str | None) -> SpecConfig | None:
-        """'ngram:k=4,n=3' -> SpecConfig; None/'' /'off' -> None."""
+        """'ngram:k=4,n=3[,adaptive=0]' -> SpecConfig; None/'' /'off' -> None."""
         if not text or text == "off":
             return None
         method, _, args = text.partition(":")
@@ -201,10 +206,12 @@ class SpecConfig:
         values: dict[str, int] = {}
         for part in filter(None, args.split(",")):
             key, eq, value = part.partition("=")
-            if not eq or key not in ("k", "n") or not value.isdigit():
-                raise ConfigError(f"--spec {text!r}: bad option {part!r}; allowed: k=INT, n=INT")
+            if not eq or key not in ("k", "n", "adaptive") or not value.isdigit() \
+                    or (key == "adaptive" and value not in ("0", "1")):
+                raise ConfigError(f"--spec {text!r}: bad option {part!r}; allowed: k=INT, n=INT, adaptive=0|1")
             values[key] = int(value)
-        return cls(**values)
+        adaptive = bool(values.pop("adaptive", 1))
+        return cls(**values, adaptive=adaptive)
 
 
 @dataclass
@@ -235,7 +242,8 @@ class EngineConfig:
     # token counts, attention run eagerly between the pieces. 0: such steps run eagerly.
     piecewise_graph_max_tokens: int = 2048
     # Schedule step N+1 while step N runs on the GPU (sampling on the GPU, sampled ids synced one step
-    # late). None: on for CUDA without speculation, off on the CPU (where nothing would overlap).
+    # late). None: on for CUDA, off on the CPU (where nothing would overlap). With speculation a step
+    # that drafts first takes the overlapped step's tokens (a proposal needs them) and runs alone.
     async_scheduling: bool | None = None
     # Ranks of one model split by tensor parallelism (tensor_parallel.py), one process each; rank 0 is
     # the engine. On CUDA rank r runs on cuda:r.
@@ -269,9 +277,6 @@ class EngineConfig:
             every, length = self.debug_pause
             if not (every > 0 and 0 < length < every):
                 raise ConfigError(f"--debug-pause EVERY:FOR needs 0 < FOR < EVERY, got {every:g}s:{length:g}s")
-        if self.async_scheduling and self.spec is not None:
-            raise ConfigError("--async-scheduling cannot be combined with --spec: draft verification needs "
-                              "the sampled tokens on the host before the next step is scheduled")
 
     @staticmethod
     def parse_debug_pause(text: str | None) -> tuple[float, float] | None:
@@ -291,5 +296,5 @@ class EngineConfig:
     @property
     def use_async_scheduling(self) -> bool:
         if self.async_scheduling is None:
-            return self.device.startswith("cuda") and self.spec is None
+            return self.device.startswith("cuda")
         return self.async_scheduling

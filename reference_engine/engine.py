@@ -27,7 +27,7 @@ from servescope.reference_engine.ops import build_ops
 from servescope.reference_engine.sampler import DeviceSampler, Sampler, SampleRequest
 from servescope.reference_engine.scheduler import Scheduler, SchedulerOutput
 from servescope.reference_engine.sequence import SamplingParams, Sequence, SequenceStatus, stop_reason
-from servescope.reference_engine.spec_decode import NgramProposer
+from servescope.reference_engine.spec_decode import Drafter
 from servescope.reference_engine.tokenization import EngineTokenizer, IncrementalDetokenizer, tokenizer_dir_for
 from servescope.reference_engine.tensor_parallel import check_divisible
 GENERATE_MAX_STEPS = 100_000  # generate() gives up after this many steps rather than spin forever
@@ -104,8 +104,12 @@ class LLMEngine:
             self.runner.timer = StepTimer(self.device.type == "cuda")
         self.eos_token_ids = tuple(sorted(set(tokenizer.eos_token_ids) | set(model_config.eos_token_ids)))
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
-        proposer = NgramProposer(config.spec) if config.spec else None
-        self.scheduler = Scheduler(config, self.block_manager, self.eos_token_ids, proposer)
+        self.drafter = Drafter(config.spec) if config.spec else None
+        self.scheduler = Scheduler(config, self.block_manager, self.eos_token_ids,
+                                   self.drafter.proposer if self.drafter else None)
+        # The step now running: (it drafted, its tokens, its prefill tokens, its start), timed up to the
+        # next step's start for the drafter; None after a step that left the engine idle.
+        self._timing: tuple[bool, int, int, float] | None = None
         self.sampler = Sampler(self.eos_token_ids, seed=config.seed)
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self.num_steps = 0
@@ -228,22 +232,42 @@ class LLMEngine:
             setattr(self.config, name, value)
         self.config.__post_init__()
         self.block_manager = BlockManager(self.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
-        proposer = NgramProposer(self.config.spec) if self.config.spec else None
-        self.scheduler = Scheduler(self.config, self.block_manager, self.eos_token_ids, proposer)
+        self.drafter = Drafter(self.config.spec) if self.config.spec else None
+        self.scheduler = Scheduler(self.config, self.block_manager, self.eos_token_ids,
+                                   self.drafter.proposer if self.drafter else None)
+        self._timing = None
         self.async_scheduling = self.config.use_async_scheduling
 
     # -- the step ---------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        if self.async_scheduling:
-            return self._step_async()
         started = time.perf_counter()
-        out = self.scheduler.schedule()
+        drafter = self.drafter
+        plan: dict[int, int] = {}
+        if drafter is not None:
+            if self._timing is not None:
+                drafted, tokens, other, t0 = self._timing
+                drafter.step_timed(drafted, tokens, other, started - t0)
+            plan = drafter.plan(self.scheduler.running, self.max_model_len)
+        if self.async_scheduling and not plan:
+            return self._step_async(started)
+        # A plain step, or one that drafts: a proposal needs every token on the host, so an overlapped
+        # step still in flight is read back first.
+        outputs = self._resolve(self._inflight) if self._inflight is not None else []
+        self._inflight = None
+        out = self.scheduler.schedule(plan)
         if not out.scheduled:
-            return []
+            self._timing = None
+            return outputs
         logits, requests = self.runner.run(out)
         sampled = self.sampler.sample(logits, requests) if requests else []
+        sampling = [item for item in out.scheduled if item.samples]  # read before postprocess moves them
         appended = self.scheduler.postprocess(out, sampled)
-        outputs: list[StepOutput] = []
+        if drafter is not None:
+            for item, tokens in zip(sampling, sampled):
+                if item.drafts:
+                    drafter.verified(item.seq, len(item.drafts), len(tokens) - 1)
+                elif not item.seq.finished:
+                    drafter.shadow(item.seq, item.seq.num_tokens)
         for seq, tokens in appended:
             self.generation_tokens_total += len(tokens)
             if seq.num_output_tokens == len(tokens):  # the first tokens of this request
@@ -261,6 +285,11 @@ class LLMEngine:
 
     def _account_step(self, out: SchedulerOutput, outputs: list[StepOutput], started: float) -> list[StepOutput]:
         """Step counters and the observer's hook, shared by the plain and the overlapped step."""
+        if self.drafter is not None:  # timed up to the next step's start, unless the engine goes idle
+            drafted = any(item.drafts for item in out.scheduled)
+            other = sum(item.num_new_tokens for item in out.scheduled if not item.drafts and not item.is_decode)
+            busy = bool(out.scheduled) and self.has_unfinished()
+            self._timing = (drafted, out.num_tokens, other, started) if busy else None
         self.num_steps += 1
         self.scheduled_seqs_total += len(out.scheduled)
         self.busy_s += time.perf_counter() - started
@@ -269,7 +298,7 @@ class LLMEngine:
         return outputs
 
     # -- the overlapped step (async scheduling) ----------------------------------
-    def _step_async(self) -> list[StepOutput]:
+    def _step_async(self, started: float) -> list[StepOutput]:
         """Schedule and launch step N, then read back and apply step N-1's tokens while N runs.
 
         Step N is scheduled as if N-1's tokens were known: each sampling sequence got a placeholder
@@ -278,7 +307,6 @@ class LLMEngine:
         a sequence that stopped at N-1 may have been computed once more in N, and that token is
         dropped. Length limits are known ahead and stop a sequence from being scheduled at all.
         """
-        started = time.perf_counter()
         out = self.scheduler.schedule()
         launched = None
         if out.scheduled:
@@ -355,6 +383,8 @@ class LLMEngine:
                 del self.detokenizers[seq.seq_id]
             elif seq.status is SequenceStatus.RUNNING:
                 self.block_manager.commit(seq)
+                if self.drafter is not None:
+                    self.drafter.shadow(seq, pos + 1)
             first = pos == seq.num_prompt_tokens
             if first:
                 seq.first_token_time = now

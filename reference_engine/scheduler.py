@@ -92,22 +92,22 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def _drafts(self, seq: Sequence, budget: int) -> list[int]:
-        if self.proposer is None:
+    def _drafts(self, seq: Sequence, budget: int, most: int) -> list[int]:
+        if self.proposer is None or most <= 0:
             return []
         # Never draft past max_tokens: the bonus token already covers the last position.
-        room = min(budget - 1, seq.params.max_tokens - seq.num_output_tokens - 1,
+        room = min(most, budget - 1, seq.params.max_tokens - seq.num_output_tokens - 1,
                    (self.config.max_model_len or 1 << 62) - seq.num_tokens)
         return self.proposer.propose(seq, room) if room > 0 else []
 
     def _schedule_running(self, budget: int, scheduled: list[ScheduledSeq], preempted: list[Sequence],
-                          decodes_only: bool) -> int:
+                          decodes_only: bool, draft_lengths: dict[int, int]) -> int:
         for seq in list(self.running):
             if seq.status is not SequenceStatus.RUNNING or budget <= 0:
                 continue
             remaining = seq.num_tokens - seq.num_computed_tokens
             if remaining == 1:
-                drafts = self._drafts(seq, budget)
+                drafts = self._drafts(seq, budget, draft_lengths.get(seq.seq_id, 0))
                 num_new = 1 + len(drafts)
             elif decodes_only:
                 continue
@@ -157,19 +157,24 @@ class Scheduler:
             budget -= num_new
         return budget
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, draft_lengths: dict[int, int] | None = None) -> SchedulerOutput:
+        """This step's batch; `draft_lengths`: the most drafts each decoding sequence (by seq_id) may
+        carry (the engine's drafter decides; none when absent)."""
+        draft_lengths = draft_lengths or {}
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
         if self.config.chunked_prefill:
-            budget = self._schedule_running(budget, scheduled, preempted, decodes_only=False)
+            budget = self._schedule_running(budget, scheduled, preempted, decodes_only=False,
+                                            draft_lengths=draft_lengths)
             if not preempted:
                 self._admit_waiting(budget, scheduled, whole_prompts=False)
         else:
             # Prefill first, alone: decodes stall behind every admitted prompt.
             self._admit_waiting(budget, scheduled, whole_prompts=True)
             if not scheduled:
-                self._schedule_running(budget, scheduled, preempted, decodes_only=True)
+                self._schedule_running(budget, scheduled, preempted, decodes_only=True,
+                                       draft_lengths=draft_lengths)
         scheduled.sort(key=lambda s: not s.is_decode)  # stable: decode rows first
         return SchedulerOutput(scheduled)
 

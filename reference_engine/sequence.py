@@ -84,6 +84,7 @@ class Sequence:
         self.last_token_gap: float | None = None  # seconds between this request's last two token steps
         self.generator = None  # torch.Generator for seeded sampling, made lazily by the sampler
         self.ngram_index = None  # spec_decode.NgramIndex, made lazily by the proposer
+        self.draft_acceptance = None  # draft_policy.Acceptance, made lazily by the drafter
 
     @property
     def num_tokens(self) -> int:

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from servescope.reference_engine.config import EngineConfig, SpecConfig
-from servescope.reference_engine.errors import ConfigError
 from servescope.reference_engine.sampler import DeviceSampler, SampleRequest
 from servescope.reference_engine.sequence import SamplingParams, Sequence
 
@@ -120,10 +119,17 @@ def test_abort_with_a_token_in_flight(engine_factory) -> None:
     assert engine.block_manager.num_free_blocks == engine.num_blocks
 
 
-def test_async_scheduling_refuses_speculation() -> None:
-    with pytest.raises(ConfigError, match="spec"):
-        EngineConfig(async_scheduling=True, spec=SpecConfig(k=2))
-    assert not EngineConfig(device="cuda", spec=SpecConfig(k=2)).use_async_scheduling
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_speculation_beside_overlapped_steps_keeps_greedy_output(engine_factory, adaptive) -> None:
+    """A step that drafts reads the overlapped step back first; plain steps overlap as without --spec."""
+    _, expected = _run(engine_factory, _greedy(ignore_eos=True))
+    engine, seqs = _run(engine_factory, _greedy(ignore_eos=True), async_scheduling=True,
+                        spec=SpecConfig(k=3, adaptive=adaptive))
+    assert _summary(seqs) == _summary(expected)
+    assert engine.generation_tokens_total == sum(len(s.output_token_ids) for s in seqs)
+    assert engine.scheduler.spec_draft_tokens > 0
+    assert all(min(s.token_ids) >= 0 for s in seqs)
+    assert EngineConfig(device="cuda", spec=SpecConfig(k=2)).use_async_scheduling
     assert EngineConfig(device="cuda").use_async_scheduling and not EngineConfig().use_async_scheduling
 
 
