@@ -71,7 +71,7 @@ def client_health(run: dict[str, Any], measured: pd.DataFrame, chunks: np.ndarra
     reasons = lag_reasons(lag_p99, loop_p99, loop_max, limits)
     per_worker = check.get("per_worker") if isinstance(check.get("per_worker"), list) else []
     units = generator_units(run, measured, chunks, limits, per_worker)
-    lagging = behind(units)
+    lagging = behind(units, run_wide=bool(reasons))
     reasons += [f"{unit['label']}: {'; '.join(unit['reasons'])}" for unit in lagging]
     return {
         "schedule_lag_p50_s": quantile(lag, 0.5),

@@ -111,10 +111,16 @@ def generator_units(run: dict[str, Any], measured: pd.DataFrame, chunks: np.ndar
     return {"nodes": nodes, "workers": worker_rows, "lost_workers": lost}
 
 
-def behind(units: dict[str, Any]) -> list[dict[str, Any]]:
-    """The nodes that fell behind when the run spans several; else the workers that did."""
+def behind(units: dict[str, Any], run_wide: bool) -> list[dict[str, Any]]:
+    """The nodes that fell behind when the run spans several; else the workers that did.
+
+    When every one did and the run-wide figures already say so (`run_wide`), naming them all adds
+    nothing: the whole generator was short of capacity, and the list is empty.
+    """
     nodes = units.get("nodes", [])
     pick = nodes if len(nodes) > 1 else units.get("workers", []) if len(units.get("workers", [])) > 1 else []
+    if run_wide and pick and all(u["behind"] for u in pick):
+        return []
     return [{"label": (u["label"] if "worker" not in u else f"worker {u['worker']}"
                        + ("" if u["label"] == LOCAL else f" ({u['label']})")),
              **{k: u.get(k) for k in ("node", "worker", "workers", "schedule_lag_p99_s", "schedule_lag_n",

@@ -147,3 +147,12 @@ def test_a_run_directory_without_the_new_columns_reads_fine(tmp_path):
     assert block["differs"] is False and block["metrics"]["ttft_s"]["n"] == summary["overall"]["metrics"]["ttft_s"]["n"]
     sent = table.column("sent_at").to_numpy() - table.column("scheduled_at").to_numpy()
     assert np.all(sent >= 0)
+
+
+def test_when_every_worker_fell_behind_none_is_singled_out(make_sim):
+    sim = make_sim(seed=6).steady(n=200)
+    for row in sim.rows:
+        row["schedule_lag_s"] = 0.05
+    client = summarize(sim.run())["client"]
+    assert client["client_bound"] is True and all(w["behind"] for w in client["workers"])
+    assert client["behind"] == [] and client["reasons"] == ["schedule lag p99 50.0 ms > 10.0 ms"]
