@@ -35,9 +35,11 @@ PAIRS = (("ttft_s", "ttft_from_scheduled_s", "first_token_at"), ("e2e_s", "e2e_f
 
 
 def open_loop_mask(run: dict[str, Any], frame: pd.DataFrame) -> np.ndarray:
-    """Per row: was its phase open-loop? From run.json's `phases` kinds, else its `load`, else the phase label."""
-    kinds = {str(p.get("phase")): str(p.get("kind")) for p in run.get("phases") or [] if isinstance(p, dict)}
+    """Per row: was its phase open-loop? From run.json's phase kinds (`phases`, `load.phases`), else
+    `load.kind`, else the phase label."""
     load = run.get("load") if isinstance(run.get("load"), dict) else {}
+    kinds = {str(p.get("phase")): str(p.get("kind")) for p in [*(load.get("phases") or []), *(run.get("phases") or [])]
+             if isinstance(p, dict) and p.get("kind")}
     fallback = load.get("kind")
     phase = frame["phase"].fillna("").astype(str)
     verdict = {}

@@ -156,3 +156,17 @@ def test_when_every_worker_fell_behind_none_is_singled_out(make_sim):
     client = summarize(sim.run())["client"]
     assert client["client_bound"] is True and all(w["behind"] for w in client["workers"])
     assert client["behind"] == [] and client["reasons"] == ["schedule lag p99 50.0 ms > 10.0 ms"]
+
+
+@pytest.mark.parametrize("meta, phase, expected", [
+    ({"load": {"kind": "concurrency", "phases": [{"phase": "p", "kind": "rate"}]}}, "p", True),  # the phase's own kind
+    ({"phases": [{"phase": "p", "kind": "concurrency"}]}, "p", False),
+    ({"load": {"kind": "trace"}}, "p", True),
+    ({}, "rate=8.0", True),  # nothing recorded: the phase label tells
+    ({}, "concurrency=8", False),
+])
+def test_open_loop_is_read_from_run_json_then_the_label(make_sim, meta, phase, expected):
+    from servescope.analyzers.from_scheduled import open_loop_mask
+
+    sim = make_sim().steady(n=5, phase=phase)
+    assert open_loop_mask(meta, sim.run().requests).tolist() == [expected] * 5
