@@ -21,7 +21,8 @@ from typing import Any
 from servescope.harness.worker import WorkerSettings, worker_main
 
 
-def _context() -> mp.context.BaseContext:
+def worker_context() -> mp.context.BaseContext:
+    """The multiprocessing context worker processes start from (local pools and Ray-hosted workers alike)."""
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["servescope.harness.worker", "servescope.harness.client"])
@@ -35,7 +36,7 @@ class LocalWorkerPool:
     def __init__(self, count: int, settings: list[WorkerSettings]) -> None:
         if count < 1 or len(settings) != count:
             raise ValueError(f"need one WorkerSettings per worker, got {len(settings)} for {count}")
-        ctx = _context()
+        ctx = worker_context()
         self.outbox = ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in range(count)]
         self.processes = [

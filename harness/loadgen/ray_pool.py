@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,12 +61,20 @@ class NodeClock:
 
 
 class WorkerActor:
-    """One load-generator worker inside a Ray actor (the class is wrapped by `ray.remote` at pool start)."""
+    """Hosts one load-generator worker process on a Ray node and relays its messages.
+
+    The worker runs in a process of its own, started exactly as a local worker is
+    (harness.loadgen.pool), never in a thread of the actor: the actor's process
+    also runs Ray's own threads, and the measuring loop must not share a GIL with
+    them. The class is wrapped by `ray.remote` when the pool starts.
+    """
 
     def __init__(self) -> None:
-        self.inbox: queue.Queue = queue.Queue()
-        self.outbox: queue.Queue = queue.Queue()
-        self.thread: threading.Thread | None = None
+        from servescope.harness.loadgen.pool import worker_context
+
+        self.ctx = worker_context()
+        self.inbox, self.outbox = self.ctx.Queue(), self.ctx.Queue()  # made here: `drain` may run before `start`
+        self.process: Any = None
 
     def node(self) -> str:
         import ray
@@ -78,9 +85,9 @@ class WorkerActor:
         return time.perf_counter()
 
     def start(self, index: int, settings: WorkerSettings) -> bool:
-        self.thread = threading.Thread(target=worker_main, args=(index, self.inbox, self.outbox, settings),
-                                       name=f"servescope-worker-{index}", daemon=True)
-        self.thread.start()
+        self.process = self.ctx.Process(target=_worker_process, args=(index, self.inbox, self.outbox, settings),
+                                   name=f"servescope-worker-{index}", daemon=True)
+        self.process.start()
         return True
 
     def send(self, messages: list[Any]) -> None:
@@ -88,6 +95,7 @@ class WorkerActor:
             self.inbox.put(message)
 
     def drain(self, wait_s: float) -> list[Any]:
+        """What the worker said since the last drain (waits up to `wait_s` for the first message)."""
         out = []
         try:
             out.append(self.outbox.get(timeout=wait_s))
@@ -95,10 +103,21 @@ class WorkerActor:
                 out.append(self.outbox.get_nowait())
         except queue.Empty:
             pass
+        if not out and self.process is not None and self.process.exitcode is not None:
+            raise RuntimeError(f"the worker process exited (code {self.process.exitcode})")
         return out
 
-    def exit(self) -> None:
-        os._exit(0)
+
+def _worker_process(index: int, inbox: Any, outbox: Any, settings: WorkerSettings) -> None:
+    """A Ray-hosted worker's process: it dies with the actor that relays for it (Linux: parent-death signal)."""
+    try:
+        import ctypes
+        import signal as signals
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signals.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the actor's kill still ends it when its queues close
+        pass
+    worker_main(index, inbox, outbox, settings)
 
 
 def connect(address: str) -> dict[str, Any]:
@@ -107,7 +126,10 @@ def connect(address: str) -> dict[str, Any]:
         import ray
     except ImportError:
         raise RayClusterError("--ray needs Ray: pip install 'servescope[ray]'") from None
+    if ray.is_initialized() and address != "auto" and address.split("://", 1)[-1] != _current_address(ray):
+        ray.shutdown()  # this process joined another cluster before (a repeated run, a test): leave it
     if not ray.is_initialized():
+        _check_reachable(address)
         try:
             ray.init(address=address, logging_level="ERROR", log_to_driver=False, include_dashboard=False,
                      runtime_env={"env_vars": {"PYTHONPATH": _package_root()}} if _package_root() else None)
@@ -117,6 +139,31 @@ def connect(address: str) -> dict[str, Any]:
     return {"address": address, "nodes": len(nodes),
             "cpus": sum(int(n.get("Resources", {}).get("CPU", 0)) for n in nodes),
             "spare_cpus": spare_cpus(nodes)}
+
+
+def _current_address(ray: Any) -> str | None:
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 - a Ray Client connection has no GCS address of its own
+        return None
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast on a host:port nobody listens on: Ray itself retries such an address for minutes."""
+    import socket
+
+    if address == "auto" or address.startswith("local"):
+        return
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayClusterError(f"--ray {address}: give auto, HOST:PORT (the head's GCS, `ray start --head` prints it) "
+                              "or ray://HOST:PORT (Ray Client)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise RayClusterError(f"--ray {address}: cannot join the Ray cluster: nothing answers at {host}:{port} ({exc}); "
+                              "start one with `ray start --head` or check the address") from None
 
 
 def spare_cpus(nodes: list[dict[str, Any]]) -> int:
@@ -234,7 +281,7 @@ class RayWorkerPool:
             try:
                 messages.extend(self._ray.get(ref))
             except Exception as exc:  # noqa: BLE001 - RayActorError and friends: the actor or its node died
-                self.lost[worker] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                self.lost[worker] = _reason(exc)
                 continue
             self.pending[self.actors[worker].drain.options(concurrency_group="out").remote(DRAIN_WAIT_S)] = worker
         return messages
@@ -256,3 +303,12 @@ class RayWorkerPool:
             except Exception:  # noqa: BLE001 - already gone
                 pass
         self.pending.clear()
+
+
+def _reason(exc: BaseException) -> str:
+    """One line for run.json and the console: the error's type and its last meaningful line, no colour codes."""
+    import re
+
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
+    lines = [line for line in lines if line]
+    return f"{type(exc).__name__}: {lines[-1] if lines else 'no message'}"[:300]
