@@ -327,7 +327,8 @@ def client_check(result: DispatchResult) -> dict[str, Any]:
         "loop_lag_max_s": max((w.max_s for w in result.loop_lag), default=None),
         "loop_lag_p99_s": max((w.p99_s for w in result.loop_lag), default=None),
         "per_worker": [{"worker": w.worker, "loop_lag_max_s": w.max_s, "loop_lag_p99_s": w.p99_s,
-                        "loop_lag_mean_s": w.mean_s, "samples": w.samples} for w in result.loop_lag],
+                        "loop_lag_mean_s": w.mean_s, "samples": w.samples, "cpu_s": w.cpu_s}
+                       for w in result.loop_lag],
     }
 
 

@@ -433,7 +433,7 @@ class Worker:
 
     def _lag_summary(self) -> LoopLag:
         if not self.lags:
-            return LoopLag(self.index, 0, 0.0, 0.0, 0.0)
+            return LoopLag(self.index, 0, 0.0, 0.0, 0.0, time.process_time())
         ordered = sorted(self.lags)
         p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]  # nearest rank; no numpy in the worker
-        return LoopLag(self.index, len(ordered), ordered[-1], p99, sum(ordered) / len(ordered))
+        return LoopLag(self.index, len(ordered), ordered[-1], p99, sum(ordered) / len(ordered), time.process_time())

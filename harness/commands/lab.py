@@ -25,7 +25,9 @@ def _lab_list() -> str:
               help="Output directory (default: runs/lab-NAME-TIMESTAMP).")
 @click.option("--scale", type=click.FloatRange(min=0.1, max=20), default=1.0, show_default=True,
               help="Multiply each run's duration (longer runs give steadier numbers).")
-def lab(name: str, out: Path | None, scale: float) -> int:
+@click.option("--ray", "ray", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+              help="Run each side's load-generator workers as Ray actors (see `servescope run --ray`).")
+def lab(name: str, out: Path | None, scale: float, ray: str | None) -> int:
     """Run lab NAME: an experiment with the cause switched on and a control without it."""
     from servescope.errors import EXIT_FAILED, EXIT_OK
     from servescope.harness.orchestration.lab import run_lab
@@ -34,7 +36,7 @@ def lab(name: str, out: Path | None, scale: float) -> int:
     lab_def = LABS[name]
     click.echo(f"lab {name}: {lab_def.question}")
     click.echo(f"  experiment: {lab_def.experiment_label}; control: {lab_def.control_label}")
-    result = run_lab(name, out, duration_scale=scale, show_progress=False,
+    result = run_lab(name, out, duration_scale=scale, show_progress=False, ray=ray,
                      on_side=lambda side, label: click.echo(f"  running {side} ({label}) …"))
     for side in (result.experiment, result.control):
         rules = ", ".join(f"{f.rule} ({f.severity})" for f in side.findings) or "none"

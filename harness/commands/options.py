@@ -65,6 +65,9 @@ CLIENT: Group = (
     _opt(["--metrics-url", "metrics_url"], multiple=True, metavar="URL",
                  help="Prometheus endpoint to scrape, repeatable: the engine, a DCGM exporter, node-exporter "
                       "(default: the target's /metrics, if it answers)."),
+    _opt(["--ray", "ray"], is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+                 help="Run the workers as Ray actors on a cluster (auto: the running one or RAY_ADDRESS; HOST:PORT; "
+                      "ray://HOST:PORT), one per CPU, default as many as its nodes spare; needs servescope[ray]."),
     _opt(["--transport", "transport"], default="auto", show_default=True, metavar="auto|fast|httpx|aiohttp",
                  help="HTTP client: auto is the fast asyncio+httptools one; httpx and aiohttp are fallbacks."),
 )

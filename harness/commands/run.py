@@ -46,9 +46,6 @@ from servescope.harness.config import LIVE_DEFAULT_PORT, TRACE_FORMATS
 @click.option("--live", type=int, is_flag=False, flag_value=LIVE_DEFAULT_PORT, default=None, metavar="[PORT]",
               help=f"Serve a live page of the run on PORT (default {LIVE_DEFAULT_PORT}; 0: any free port): charts, "
                    "findings as they fire, a stop button.")
-@click.option("--ray", "ray", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
-              help="Run the workers as Ray actors on a cluster (auto: the running cluster or RAY_ADDRESS; HOST:PORT; "
-                   "ray://HOST:PORT), one per CPU, default as many as its nodes spare; needs servescope[ray].")
 @click.option("--live-host", default="127.0.0.1", show_default=True,
               help="Address of the live page; off loopback it needs the token printed on the console.")
 def run(**options: object) -> int:

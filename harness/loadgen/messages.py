@@ -115,6 +115,7 @@ class LoopLag:
     max_s: float
     p99_s: float
     mean_s: float
+    cpu_s: float = 0.0  # the worker process's CPU seconds, start-up included (client cost per chunk)
 
 
 @dataclass(slots=True)

@@ -132,7 +132,7 @@ LABS: dict[str, Lab] = {
 
 
 def run_lab(name: str, out: str | Path, *, duration_scale: float = 1.0, show_progress: bool = False,
-            on_side: Callable[[str, str], None] | None = None) -> LabResult:
+            on_side: Callable[[str, str], None] | None = None, ray: str | None = None) -> LabResult:
     """Run lab `name` into `out` (experiment/, control/, report.html) and judge it.
 
     `on_side(side, label)` is called as each run starts (the CLI prints it).
@@ -146,7 +146,7 @@ def run_lab(name: str, out: str | Path, *, duration_scale: float = 1.0, show_pro
     for side_name, side, label in (("experiment", lab.experiment, lab.experiment_label), ("control", lab.control, lab.control_label)):
         if on_side is not None:
             on_side(side_name, label)
-        sides[side_name] = _run_side(out / side_name, side, label, duration_scale, show_progress)
+        sides[side_name] = _run_side(out / side_name, side, label, duration_scale, show_progress, ray)
     from servescope.analyzers.lab import LabResult, write_lab_report
 
     result = LabResult(lab, out, sides["experiment"], sides["control"])
@@ -154,7 +154,8 @@ def run_lab(name: str, out: str | Path, *, duration_scale: float = 1.0, show_pro
     return result
 
 
-def _run_side(run_dir: Path, side: LabSide, label: str, duration_scale: float, show_progress: bool) -> LabSideResult:
+def _run_side(run_dir: Path, side: LabSide, label: str, duration_scale: float, show_progress: bool,
+              ray: str | None = None) -> LabSideResult:
     from rich.console import Console
 
     from servescope.analyzers.lab import judge_side
@@ -169,7 +170,7 @@ def _run_side(run_dir: Path, side: LabSide, label: str, duration_scale: float, s
         engine=ENGINE, engine_args=side.engine_args, workload=str(workload_file),
         rate=side.rate, concurrency=side.concurrency,
         duration_s=side.duration_s * duration_scale, warmup_s=side.warmup_s,
-        force_output_length=True, seed=0, out=str(run_dir), show_progress=show_progress,
+        force_output_length=True, seed=0, out=str(run_dir), show_progress=show_progress, ray=ray,
         command_line=("servescope", "lab", run_dir.parent.name, run_dir.name),
     )
     # The run's console output goes to a log beside the run: the lab prints its own verdict.
