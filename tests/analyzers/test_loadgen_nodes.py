@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from servescope.analyzers.context import build_context
+from servescope.analyzers.from_scheduled import open_loop_mask
 from servescope.analyzers.report import build_report
 from servescope.analyzers.rules import run_rules
 from servescope.analyzers.summary import summarize
@@ -166,7 +167,5 @@ def test_when_every_worker_fell_behind_none_is_singled_out(make_sim):
     ({}, "concurrency=8", False),
 ])
 def test_open_loop_is_read_from_run_json_then_the_label(make_sim, meta, phase, expected):
-    from servescope.analyzers.from_scheduled import open_loop_mask
-
     sim = make_sim().steady(n=5, phase=phase)
     assert open_loop_mask(meta, sim.run().requests).tolist() == [expected] * 5
