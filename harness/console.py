@@ -132,6 +132,11 @@ class RunConsole:
             value = objective.get("value")
             shown = "no data" if value is None else f"{value:g}"
             self.console.print(f"SLO {objective.get('name')}: {mark} (value {shown}, threshold {objective.get('threshold'):g})")
+        telemetry = summary.get("telemetry") or {}
+        if telemetry.get("energy_per_output_token_j") is not None:
+            self.console.print(f"GPU energy: {telemetry['energy_per_output_token_j']:.3g} J per output token "
+                               f"({telemetry['gpu_energy_j']:.0f} J over the measured window, "
+                               f"{telemetry.get('gpu_energy_from')})", highlight=False)
         client = summary.get("client") or {}
         if client.get("client_bound"):
             self.warn("the load generator itself was too slow to keep its schedule; latencies include its own delay "

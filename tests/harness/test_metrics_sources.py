@@ -6,6 +6,7 @@ text format with DCGM's and node-exporter's names, as a GPU node would serve the
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import time
@@ -13,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow.parquet as pq
 import pytest
+from rich.console import Console
 from support.scripted_server import ScriptedServer
 
 from servescope.harness.config import RunConfig
@@ -72,7 +74,8 @@ def test_each_endpoint_is_scraped_and_tagged_and_the_gpu_reaches_the_summary_and
         config = RunConfig(target=srv.base_url, model="scripted", concurrency=4, duration_s="4s", max_tokens=8,
                            prompt_tokens=16, out=str(tmp_path / "run"), workers=1,
                            metrics_url=(engine, exporter, dead))
-        outcome = execute_run(config, RunConsole(show_progress=False))
+        text = io.StringIO()
+        outcome = execute_run(config, RunConsole(show_progress=False, console=Console(file=text, width=200)))
     assert outcome.exit_code == 0
     run_dir = outcome.run_dir
     samples = pq.read_table(run_dir / "server_metrics.parquet").to_pandas()
@@ -95,5 +98,6 @@ def test_each_endpoint_is_scraped_and_tagged_and_the_gpu_reaches_the_summary_and
     assert telemetry["gpu_energy_from"] == "energy counter"
     assert telemetry["energy_per_output_token_j"] == pytest.approx(telemetry["gpu_energy_j"] / tokens)
     assert telemetry["gpu_energy_j"] == pytest.approx(2 * WATTS * overall["duration_s"], rel=0.5)  # scrape-grained
+    assert f"GPU energy: {telemetry['energy_per_output_token_j']:.3g} J per output token" in text.getvalue()
     report = (run_dir / "report.html").read_text()
     assert "GPU utilisation, memory and power beside latency" in report and "Host CPU and network" in report
