@@ -7,7 +7,8 @@ the run's own limits names the one that fell behind, and the clock figures of
 run.json (`ray.nodes`) say how far that node's run-relative times can be trusted.
 
 Inputs are the run-directory contract only: request rows (`worker`, `node`,
-`schedule_lag_s`, `sent_at`, `end_at`), run.json's `client_check.per_worker`,
+`schedule_lag_s`, `sent_at`, `end_at`), run.json's `client_check.per_worker`
+(loop lag, process CPU seconds),
 `ray` and `lost_workers`. A local run is one node, `node` null, labelled `local`.
 """
 
@@ -88,6 +89,7 @@ def generator_units(run: dict[str, Any], measured: pd.DataFrame, chunks: np.ndar
             **_sent_figures(rows),
             "loop_lag_p99_s": _number(check.get("loop_lag_p99_s")),
             "loop_lag_max_s": _number(check.get("loop_lag_max_s")),
+            **_cpu_figures(_number(check.get("cpu_s")), float(rows["chunks"].sum())),
             "lost": next((item for item in lost if item["worker"] == worker), None),
         })
     for row in worker_rows:
@@ -102,6 +104,7 @@ def generator_units(run: dict[str, Any], measured: pd.DataFrame, chunks: np.ndar
             **_sent_figures(rows),
             "loop_lag_p99_s": _max(row["loop_lag_p99_s"] for row in members),
             "loop_lag_max_s": _max(row["loop_lag_max_s"] for row in members),
+            **_cpu_figures(_sum(row["cpu_s"] for row in members), float(rows["chunks"].sum())),
             **clocks.get(node, {"offset_s": None, "offset_uncertainty_s": None, "drift_s_per_s": None}),
             "lost_workers": [item for item in lost if item["node"] == node or item["worker"] in
                              {row["worker"] for row in members}],
@@ -199,8 +202,18 @@ def _judge(unit: dict[str, Any], limits: LagLimits) -> None:
     unit["behind"] = bool(unit["reasons"])
 
 
+def _cpu_figures(cpu_s: float | None, chunks: float) -> dict[str, Any]:
+    """The workers' process CPU seconds and content chunks per CPU-second: how much the client spent per chunk."""
+    return {"cpu_s": cpu_s, "chunks_per_cpu_s": chunks / cpu_s if cpu_s else None}
+
+
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value) else None
+
+
+def _sum(values: Any) -> float | None:
+    known = [v for v in values if v is not None]
+    return float(sum(known)) if known else None
 
 
 def _max(values: Any) -> float | None:

@@ -32,6 +32,8 @@ def test_health_per_node_and_worker_with_clocks(make_sim):
     span = max(r["end_at"] for r in rows) - min(r["sent_at"] for r in rows)
     assert b["chunks"] == 200 * 20  # 19 gaps and the first token per request
     assert b["chunk_rate_per_s"] == pytest.approx(200 * 20 / span)
+    assert b["cpu_s"] == 4.0 and b["chunks_per_cpu_s"] == pytest.approx(200 * 20 / 4.0)  # two workers, 2 CPU-s each
+    assert client["workers"][0]["chunks_per_cpu_s"] == pytest.approx(100 * 20 / 2.0)
     assert [w["worker"] for w in client["workers"]] == [0, 1, 2, 3]
     assert client["workers"][3]["node"] == NODE_B and client["workers"][3]["requests"] == 100
     assert client["client_bound"] is False and client["behind"] == []

@@ -20,7 +20,8 @@ def ray_meta(per_worker_loop=None, lost=None):
             {"node": NODE_B, "offset_s": 0.0123, "uncertainty_s": 0.0004, "drift_s_per_s": 2e-6, "measurements": 9,
              "workers": [2, 3]}]},
         "client_check": {"loop_lag_max_s": 0.003, "loop_lag_p99_s": 0.001, "per_worker": per_worker_loop or [
-            {"worker": w, "loop_lag_max_s": 0.003, "loop_lag_p99_s": 0.001, "samples": 100} for w in range(4)]},
+            {"worker": w, "loop_lag_max_s": 0.003, "loop_lag_p99_s": 0.001, "samples": 100, "cpu_s": 2.0}
+            for w in range(4)]},
         "lost_workers": lost or [],
     }
 
