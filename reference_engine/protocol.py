@@ -7,6 +7,14 @@ fields; the checks below are the whole schema.)
 
 Usage extension: besides `prompt_tokens_details.cached_tokens`, usage carries
 `spec_accepted_tokens` and `spec_draft_tokens` when speculative decoding is on.
+
+Tool calls: a chat request whose `tool_choice` names a function (or is
+`"required"`: the first of `tools`) is answered as a call to that function,
+streamed as OpenAI streams one: the first chunk carries the call's id, type
+and name, the generated text follows as `arguments` fragments, and the answer
+ends with finish_reason `tool_calls`. The arguments are the model's own text,
+not constrained to JSON (no guided decoding): with random weights they are
+noise, but a client's tool-call handling runs over the real protocol.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     tenant: str
+    tool: str | None = None  # chat: answer as a call to this function (tool_choice)
 
 
 def _typed(body: dict[str, Any], name: str, types: tuple[type, ...], default: Any, what: str) -> Any:
@@ -115,10 +124,30 @@ def parse_request(body: Any, api: str, header_tenant: str | None = None) -> Pars
     )
     return ParsedRequest(
         api=api, model=model, prompt=prompt, messages=messages, params=params,
+        tool=_forced_tool(body) if api == "chat" else None,
         stream=_typed(body, "stream", (bool,), False, "a boolean"),
         include_usage=bool(stream_options.get("include_usage", False)),
         tenant=tenant if tenant is not None else (header_tenant or ""),
     )
+
+
+def _forced_tool(body: dict[str, Any]) -> str | None:
+    """The function a chat request forces: tool_choice {"type": "function", "function": {"name": N}} or "required"."""
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise InvalidRequest("'tools' must be a list of {type: function, function: {name, ...}} objects", "tools")
+    names = [(t.get("function") or {}).get("name") for t in tools or []]
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        if not isinstance(name, str) or name not in names:
+            raise InvalidRequest(f"tool_choice names {name!r}, which is not one of tools: {names}", "tool_choice")
+        return name
+    if choice == "required":
+        if not names or not isinstance(names[0], str):
+            raise InvalidRequest("tool_choice 'required' needs at least one named function in 'tools'", "tool_choice")
+        return names[0]
+    return None
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -146,9 +175,10 @@ def usage(seq: Sequence, with_spec: bool) -> dict[str, Any]:
 class ResponseBuilder:
     """Builds the JSON objects of one response, in OpenAI's shapes."""
 
-    def __init__(self, api: str, model: str) -> None:
+    def __init__(self, api: str, model: str, tool: str | None = None) -> None:
         self.api = api
         self.model = model
+        self.tool = tool if api == "chat" else None  # answer as a call to this function
         self.id = new_response_id(api)
         self.created = int(time.time())
         self.object = "chat.completion.chunk" if api == "chat" else "text_completion"
@@ -160,8 +190,15 @@ class ResponseBuilder:
                 "choices": choices}
 
     def role_chunk(self) -> dict[str, Any]:
-        return self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                             "finish_reason": None}])
+        delta: dict[str, Any] = {"role": "assistant", "content": ""}
+        if self.tool is not None:  # the call's head: what the arguments that follow belong to
+            delta = {"role": "assistant", "content": None, "tool_calls": [
+                {"index": 0, "id": "call_" + self.id[-24:], "type": "function",
+                 "function": {"name": self.tool, "arguments": ""}}]}
+        return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+
+    def _finish(self, finish_reason: str | None) -> str | None:
+        return "tool_calls" if self.tool is not None and finish_reason is not None else finish_reason
 
     def sse_text_chunk(self, text: str) -> bytes:
         """`data: {...}` of a mid-stream text chunk, as bytes. Only the text varies within a stream, so the
@@ -175,8 +212,12 @@ class ResponseBuilder:
 
     def text_chunk(self, text: str, finish_reason: str | None) -> dict[str, Any]:
         if self.api == "chat":
-            delta = {"content": text} if text else {}
-            return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
+            if self.tool is not None:
+                delta: dict[str, Any] = {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else {}
+            else:
+                delta = {"content": text} if text else {}
+            return self._chunk([{"index": 0, "delta": delta, "logprobs": None,
+                                 "finish_reason": self._finish(finish_reason)}])
         return self._chunk([{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}])
 
     def usage_chunk(self, usage_: dict[str, Any]) -> dict[str, Any]:
@@ -186,8 +227,12 @@ class ResponseBuilder:
 
     def full_response(self, text: str, finish_reason: str | None, usage_: dict[str, Any]) -> dict[str, Any]:
         if self.api == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish_reason}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if self.tool is not None:
+                message = {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_" + self.id[-24:], "type": "function",
+                     "function": {"name": self.tool, "arguments": text}}]}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self._finish(finish_reason)}
             obj = "chat.completion"
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}

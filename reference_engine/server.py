@@ -130,7 +130,7 @@ async def _generate(request: web.Request, api: str) -> web.StreamResponse:
         return _json_error(429, f"the engine's waiting queue is full ({max_waiting} requests); retry later",
                            "rate_limit_exceeded", code="queue_full", headers={"Retry-After": "1"})
 
-    builder = ResponseBuilder(api, settings["model_name"])
+    builder = ResponseBuilder(api, settings["model_name"], parsed.tool)
     outputs = engine.generate(prompt_ids, parsed.params, parsed.tenant, builder.id, arrival)
     if not parsed.stream:
         texts: list[str] = []

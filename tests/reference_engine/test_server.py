@@ -86,6 +86,34 @@ def test_openai_client_streams_completions_and_chat(cli_server) -> None:
     assert content and chunks[-1].usage.completion_tokens == 8
 
 
+TOOLS = [{"type": "function", "function": {"name": "search_docs", "parameters": {"type": "object"}}},
+         {"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}}]
+
+
+def test_a_forced_tool_choice_is_answered_as_a_streamed_tool_call(cli_server) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=cli_server + "/v1", api_key="unused")
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "find the docs"}], tools=TOOLS, max_tokens=8,
+               temperature=0, extra_body={"ignore_eos": True},
+               tool_choice={"type": "function", "function": {"name": "read_file"}})
+    full = client.chat.completions.create(**ask)
+    call = full.choices[0].message.tool_calls[0]
+    assert full.choices[0].finish_reason == "tool_calls" and call.function.name == "read_file"
+    chunks = [c for c in client.chat.completions.create(**ask, stream=True) if c.choices]
+    head = chunks[0].choices[0].delta.tool_calls[0]
+    assert (head.index, head.type, head.function.name) == (0, "function", "read_file") and head.id.startswith("call_")
+    fragments = [c.choices[0].delta.tool_calls[0].function.arguments for c in chunks[1:] if c.choices[0].delta.tool_calls]
+    assert len(fragments) >= 2 and "".join(fragments) == call.function.arguments  # greedy: the same text both ways
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    required = client.chat.completions.create(**{**ask, "tool_choice": "required"})
+    assert required.choices[0].message.tool_calls[0].function.name == "search_docs"  # the first tool
+    plain = client.chat.completions.create(**{**ask, "tool_choice": "auto"})
+    assert plain.choices[0].message.tool_calls is None and plain.choices[0].finish_reason == "length"
+    with pytest.raises(Exception, match="not one of tools"):
+        client.chat.completions.create(**{**ask, "tool_choice": {"type": "function", "function": {"name": "nope"}}})
+
+
 def test_bad_requests_get_openai_style_400s(server) -> None:
     srv = server(max_model_len=256)
     cases = [
