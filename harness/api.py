@@ -341,7 +341,7 @@ def _record_client_verdict(run_dir: Path, summary: dict[str, Any]) -> None:
     except (OSError, ValueError):
         return
     check = meta.setdefault("client_check", {})
-    check.update({key: client.get(key) for key in ("client_bound", "reasons", "lag_limit_s",
+    check.update({key: client.get(key) for key in ("client_bound", "reasons", "behind", "lag_limit_s",
                                                      "loop_lag_p99_limit_s", "loop_lag_max_limit_s")})
     write_json_atomic(path, meta)
 
