@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -171,3 +172,56 @@ def scripted_server_class():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.ScriptedServer
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime + cutime + cstime of one process, in clock ticks (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return sum(int(v) for v in fields[11:15])
+
+
+def descendants(pid: int) -> list[int]:
+    """Process ids of `pid`'s children, their children, and so on (from /proc)."""
+    out, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        try:
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except OSError:
+            continue
+        out.extend(int(c) for c in children)
+        frontier.extend(int(c) for c in children)
+    return out
+
+
+def client_cpu_s(exclude: set[int]) -> float:
+    """CPU seconds of this process and its descendants (worker processes, their forkserver), minus `exclude`."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    ticks = sum(cpu_ticks(p) for p in descendants(os.getpid()) if p not in exclude)
+    return own.ru_utime + own.ru_stime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def timing_errors(run_dir: Path, log: dict[str, list[float]]) -> tuple[list[float], list[float], int]:
+    """(first-chunk errors, later-chunk errors, chunks) in seconds, joined on response id and chunk index."""
+    import numpy as np
+
+    from servescope.rundir.reader import load_run
+
+    run = load_run(run_dir)
+    origin = run.run["clock_origin_perf_counter_s"]
+    ok = run.requests[(run.requests["status"] == "ok") & (run.requests["phase"] != "warmup")]
+    ttft, itl, chunks = [], [], 0
+    for rid, first, gaps in zip(ok["response_id"], ok["first_token_at"], ok["itl_s"]):
+        written = log.get(rid)
+        if not written:
+            continue
+        seen = origin + first + np.concatenate(([0.0], np.cumsum(gaps)))
+        n = min(len(seen), len(written))
+        errors = seen[:n] - np.asarray(written[:n])
+        ttft.append(float(errors[0]))
+        itl.extend(errors[1:].tolist())
+        chunks += len(seen)
+    return ttft, itl, chunks

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import textwrap
@@ -45,14 +44,15 @@ from benchmarks.common import (  # noqa: E402
     ResultsFile,
     add_results_args,
     cpu_name,
+    client_cpu_s,
     print_table,
     quiet_console,
     run_info,
     scripted_server_class,
+    timing_errors,
 )
 from servescope.harness.config import RunConfig  # noqa: E402
 from servescope.harness.orchestration.repeat import execute_run  # noqa: E402
-from servescope.rundir.reader import load_run  # noqa: E402
 
 ScriptedServer = scripted_server_class()
 PACING = {"first_token_delay_s": 0.05, "itl_s": 0.002}
@@ -77,54 +77,6 @@ SCRIPTS = {
                 await self.client.completions(prompt=first.text + self.prompt(tokens=8), max_tokens={CHUNKS // 2})
     """,
 }
-
-
-def _ticks(pid: int) -> int:
-    """utime + stime + cutime + cstime of one process, in clock ticks (0 when it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0
-    return sum(int(v) for v in fields[11:15])
-
-
-def _descendants(pid: int) -> list[int]:
-    out, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        try:
-            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
-        except OSError:
-            continue
-        out.extend(int(c) for c in children)
-        frontier.extend(int(c) for c in children)
-    return out
-
-
-def client_cpu_s(exclude: set[int]) -> float:
-    """CPU seconds of this process and its descendants (worker processes, their forkserver), minus `exclude`."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    ticks = sum(_ticks(p) for p in _descendants(os.getpid()) if p not in exclude)
-    return own.ru_utime + own.ru_stime + ticks / os.sysconf("SC_CLK_TCK")
-
-
-def timing_errors(run_dir: Path, log: dict[str, list[float]]) -> tuple[list[float], list[float], int]:
-    """(first-chunk errors, later-chunk errors, chunks) in seconds, joined on response id and chunk index."""
-    run = load_run(run_dir)
-    origin = run.run["clock_origin_perf_counter_s"]
-    ok = run.requests[(run.requests["status"] == "ok") & (run.requests["phase"] != "warmup")]
-    ttft, itl, chunks = [], [], 0
-    for rid, first, gaps in zip(ok["response_id"], ok["first_token_at"], ok["itl_s"]):
-        written = log.get(rid)
-        if not written:
-            continue
-        seen = origin + first + np.concatenate(([0.0], np.cumsum(gaps)))
-        n = min(len(seen), len(written))
-        errors = seen[:n] - np.asarray(written[:n])
-        ttft.append(float(errors[0]))
-        itl.extend(errors[1:].tolist())
-        chunks += len(seen)
-    return ttft, itl, chunks
 
 
 def one_case(case: str, srv: Any, streams: int, duration_s: float, work: Path) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from servescope.harness.client.client import FORCE_REJECTED_NOTICE
 from servescope.harness.config import ConfigError, RunConfig, redact_command_line
 from servescope.harness.console import RunConsole
 from servescope.harness.loadgen.dispatcher import Dispatcher, DispatchResult, Progress
-from servescope.harness.loadgen.models import Phase, default_workers, plan_phases
+from servescope.harness.loadgen.models import Phase, default_workers, plan_phases, usable_cpus
 from servescope.harness.scrape import MetricsSources
 from servescope.harness.targets import EngineError, EngineProcess, auth_headers, resolve_model
 from servescope.harness.worker import WorkerSettings
@@ -163,7 +163,7 @@ def _prepare(config: RunConfig) -> _Prepared:
         from servescope.harness.loadgen.ray_pool import connect
 
         cluster = connect(config.ray)
-    workers = config.workers or (cluster["spare_cpus"] if cluster else default_workers(phases, os.cpu_count() or 1))
+    workers = config.workers or (cluster["spare_cpus"] if cluster else default_workers(phases, usable_cpus()))
     if config.users is not None:
         prepared = _prepare_users(config, phases, workers, api_key)
         prepared.cluster = cluster

@@ -7,6 +7,12 @@ closed-loop slots (each takes the next job when its session ends) or an
 open-loop spawner (each job waits for its own send time, so a slow reply never
 delays the next send).
 
+Parsing is kept off the measuring path: a plain session's response is timed
+as its bytes arrive and parsed into its record later, a slice at a time
+between reads (`_finish_records`), so that hundreds of streams ending together
+do not delay the reads of the others. Scripted users read their answers at
+once, so their calls are parsed as they end.
+
 Self-check: a sampler measures how late a 10 ms sleep wakes up (event-loop
 lag); a busy loop shows up there and in every record's `schedule_lag_s`.
 """
@@ -14,6 +20,7 @@ lag); a busy loop shows up there and in every record's `schedule_lag_s`.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import tempfile
@@ -21,6 +28,7 @@ import threading
 import time
 import traceback
 from array import array
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +54,7 @@ from servescope.workloads.types import RequestSpec, Session
 LAG_PROBE_S = 0.01  # the sampler's sleep; lag = how much later than this it woke
 FLUSH_INTERVAL_S = 0.05  # records leave the worker at least this often...
 FLUSH_BATCH = 64  # ...or as soon as this many are waiting
+FINISH_SLICE_S = 0.0005  # responses are parsed into records for at most this long between two looks at the sockets
 _END = object()  # end-of-phase marker inside a phase's job queue
 CONNECT_BACKOFF_S = 0.05  # a closed-loop user waits this long after a refused connection, doubling...
 CONNECT_BACKOFF_MAX_S = 1.0  # ...up to this (the run's TargetDownWatch ends a run whose target is gone)
@@ -142,6 +151,8 @@ class Worker:
         self.stopping = False
         self.waiting: set[asyncio.Task] = set()  # sessions sleeping until their next send
         self.executing: dict[asyncio.Task, RequestRecord] = {}
+        self.to_finish: deque[tuple[RequestRecord, Any]] = deque()  # (record, Exchange): ended, not yet parsed
+        self.finish_wakeup = asyncio.Event()
         self.phase_queues: dict[str, asyncio.Queue] = {}
         self.phase_tasks: set[asyncio.Task] = set()
         self.cancelled = 0
@@ -165,14 +176,20 @@ class Worker:
             await self.client.prewarm(max(1, self.settings.prewarm))
         except Exception as exc:  # noqa: BLE001 - an unreachable target still gets a run (with connect errors)
             error = f"{type(exc).__name__}: {exc}"
+        # What start-up built (modules, the tokenizer) lives as long as the worker: out of the
+        # collector's sight, a full collection during the load walks only what the load made.
+        gc.collect()
+        gc.freeze()
         self.outbox.put(Ready(self.index, time.perf_counter() - t0, error, self.client.transport_name))
-        background = [asyncio.create_task(self._sample_lag()), asyncio.create_task(self._flush_periodically())]
+        background = [asyncio.create_task(self._sample_lag()), asyncio.create_task(self._flush_periodically()),
+                      asyncio.create_task(self._finish_records())]
         reader = threading.Thread(target=self._read_inbox, args=(loop,), name=f"worker-{self.index}-inbox", daemon=True)
         reader.start()
         await self.finished.wait()
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        self._finish_pending()
         self._flush()
         self.outbox.put(self._lag_summary())
         try:
@@ -237,6 +254,7 @@ class Worker:
             if sessions:
                 await asyncio.wait(list(sessions))
         self.phase_queues.pop(start.phase, None)
+        self._finish_pending()  # the phase's records leave before it is reported idle
         self.outbox.put(PhaseIdle(self.index, start.phase))
 
     async def _slot(self, queue: asyncio.Queue, start_at: float, deadline: float | None) -> None:
@@ -297,7 +315,7 @@ class Worker:
             if not await self._sleep_until(scheduled):
                 break
             record = self._new_record(spec, phase, scheduled)
-            await self._execute(spec, record)
+            await self._execute(spec, record, deferred=True)
             previous_end = record.end_at if record.end_at is not None else self.now()
         self.outbox.put(SessionDone(self.index, phase))
         return record
@@ -348,10 +366,13 @@ class Worker:
             scheduled_at=scheduled,
         )
 
-    async def _execute(self, spec: RequestSpec, record: RequestRecord, reply: Any = None) -> None:
+    async def _execute(self, spec: RequestSpec, record: RequestRecord, reply: Any = None, deferred: bool = False) -> None:
+        """Send one request and record it. `deferred`: a response that ended without a failure is
+        parsed later by `_finish_records`; until then its record holds only its labels and `end_at`."""
         if self.settings.report_starts:
             self.started.append((record.request_id, record.phase, record.scheduled_at))
-        task = asyncio.get_running_loop().create_task(self.client.execute(spec, record, reply))
+        send = self.client.send(spec, record) if deferred else self.client.execute(spec, record, reply)
+        task = asyncio.get_running_loop().create_task(send)
         self.executing[task] = record
         try:
             await asyncio.wait([task])
@@ -362,7 +383,35 @@ class Worker:
             raise
         finally:
             self.executing.pop(task, None)
+        if deferred and not task.cancelled() and task.exception() is None and task.result() is not None:
+            ex = task.result()
+            if ex.error_kind is None:  # a failure is finished now: a closed-loop slot backs off on `connect`
+                if ex.end_at is not None:
+                    record.end_at = ex.end_at - self.origin  # the next turn's think time counts from here
+                self.to_finish.append((record, ex))
+                self.finish_wakeup.set()
+                return
+            self.client.finish(record, ex)
         self._record_outcome(task, record)
+
+    async def _finish_records(self) -> None:
+        """Parse ended responses into records, FINISH_SLICE_S at a time, letting the loop read between slices."""
+        while True:
+            await self.finish_wakeup.wait()
+            self.finish_wakeup.clear()
+            while self.to_finish:
+                self._finish_pending(FINISH_SLICE_S)
+                await asyncio.sleep(0)
+
+    def _finish_pending(self, budget_s: float | None = None) -> None:
+        """Parse waiting responses into records: all of them, or until `budget_s` has passed."""
+        deadline = time.perf_counter() + budget_s if budget_s is not None else float("inf")
+        while self.to_finish:
+            record, ex = self.to_finish.popleft()
+            self.client.finish(record, ex)
+            self._hand_off(record)
+            if time.perf_counter() >= deadline:
+                return
 
     def _record_outcome(self, task: asyncio.Task, record: RequestRecord) -> None:
         if task.cancelled():
@@ -377,6 +426,10 @@ class Worker:
             exc = task.exception()
             record.status, record.error_kind = "error", "client"
             record.error_message = f"{type(exc).__name__}: {exc}"[:500]
+        self._hand_off(record)
+
+    def _hand_off(self, record: RequestRecord) -> None:
+        """The finished record joins the next batch to the driver."""
         if record.schedule_lag_s is None and record.sent_at is not None and record.scheduled_at is not None:
             record.schedule_lag_s = record.sent_at - record.scheduled_at
         record.node = self.settings.node
@@ -406,6 +459,7 @@ class Worker:
             self.users.cancel_flows()
         if self.phase_tasks:
             await asyncio.wait(list(self.phase_tasks), timeout=max(1.0, grace_s))
+        self._finish_pending()
         self._flush()
         self.finished.set()
 

@@ -63,6 +63,17 @@ class StreamingClient:
 
     async def execute(self, spec: RequestSpec, record: RequestRecord, reply: Reply | None = None) -> None:
         """Send `spec`, fill `record` (and `reply` with the answer's text and tool calls, when given)."""
+        ex = await self.send(spec, record, reply)
+        if ex is not None:
+            self.finish(record, ex, reply)
+
+    async def send(self, spec: RequestSpec, record: RequestRecord, reply: Reply | None = None) -> Exchange | None:
+        """Send `spec` and wait for the response to end; `finish(record, exchange)` then parses it.
+
+        The two halves let a caller take parsing off the measuring path (harness/worker.py
+        finishes records between reads). Returns None when the record is already final (a
+        request that could not be built); on cancellation the record is finished here.
+        """
         _copy_labels(spec, record)
         force = forces_output_length(spec, self.config) and self.force_rejected is None
         try:
@@ -70,7 +81,7 @@ class StreamingClient:
             body = request_body(spec, self.config, force)
         except (ValueError, TypeError) as exc:
             record.status, record.error_kind, record.error_message = "error", "client", truncate(str(exc))
-            return
+            return None
         ex = Exchange()
         try:
             await self._transport.exchange(path, body, ex)
@@ -83,11 +94,11 @@ class StreamingClient:
                 await self._transport.exchange(path, request_body(spec, self.config, False), ex)
         except asyncio.CancelledError:
             ex.fail("cancelled", "cancelled by the load generator", perf_counter())
-            self._fill(record, ex, reply)
+            self.finish(record, ex, reply)
             raise
         except Exception as exc:  # a transport bug must cost one record, not the worker
             ex.fail("client", f"{type(exc).__name__}: {exc}", perf_counter())
-        self._fill(record, ex, reply)
+        return ex
 
     @staticmethod
     def _rejects_forced_length(ex: Exchange) -> bool:
@@ -109,7 +120,8 @@ class StreamingClient:
         await self._transport.aclose()
 
     # ------------------------------------------------------------------------
-    def _fill(self, record: RequestRecord, ex: Exchange, reply: Reply | None = None) -> None:
+    def finish(self, record: RequestRecord, ex: Exchange, reply: Reply | None = None) -> None:
+        """Fill `record` (and `reply`) from what `send` saw; never raises for a failed request."""
         origin = self.config.clock_origin
         record.http_status = ex.status
         record.connect_s = ex.connect_s

@@ -8,6 +8,7 @@ delta and the usage-only final chunk do not).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Callable
 
 from servescope.harness.client.body import loads
@@ -128,15 +129,8 @@ def apply_stream(record: RequestRecord, ex: Exchange, origin: float, count_token
     texts: list[str] = []
     usage: dict[str, Any] | None = None
     finish_reason: str | None = None
-    for t, data in zip(events.times, events.data):
-        if data == b"[DONE]":
-            continue
-        try:
-            obj = loads(data)
-        except ValueError:
-            raise ProtocolError(f"malformed JSON in SSE data: {truncate(data.decode('utf-8', 'replace'))}") from None
-        if not isinstance(obj, dict):
-            raise ProtocolError(f"SSE data is not a JSON object: {truncate(data.decode('utf-8', 'replace'))}")
+    timed = [(t, data) for t, data in zip(events.times, events.data) if data != b"[DONE]"]
+    for (t, _), obj in zip(timed, _event_objects([data for _, data in timed])):
         if record.response_id is None and obj.get("id") is not None:
             record.response_id = str(obj["id"])
         choices = obj.get("choices")
@@ -168,6 +162,33 @@ def apply_stream(record: RequestRecord, ex: Exchange, origin: float, count_token
     if total is not None and record.output_tokens_source == "usage" and finish_reason == "stop" and total > len(texts):
         total -= 1  # the stop token (EOS): counted in usage, it carried no text, so no chunk holds it
     record.chunk_tokens = chunk_token_counts(texts, total, count_tokens)
+
+
+def _event_objects(datas: list[bytes]) -> Iterator[dict[str, Any]]:
+    """Each event's JSON object, in order; raises ProtocolError at the first event that is not one.
+
+    One parse of all events joined as a JSON array costs a third of one parse per event
+    (the per-call overhead dominates for 100-byte events). It is taken only when it gives
+    one object per event; anything else is parsed event by event, lazily, so an error the
+    server reported in an earlier event still wins over a later malformed one.
+    """
+    if not datas:
+        return
+    try:
+        objs = loads(b"[" + b",".join(datas) + b"]")
+    except ValueError:
+        objs = None
+    if objs is not None and len(objs) == len(datas) and all(isinstance(obj, dict) for obj in objs):
+        yield from objs
+        return
+    for data in datas:
+        try:
+            obj = loads(data)
+        except ValueError:
+            raise ProtocolError(f"malformed JSON in SSE data: {truncate(data.decode('utf-8', 'replace'))}") from None
+        if not isinstance(obj, dict):
+            raise ProtocolError(f"SSE data is not a JSON object: {truncate(data.decode('utf-8', 'replace'))}")
+        yield obj
 
 
 def _finish_reason(choices: list[Any]) -> str | None:

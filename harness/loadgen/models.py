@@ -11,6 +11,7 @@ two things: is it closed-loop (how many slots, starting when) or open-loop
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -178,8 +179,18 @@ STREAMS_PER_WORKER = 48
 RATE_PER_WORKER = 200.0
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (`taskset`, a container's cpuset), not the
+    host's count. Under `taskset -c 0,1` on a 16-core host, cpu_count() says 16 and the rule
+    would start 11 workers on two cores."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no affinity masks (macOS, Windows)
+        return os.cpu_count() or 1
+
+
 def default_workers(phases: list[Phase], cpu_count: int) -> int:
-    """min(cpus - 1, ceil(peak load / per-worker capacity)), at least 1."""
+    """min(cpus - 1, ceil(peak load / per-worker capacity)), at least 1; `cpu_count` from usable_cpus()."""
     peak_conc = max((p.load.peak_concurrency for p in phases), default=0)
     peak_rate = max((p.load.peak_rate for p in phases), default=0.0)
     needed = max(1, math.ceil(peak_conc / STREAMS_PER_WORKER), math.ceil(peak_rate / RATE_PER_WORKER))

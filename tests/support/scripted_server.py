@@ -11,6 +11,7 @@ error is its timestamp minus that write time.
         srv.base_url                    # http://127.0.0.1:PORT
         ... send requests to srv.base_url + "/v1/completions" ...
         srv.write_log("cmpl-7")         # [t_chunk0, t_chunk1, ...]
+        srv.receive_log()               # {"cmpl-7": t_request_received, ...}
         srv.stats()                     # {"connections_opened", "connections_open", "requests", "gets"}
         srv.reset()                     # clear stats and logs
 
@@ -57,7 +58,7 @@ Every key is optional:
 
 GET /health (404 when started with health=False), /v1/models and /metrics
 answer as a real server would; GET /_stats, GET /_log?id=ID (all ids without
-it), GET /_bodies?id=ID (the request body that got that response id; all
+it), GET /_received (when each request's last byte arrived, by response id), GET /_bodies?id=ID (the request body that got that response id; all
 without it, the last 10,000) and POST /_reset are the test-side controls.
 
 Server-wide options (ScriptedServer keywords) emulate servers that differ from
@@ -114,6 +115,7 @@ class _State:
         self.waiting = 0
         self.next_id = 0
         self.log: dict[str, list[float]] = {}
+        self.received: dict[str, float] = {}  # response id -> when its request's last byte was read
         self.bodies: dict[str, Any] = {}  # response id -> request body (bounded: the last MAX_BODIES)
         self.last_headers: dict[str, str] = {}
         self.reset()
@@ -125,6 +127,7 @@ class _State:
         self.last_body_keys: list[str] = []
         self.gets = 0
         self.log.clear()
+        self.received.clear()
         self.bodies.clear()
 
     def stats(self, open_now: int) -> dict[str, Any]:
@@ -181,6 +184,7 @@ class _Conn(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
+        self.received_at = time.perf_counter()  # the request is complete: its receive time
         method = self.parser.get_method().decode()
         self.task = asyncio.get_running_loop().create_task(
             _handle(self, method, self.url.decode(), self.headers, b"".join(self.body)))
@@ -229,6 +233,8 @@ async def _handle(conn: _Conn, method: str, url: str, headers: dict[str, str], b
             rid = parse_qs(parts.query).get("id", [None])[0]
             payload = state.log.get(rid, []) if rid else state.log
             conn.respond(200, json.dumps(payload).encode())
+        elif path == "/_received":
+            conn.respond(200, json.dumps(state.received).encode())
         elif path == "/_bodies":
             rid = parse_qs(parts.query).get("id", [None])[0]
             conn.respond(200, json.dumps(state.bodies.get(rid) if rid else state.bodies).encode())
@@ -361,6 +367,7 @@ async def _generate(conn: _Conn, req: dict[str, Any], chat: bool) -> None:
     rid = str(script.get("id") or f"{'chatcmpl' if chat else 'cmpl'}-{state.next_id}")
     fault = script.get("fault")
     t0 = time.perf_counter()
+    state.received[rid] = conn.received_at
     state.bodies[rid] = req
     if len(state.bodies) > MAX_BODIES:
         del state.bodies[next(iter(state.bodies))]
@@ -628,6 +635,10 @@ class ScriptedServer:
     def write_log(self, response_id: str | None = None) -> Any:
         """Write times of the content chunks of one response (or {id: times} for all)."""
         return self._get(f"/_log?id={response_id}" if response_id else "/_log")
+
+    def receive_log(self) -> dict[str, float]:
+        """{response id: when the server had read the whole request} (perf_counter, like the write log)."""
+        return self._get("/_received")
 
     def stats(self) -> dict[str, Any]:
         return self._get("/_stats")
