@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -98,10 +99,14 @@ def _collective_rank(rank: int, size: int, port: int, cuda: bool, hidden: int, b
     dist.destroy_process_group()
 
 
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def measure_collectives(size: int, cuda: bool, hidden: int, smoke: bool) -> dict:
     """All-reduce figures of a group of `size` ranks (spawned processes, one per GPU)."""
-    from servescope.harness.targets.engine import free_port
-
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     bus_bytes = (4 << 20) if smoke else BUS_BYTES

@@ -133,7 +133,8 @@ class LLMEngine:
         says (benchmarks recapture after changing the kernels' policy); returns the seconds it took."""
         cfg = self.config
         args = dict(max_num_seqs=cfg.max_num_seqs, max_len=min(cfg.cuda_graph_max_len, self.max_model_len),
-                    piecewise_max_tokens=min(cfg.piecewise_graph_max_tokens, cfg.max_num_batched_tokens))
+                    piecewise_max_tokens=min(cfg.piecewise_graph_max_tokens, cfg.max_num_batched_tokens),
+                    capture=self.runner.on_gpu)  # on the CPU (tests) the graph paths run eagerly
         if self.tp_workers is not None:  # every rank captures the same graphs, collectives included
             self.tp_workers.send(("capture", args))
         self.graph_capture_s = self.runner.capture_graphs(**args)

@@ -166,12 +166,3 @@ class TPGroup:
         else:  # gloo has no all_gather_into_tensor
             dist.all_gather(list(parts.unbind(0)), local.contiguous(), group=self.group)
         return parts.permute(1, 0, 2).reshape(local.shape[0], -1)[:, :vocab_size]
-
-    def min_int(self, value: int, device: Any) -> int:
-        """The smallest of every rank's value (the KV block count all ranks can hold)."""
-        import torch
-        import torch.distributed as dist
-
-        t = torch.tensor([value], dtype=torch.int64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
-        return int(t.item())

@@ -246,8 +246,6 @@ def _serve_rank(launch: RankLaunch, sock: socket.socket, decoder: FrameDecoder) 
                 runner.timer = StepTimer(device.type == "cuda")
             elif kind == "capture":
                 runner.capture_graphs(**message[1])  # type: ignore[union-attr]
-            elif kind == "set":
-                setattr(runner, message[1], message[2])
             elif kind == "stop":
                 return
         if runner is not None and time.monotonic() - last_report >= STATS_EVERY_S:

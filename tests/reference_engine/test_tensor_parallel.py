@@ -239,3 +239,4 @@ def test_a_dying_rank_gives_503_and_exit_1_with_its_error() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
