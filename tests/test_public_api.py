@@ -47,7 +47,7 @@ def test_run_from_python_and_read_it_back(server: SlowServer, tmp_path: Path) ->
     # open loop: latency from the scheduled send time includes the generator's own lateness
     assert (ok["ttft_from_scheduled_s"] >= ok["ttft_s"] - 1e-9).all()
     assert (ok["e2e_from_scheduled_s"] - ok["e2e_s"] - ok["schedule_lag_s"]).abs().max() < 1e-6
-    assert set(run.server_metrics.columns) == {"t", "name", "labels", "value"}
+    assert set(run.server_metrics.columns) == {"t", "name", "labels", "value", "source"}
 
 
 def test_bad_options_raise_a_usage_error_before_anything_is_written(tmp_path: Path) -> None:
