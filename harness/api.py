@@ -87,8 +87,13 @@ class _Prepared:
     replay: bool = False  # --trace of agent traces: the sessions are ReplayFlows, run as flows by the workers
 
 
-def execute_once(config: RunConfig, out: Path | None = None, console: RunConsole | None = None) -> RunOutcome:
-    """One measured run of `config` into `out` (default: config.out, else runs/run-<time>)."""
+def execute_once(config: RunConfig, out: Path | None = None, console: RunConsole | None = None,
+                 *, last: bool = True) -> RunOutcome:
+    """One measured run of `config` into `out` (default: config.out, else runs/run-<time>).
+
+    `last`: no run follows this one (`--repeat` passes False but for its last repetition), so a
+    live page may stay up after it for its report link.
+    """
     console = console or RunConsole(config.show_progress)
     out = Path(out or config.out or default_out_dir())
     prepared = _prepare(config)  # ConfigError propagates: exit 2 before anything is written
@@ -100,7 +105,7 @@ def execute_once(config: RunConfig, out: Path | None = None, console: RunConsole
     live = LivePage.open(config, out, [p.describe() for p in prepared.phases], console)
     try:
         outcome = _execute(config, prepared, out, console, live)
-        live.finished(outcome.status, outcome.exit_code)
+        live.finished(outcome.status, outcome.exit_code, linger=last or outcome.status != "complete")
         return outcome
     finally:
         live.close()

@@ -183,6 +183,11 @@
     fetch(withToken('/api/state?since=' + state.version, '&'), {cache: 'no-store'})
       .then(function (r) { if (!r.ok) { throw new Error('HTTP ' + r.status); } return r.json(); })
       .then(function (s) {
+        if (state.runDir !== undefined && s.run_dir !== state.runDir) {
+          window.location.reload();  // the next repetition of --repeat: another run on this port
+          return;
+        }
+        state.runDir = s.run_dir;
         // The first read finds data older than the page itself: not a delay of the page.
         var fresh = s.data_at !== null && s.data_at !== state.lastDataAt && state.polls > 0;
         merge(s);

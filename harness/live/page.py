@@ -49,6 +49,7 @@ class LivePage:
         host = config.live_host.strip()
         token = None if is_loopback(host) else secrets.token_urlsafe(18)
         state = LiveState(phases, notify=console.info)
+        state.run_dir = str(run_dir)
         page, script = render_page(token)
         port = LIVE_DEFAULT_PORT if config.live is None else config.live
         try:
@@ -99,14 +100,18 @@ class LivePage:
                 "findings_seconds": round(loop.seconds, 4) if loop else 0.0,
                 "findings_fired": sorted({f["rule"] for f in self.state.snapshot(0)["findings"]})}
 
-    def finished(self, status: str, exit_code: int) -> None:
-        """Link the report, then stay up while a page still watches (Ctrl-C closes it at once)."""
+    def finished(self, status: str, exit_code: int, linger: bool = True) -> None:
+        """Link the report, then stay up while a page still watches (Ctrl-C closes it at once).
+
+        Without `linger` (a repetition that another follows) the page is closed at once; the
+        next repetition serves a new one on the same port, which the open page reloads.
+        """
         _record_in_run_json(self.server.run_dir, self.describe())
         report = (self.server.run_dir / "report.html").exists()
         self.state.finish({"status": status, "exit_code": exit_code,
                            "report": "report.html" + (f"?token={self.token}" if self.token else "") if report else None,
                            "run_dir": str(self.server.run_dir)})
-        if not self._watched():
+        if not linger or not self._watched():
             return
         self.info(f"live page: the run is over; it stays up while open (at most {LINGER_MAX_S:.0f} s, Ctrl-C closes it)")
         deadline = time.monotonic() + LINGER_MAX_S

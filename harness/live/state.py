@@ -86,6 +86,7 @@ class LiveState:
         self.outcome: dict[str, Any] = {}
         self.stop_requested = False
         self.run_meta: dict[str, Any] = {}
+        self.run_dir = ""  # which run this is: a page that finds another run here starts over
 
     # -- what the driver feeds in -----------------------------------------------------------
 
@@ -177,6 +178,7 @@ class LiveState:
             progress = self._progress.items[-1] if self._progress.items else None
             return {
                 "version": self.version,
+                "run_dir": self.run_dir,
                 "now": self.clock(),
                 "data_at": self.data_at,
                 "status": self.status,

@@ -46,7 +46,7 @@ def execute_run(config: RunConfig, console: RunConsole | None = None) -> RunOutc
     for i in range(1, config.repeat + 1):
         console.info(f"repeat {i}/{config.repeat}")
         outcome = execute_once(replace(config, repeat=1, seed=config.seed + i - 1, out=str(out / f"run-{i}")),
-                                out / f"run-{i}", console)
+                                out / f"run-{i}", console, last=i == config.repeat)
         outcomes.append(outcome)
         if outcome.status != "complete":
             break  # interrupted or failed: the remaining repetitions would not be comparable

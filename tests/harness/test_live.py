@@ -211,3 +211,40 @@ def test_live_options_are_checked():
         "http://127.0.0.1:9/metrics",)
     with pytest.raises(ConfigError, match="--metrics-url"):
         RunConfig(target="http://127.0.0.1:9", metrics_url=("http://127.0.0.1:9/metrics", "ftp://x"))
+
+
+def test_repeat_serves_each_repetition_on_one_port_and_lingers_only_after_the_last(tmp_path):
+    """A page kept open through --repeat 2: the first repetition closes its page at once (the
+    second serves the next on the same port); the last stays up while the page still polls."""
+    from servescope.harness.targets import free_port
+
+    port = free_port()
+    runs_seen: list[tuple[str, str]] = []
+    done = threading.Event()
+
+    def keep_polling() -> None:
+        while not done.is_set():
+            try:
+                state = json.loads(_get(f"http://127.0.0.1:{port}/api/state")[1])
+                runs_seen.append((Path(state["run_dir"]).name, state["status"]))
+                if state["run_dir"].endswith("run-2") and state["status"] == "finished":
+                    return  # the page is closed: the last repetition stops lingering
+            except OSError:
+                pass  # between repetitions nothing listens
+            time.sleep(0.2)
+
+    with ScriptedServer(default_script={"tokens": 3}) as srv:
+        poller = threading.Thread(target=keep_polling, daemon=True)
+        poller.start()
+        config = RunConfig(target=srv.base_url, model="scripted", concurrency=2, duration_s="1s", prompt_tokens=8,
+                           max_tokens=3, out=str(tmp_path / "runs"), workers=1, live=port, repeat=2, report=False)
+        started = time.monotonic()
+        outcome = execute_run(config, _console()[0])
+        elapsed = time.monotonic() - started
+        done.set()
+    assert outcome.exit_code == 0 and [o.status for o in outcome.runs] == ["complete", "complete"]
+    assert {name for name, _ in runs_seen} == {"run-1", "run-2"}
+    assert elapsed < 60  # a page watching the first repetition would have held it up to two minutes
+    assert ("run-2", "finished") in runs_seen  # the last one stayed up for the page to read its end
+    for name in ("run-1", "run-2"):
+        assert json.loads((tmp_path / "runs" / name / "run.json").read_text())["live"]["port"] == port
