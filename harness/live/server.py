@@ -22,6 +22,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import socket
 import threading
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -60,6 +61,8 @@ class LiveServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], state: LiveState, page: bytes, script: bytes,
                  token: str | None, run_dir: Path) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6  # `--live-host ::` or an IPv6 address
         super().__init__(address, _Handler)
         self.state, self.page, self.script, self.token, self.run_dir = state, page, script, token, run_dir
         self.loopback = is_loopback(address[0])

@@ -5,7 +5,9 @@ batch and progress tick the dispatcher hands its hooks, and every scrape of
 every metrics endpoint. The workers never know it exists. Everything it
 serves is stamped with a version, so a page that polls with `since=V` gets
 only what changed after V: a long run costs each poll the last half-second of
-news, not its whole history.
+news, not its whole history. A window's rows are let go FINAL_AFTER_S after
+it ended (its figures stay), so memory does not grow with the run's length
+beyond one small record per window and scrape.
 
 Four kinds of thread touch it (the dispatcher's loop, the scrapers, the HTTP
 handlers, the findings evaluator); one lock guards it and nothing slow runs
@@ -39,7 +41,8 @@ FINDINGS_EVERY_S = 3.0  # the rules run on the data so far this often...
 MAX_FINDINGS_SHARE = 0.05  # ...or less often, so that judging takes at most this share of the driver's time
 PROGRESS_EVERY_S = 0.25  # progress ticks arrive every 10 ms; the page needs a few per second
 MAX_FINDING_ROWS = 10_000  # the rules judge the most recent rows (a minute at 160 req/s)
-MAX_FINDING_SAMPLES = 400_000  # scraped samples of the keys the rules read, most recent
+MAX_FINDING_SAMPLES = 100_000  # scraped samples of the keys the rules read, most recent (minutes of vLLM's)
+FINAL_AFTER_S = 10.0  # a window this long past its end keeps its figures and lets its rows go
 
 
 class _Stamped:
@@ -70,6 +73,8 @@ class LiveState:
         self._windows: dict[int, list[dict[str, Any]]] = {}
         self._window_stats: dict[int, tuple[int, dict[str, Any]]] = {}
         self._dirty: set[int] = set()
+        self._final: set[int] = set()
+        self.late_rows = 0
         self._points = _Stamped()
         self._progress = _Stamped()
         self._last_scrape: dict[str, tuple[float, dict[str, float]]] = {}
@@ -97,6 +102,9 @@ class LiveState:
             for row in rows:
                 end = row.get("end_at")
                 index = window_index(end if end is not None else now)
+                if index in self._final:
+                    self.late_rows += 1  # its window's figures are final; the run directory has the row
+                    continue
                 self._windows.setdefault(index, []).append(row)
                 self._dirty.add(index)
             self._rows.extend(_for_rules(row) for row in rows)
@@ -173,6 +181,10 @@ class LiveState:
                 self.version += 1
                 self._window_stats[index] = (self.version, window_stats(self._windows[index]))
             self._dirty.clear()
+            horizon = window_index(self.clock() - FINAL_AFTER_S)
+            for index in [i for i in self._windows if i < horizon]:  # memory stays flat over a long run
+                del self._windows[index]
+                self._final.add(index)
             windows = [{"t0": index * WINDOW_S, **stats} for index, (v, stats) in sorted(self._window_stats.items())
                        if v > since]
             progress = self._progress.items[-1] if self._progress.items else None

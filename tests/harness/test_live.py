@@ -60,6 +60,10 @@ def test_windows_are_sent_once_and_again_when_a_straggler_changes_them():
     state.add_records([_row(3, 0.9)])  # a late batch for the first window
     again = state.snapshot(first["version"])
     assert [w["t0"] for w in again["windows"]] == [0.0] and again["windows"][0]["completed"] == 3
+    clock.now = 30.0  # long after: the windows keep their figures, their rows are let go
+    state.snapshot(again["version"])
+    state.add_records([_row(4, 0.8)])
+    assert state.snapshot(0)["windows"][0]["completed"] == 3 and state.late_rows == 1
 
 
 def test_progress_gives_the_phase_and_the_time_left():
