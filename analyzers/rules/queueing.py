@@ -18,6 +18,12 @@ client's mean TTFT) where the server exports them: a closed loop whose requests
 come back in waves queues only the tail of each wave, so its median queue time
 is small while the waves still cost most of the mean TTFT (an H200 run: mean
 381 of 766 ms). Without _sum / _count, the medians.
+
+A phase that keeps up on average can still queue in bursts (one tenant's
+batch job): neither test above sees it, so each phase without a growing or
+standing queue is searched for episodes (`queue_episodes`): windows where
+arrivals outran a working server and waiting grew, with their times, depth and
+whose arrivals drove them.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from servescope.analyzers import charts
 from servescope.analyzers.context import DiagnosisContext
 from servescope.analyzers.findings import Finding
 from servescope.analyzers.rules.common import median, ms
+from servescope.analyzers.rules.queue_episodes import episodic_finding, find_episodes
 
 MIN_REQUESTS = 20
 RATE_EXCESS = 1.10  # arrivals at least 10% above completions
@@ -49,7 +56,7 @@ QUEUE_SHARE_OF_TTFT = 0.5
 
 
 def queueing(ctx: DiagnosisContext) -> Finding | None:
-    growing, standing = None, None
+    growing, standing, episodic = None, None, None
     for phase, group in ctx.frame.groupby(ctx.frame["phase"].fillna(""), sort=False):
         result = _judge_phase(ctx, str(phase), group)
         if result and (growing is None or result["ttft_growth"] > growing["ttft_growth"]):
@@ -58,10 +65,15 @@ def queueing(ctx: DiagnosisContext) -> Finding | None:
             queue = _standing_queue(ctx, str(phase), group)
             if queue and (standing is None or queue["queue_share_of_ttft"] > standing["queue_share_of_ttft"]):
                 standing = queue
+            episodes = find_episodes(ctx, str(phase), group) if queue is None else None
+            if episodes and (episodic is None or episodes.delayed > episodic.delayed):
+                episodic = episodes
     if growing is not None:
         return _growing_finding(growing)
     if standing is not None:
         return _standing_finding(standing)
+    if episodic is not None:
+        return episodic_finding(episodic)
     return None
 
 
