@@ -172,6 +172,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     try:
         with ScriptedServer(default_script=PACING) as srv, tempfile.TemporaryDirectory() as tmp:
+            for kind in ("local", "ray"):  # untimed: the driver's first run of each kind pays one-time costs
+                one_run(kind, srv, args.address, args.streams, 1.0, Path(tmp) / f"{kind}-first")
             for kind in ("local", "ray"):
                 rows.append(one_case(kind, srv, args.address, args.streams, args.duration, Path(tmp)))
             sample = load_run(next(Path(tmp).glob("local-full-*"))).requests.to_dict("records")[:64]
