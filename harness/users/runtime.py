@@ -184,56 +184,50 @@ class UserRuntime:
     async def _run_task(self, user: User, phase: str, scheduled: float) -> bool:
         """One task invocation as a flow; True when the task raised StopUser (retire the user)."""
         name, function = self._tasks[type(user).__name__].pick(user.rng)
-        return await self._run_flow(user, name, lambda: function(user), phase, scheduled)
+        return (await self._run_flow(user, name, lambda: function(user), phase, scheduled)) == "stop_user"
 
     async def _hook(self, user: User, hook: str, phase: str, scheduled: float) -> bool:
         """on_start / on_stop as a flow of their own (recorded when they call the model or fail).
 
-        Returns False when the hook raised (or raised StopUser): on_start then retires the user."""
-        flow_ok = [True]
-
-        async def body() -> None:
-            await getattr(user, hook)()
-
-        stopped = await self._run_flow(user, hook, body, phase, scheduled, quiet=True, ok=flow_ok)
-        return flow_ok[0] and not stopped
+        False when the hook raised (StopUser included): on_start then retires the user."""
+        ended = await self._run_flow(user, hook, getattr(user, hook), phase, scheduled, quiet=True)
+        return ended not in ("stop_user", "script_error")
 
     async def _run_flow(self, user: User, name: str, make: Any, phase: str, scheduled: float,
-                        quiet: bool = False, ok: list[bool] | None = None) -> bool:
+                        quiet: bool = False) -> str:
+        """Run `make()` as one flow and record it; returns how it ended: its status, or `stop_user`.
+
+        `quiet`: a flow that made no call and ended well leaves no row (an on_start that only sets state)."""
         user._flow_count += 1  # type: ignore[attr-defined]
         record = FlowRecord(flow_id=f"{user.user_id}:f{user._flow_count}", user_class=type(user).__name__,  # type: ignore[attr-defined]
                             task=name, user_id=user.user_id, worker=self.host.index, phase=phase,
                             scheduled_at=scheduled, start_at=self.host.now())
-        flow = Flow(record)
-        user.client.flow = flow
+        user.client.flow = Flow(record)
         user.task_started_at = time.perf_counter()
         task = asyncio.get_running_loop().create_task(make())
         self.flow_tasks.add(task)
-        stop_user = False
         try:
             await asyncio.wait([task])
         finally:
             self.flow_tasks.discard(task)
             user.client.flow = None
+        ended = None
         if task.cancelled():
             record.status = "cancelled"
-        elif (exc := task.exception()) is not None:
-            if isinstance(exc, StopUser):
-                stop_user = True
-            else:
-                record.status = "script_error"
-                record.error_type = type(exc).__name__
-                record.error_message = str(exc)[:MAX_ERROR_MESSAGE]
-                record.error_location = script_location(exc, self.script.path)
-                if ok is not None:
-                    ok[0] = False
+        elif isinstance(exc := task.exception(), StopUser):
+            ended = "stop_user"
+        elif exc is not None:
+            record.status = "script_error"
+            record.error_type = type(exc).__name__
+            record.error_message = str(exc)[:MAX_ERROR_MESSAGE]
+            record.error_location = script_location(exc, self.script.path)
         if record.status == "ok" and record.failed_calls:
             record.status = "error"
         record.end_at = self.host.now()
         record.duration_s = record.end_at - record.start_at
         if not (quiet and record.calls == 0 and record.status in ("ok", "cancelled")):
             self.host.add_flow(record.to_dict())
-        return stop_user
+        return ended or record.status
 
     # -- one call ----------------------------------------------------------------------------------
 
