@@ -20,7 +20,7 @@ import abc
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -84,6 +84,7 @@ class EngineClient(abc.ABC):
         self._keys = itertools.count()
         self._adds_posted = 0
         self._lost: str | None = None  # why the engine can serve nothing more
+        self.on_lost: Callable[[str], None] | None = None  # called once if the engine goes away on its own
 
     @property
     def max_model_len(self) -> int:
@@ -116,18 +117,23 @@ class EngineClient(abc.ABC):
     def _post(self, command: tuple) -> None:
         """Send one command (step_loop.py lists them) to the step loop, without blocking."""
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, tenant: str = "",
-                       request_id: str = "", arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+    def generate(self, prompt_token_ids: list[int], params: SamplingParams, tenant: str = "",
+                 request_id: str = "", arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
         """This request's outputs until the finished one; raises EngineFailed if the engine cannot serve it.
         Closing the iterator early aborts the request and frees its KV blocks."""
+        return self.stream("add", prompt_token_ids, params, tenant, request_id,
+                           arrival_time if arrival_time is not None else time.perf_counter())
+
+    async def stream(self, kind: str, *args: Any) -> AsyncIterator[RequestOutput]:
+        """Post the command (kind, key, *args) that starts a request ("add"; a decode engine's "decode")
+        and yield its outputs until the finished one, aborting it if the iterator is closed early."""
         if self._lost is not None:
             raise EngineFailed(self._lost)
         key = next(self._keys)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[key] = queue
         self._adds_posted += 1
-        self._post(("add", key, prompt_token_ids, params, tenant, request_id,
-                    arrival_time if arrival_time is not None else time.perf_counter()))
+        self._post((kind, key, *args))
         finished = False
         try:
             while True:
@@ -171,6 +177,9 @@ class EngineClient(abc.ABC):
     @abc.abstractmethod
     async def engine_state(self) -> dict[str, Any]:
         """Block-pool and scheduler figures (`/internal/engine`)."""
+
+    def shutdown_processes(self) -> None:
+        """Stop and reap the engine's processes (blocking; safe after `stop`); nothing to do in thread mode."""
 
     @abc.abstractmethod
     async def start(self) -> None: ...

@@ -38,7 +38,6 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -68,6 +67,8 @@ class EngineLaunch:
     tokenizer_dir: str | None = None
     model_name: str = "tiny"
     torch_threads: int | None = None  # None: torch's default
+    role: str | None = None  # disaggregated serving: "prefill" | "decode" (disagg/roles.py); None: colocated
+    kv_transport: str = "shm"  # how a disaggregated engine's KV blocks travel (disagg/transport.py)
 
     @property
     def tokenizer_path(self) -> Path:
@@ -110,10 +111,18 @@ def _child_main(launch: EngineLaunch, sock: socket.socket) -> None:
         if engine.tp_workers is not None:
             engine.tp_workers.on_fatal = wire.fatal
         try:
-            StepLoop(engine, metrics, "process").run(wire.receive, wire.send)
+            _step_loop(launch, engine, metrics).run(wire.receive, wire.send)
         finally:
             engine.shutdown()  # the other tensor-parallel ranks stop with this one
     sock.close()
+
+
+def _step_loop(launch: EngineLaunch, engine: Any, metrics: Any) -> StepLoop:
+    if launch.role is None:
+        return StepLoop(engine, metrics, "process")
+    from servescope.reference_engine.disagg.roles import role_loop
+
+    return role_loop(launch.role, engine, metrics, launch.kv_transport, launch.model_name)
 
 
 class _Wire:
@@ -278,7 +287,6 @@ class ProcessEngineClient(EngineClient):
     def __init__(self, handle: EngineProcessHandle) -> None:
         super().__init__(handle.facts, EngineTokenizer(handle.launch.tokenizer_path))
         self.handle = handle
-        self.on_lost: Callable[[str], None] | None = None  # called once if the engine process goes away on its own
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transport: asyncio.Transport | None = None
         self._calls: dict[int, asyncio.Future] = {}
@@ -304,6 +312,9 @@ class ProcessEngineClient(EngineClient):
             self._transport.close()  # written out first, then closed
         await asyncio.get_running_loop().run_in_executor(None, self.handle.shutdown)
         self._fail_all("the server is shutting down")
+
+    def shutdown_processes(self) -> None:
+        self.handle.shutdown()
 
     @property
     def num_waiting(self) -> int:

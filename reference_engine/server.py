@@ -258,8 +258,7 @@ class ServerThread:
         self._runner: web.AppRunner | None = None
         self._thread.start()
         if not self._ready.wait(30) or self._error is not None:
-            if isinstance(self.client, ProcessEngineClient):
-                self.client.handle.shutdown()
+            self.client.shutdown_processes()
             raise RuntimeError(f"the server thread did not start: {self._error or 'no answer within 30 s'}")
 
     @property
@@ -297,7 +296,7 @@ class ServerThread:
         self._thread.join(30)
 
 
-def serve(engine: LLMEngine | EngineProcessHandle, host: str, port: int, model_name: str,
+def serve(engine: LLMEngine | EngineProcessHandle | EngineClient, host: str, port: int, model_name: str,
           api_key: str | None = None) -> None:
     """Serve until SIGINT/SIGTERM (blocking).
 
@@ -313,7 +312,7 @@ def serve(engine: LLMEngine | EngineProcessHandle, host: str, port: int, model_n
         pass
     client = engine_client(engine, model_name)
     engine_lost: list[str] = []
-    if isinstance(client, ProcessEngineClient):
+    if client.mode != "thread":  # engine processes (one, or a disaggregated engine's pools)
         def exit_server(reason: str) -> None:
             engine_lost.append(reason)
             os.kill(os.getpid(), signal.SIGTERM)  # run_app's handler: a graceful exit
@@ -331,7 +330,6 @@ def serve(engine: LLMEngine | EngineProcessHandle, host: str, port: int, model_n
     try:
         web.run_app(app, host=host, port=port, print=None, handler_cancellation=True, access_log=None)
     finally:
-        if isinstance(client, ProcessEngineClient):
-            client.handle.shutdown()  # a no-op when the app's cleanup stopped it already
+        client.shutdown_processes()  # a no-op when the app's cleanup stopped them already
     if engine_lost:
         sys.exit(f"servescope reference engine: {engine_lost[0]}")

@@ -61,10 +61,9 @@ class StepLoop:
         """Serve until a "stop" command, the end of the commands (`receive` returns None), or a `send`
         that raises OSError (nobody listens any more). `receive(block)` returns every command that
         has arrived, waiting for one only when `block` (the engine has nothing to run)."""
-        engine = self.engine
         try:
             while self.running:
-                commands = receive(not engine.has_unfinished())
+                commands = receive(self.idle())
                 if commands is None:
                     return
                 for command in commands:
@@ -74,11 +73,23 @@ class StepLoop:
                 if not self.running:
                     return
                 self.pause_if_due()
+                self.before_step()
                 message = self.step()
                 if message is not None:
                     send(message)
         except OSError:
             return
+
+    def idle(self) -> bool:
+        """Whether the loop has nothing to do until a command arrives (it then blocks in `receive`)."""
+        return not self.engine.has_unfinished()
+
+    def before_step(self) -> None:
+        """Work between the commands and the step (a role's loop takes in arrived KV transfers here)."""
+
+    def num_waiting(self) -> int:
+        """Requests taken but not running: the admission figure the front end compares with --max-waiting."""
+        return len(self.engine.scheduler.waiting)
 
     def pause_if_due(self) -> None:
         """With --debug-pause EVERY:FOR, stand still FOR seconds every EVERY seconds once requests run:
@@ -128,7 +139,7 @@ class StepLoop:
     def step(self) -> tuple | None:
         """One engine step when there is work; the "out" message, or None when there is nothing to tell."""
         outputs = self._step() if self.engine.has_unfinished() else []
-        waiting = len(self.engine.scheduler.waiting)
+        waiting = self.num_waiting()
         if not outputs and not self.failures and (self.adds_taken, waiting) == self.reported:
             return None
         failures, self.failures = self.failures, []
