@@ -103,6 +103,8 @@ def _apply_usage(record: RequestRecord, usage: dict[str, Any]) -> None:
         record.cached_tokens = _first_int(details, ("cached_tokens",))
     record.spec_accepted_tokens = _first_int(usage, SPEC_ACCEPTED_KEYS)
     record.spec_draft_tokens = _first_int(usage, SPEC_DRAFT_KEYS)
+    transfer = usage.get("kv_transfer_s")
+    record.kv_transfer_s = float(transfer) if isinstance(transfer, (int, float)) and not isinstance(transfer, bool) else None
 
 
 def _set_output_tokens(

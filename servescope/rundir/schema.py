@@ -74,6 +74,7 @@ class RequestRecord:
     cached_tokens: int | None = None
     spec_accepted_tokens: int | None = None
     spec_draft_tokens: int | None = None
+    kv_transfer_s: float | None = None  # disaggregated serving: the server's KV transfer time (usage extension)
     status: str = "ok"
     error_kind: str | None = None
     http_status: int | None = None
@@ -113,7 +114,7 @@ def request_arrow_schema():
         "itl_s": pa.list_(f), "chunk_tokens": pa.list_(i),
         "output_tokens": i, "output_tokens_source": s,
         "usage_prompt_tokens": i, "cached_tokens": i,
-        "spec_accepted_tokens": i, "spec_draft_tokens": i,
+        "spec_accepted_tokens": i, "spec_draft_tokens": i, "kv_transfer_s": f,
         "status": s, "error_kind": s, "http_status": i, "error_message": s,
         "schedule_lag_s": f, "connect_s": f,
         "node": s, "user_class": s, "task": s, "flow_id": s, "step": i,

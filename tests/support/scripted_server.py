@@ -31,6 +31,7 @@ Every key is optional:
     usage                "finish" | "separate" | "none"   where usage goes
                          (default: "separate" if stream_options.include_usage else "none")
     cached_tokens, spec_accepted_tokens, spec_draft_tokens   int  extra usage fields
+    kv_transfer_s        float  the disaggregated engine's usage extension
     eos                  bool   end on a stop token as vLLM does: finish_reason "stop", and usage
                          counts one token more than the text carried (default false)
     done                 bool   end with `data: [DONE]` (default true)
@@ -397,7 +398,7 @@ async def _generate(conn: _Conn, req: dict[str, Any], chat: bool) -> None:
     usage = {"prompt_tokens": 7, "completion_tokens": generated, "total_tokens": 7 + generated}
     if "cached_tokens" in script:
         usage["prompt_tokens_details"] = {"cached_tokens": script["cached_tokens"]}
-    for key in ("spec_accepted_tokens", "spec_draft_tokens"):
+    for key in ("spec_accepted_tokens", "spec_draft_tokens", "kv_transfer_s"):
         if key in script:
             usage[key] = script[key]
     base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),

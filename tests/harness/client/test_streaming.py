@@ -67,13 +67,14 @@ def test_multi_token_chunks_are_counted_with_the_tokenizer(server, transport, se
 @pytest.mark.parametrize("usage", ["finish", "separate"])
 def test_usage_on_the_finish_chunk_or_a_separate_chunk(server, transport, usage, send, make_spec) -> None:
     script = {"usage": usage, "tokens": 6, "tokens_per_chunk": 2, "cached_tokens": 4,
-              "spec_accepted_tokens": 5, "spec_draft_tokens": 8}
+              "spec_accepted_tokens": 5, "spec_draft_tokens": 8, "kv_transfer_s": 0.0125}
     rec = send(server.base_url, transport, make_spec("chat", script, 6))
     assert rec.status == "ok", rec.error_message
     assert (rec.output_tokens, rec.output_tokens_source) == (6, "usage")
     assert len(rec.chunk_tokens) == 3  # usage-only chunk is not a content chunk
     assert (rec.usage_prompt_tokens, rec.cached_tokens) == (7, 4)
     assert (rec.spec_accepted_tokens, rec.spec_draft_tokens) == (5, 8)
+    assert rec.kv_transfer_s == 0.0125
 
 
 def test_no_usage_falls_back_to_counting_chunks(server, transport, send, make_spec) -> None:
