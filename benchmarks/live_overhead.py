@@ -87,6 +87,7 @@ def poll_page(url: str) -> None:
     """Read /api/state as the page does (every POLL_S, only the news), until the run has finished;
     print each delay of new data behind the driver (its age when served, plus the request)."""
     version, last_data, delays = 0, None, []
+    print("ready", flush=True)  # imported and polling: the measured run may start
     while True:
         started = time.perf_counter()
         try:
@@ -117,6 +118,7 @@ def one_run(srv: Any, live: bool, concurrency: int, duration_s: float) -> dict[s
     if live:
         poller = subprocess.Popen([sys.executable, "-m", "benchmarks.live_overhead", "--poll", f"http://127.0.0.1:{port}/"],
                                   stdout=subprocess.PIPE, text=True, cwd=str(Path(__file__).resolve().parents[1]))
+        assert poller.stdout.readline().strip() == "ready"  # its imports must not compete with the measured run
     with tempfile.TemporaryDirectory() as tmp:
         config = RunConfig(target=srv.base_url, model="scripted", concurrency=concurrency, duration_s=duration_s,
                            prompt_tokens=16, max_tokens=SCRIPT["tokens"], workers=1, out=os.path.join(tmp, "run"),
@@ -126,7 +128,7 @@ def one_run(srv: Any, live: bool, concurrency: int, duration_s: float) -> dict[s
         outcome = execute_run(config, quiet_console())
         cpu, wall = _cpu_s(exclude) - cpu0, time.perf_counter() - wall0
         run = load_run(outcome.run_dir)
-    delays = json.loads(poller.communicate(timeout=60)[0] or "[]") if poller is not None else []
+    delays = json.loads(poller.communicate(timeout=60)[0].strip() or "[]") if poller is not None else []
     origin = run.run["clock_origin_perf_counter_s"]
     log = srv.write_log()
     errors, chunks = [], 0
@@ -244,14 +246,27 @@ def main() -> None:
             off, on = figures["without"], figures["with --live"]
             change = on["chunks_per_cpu_s_mean"] / off["chunks_per_cpu_s_mean"] - 1
             figures["change_chunks_per_cpu_s"] = change
+            # Each with-run against the without-run just before it: what the machine did in between
+            # moves both, so the pairs' ratios are a steadier view than the two means.
+            pairs = [(runs[i], runs[i + 1]) for i in range(0, len(runs) - 1, 2)]
+            ratios = [b["chunks_per_cpu_s"] / a["chunks_per_cpu_s"] - 1 for a, b in pairs]
+            p99_changes = [b["timing_error_p99_ms"] - a["timing_error_p99_ms"] for a, b in pairs]
+            figures["paired_change_chunks_per_cpu_s"] = ratios
+            figures["paired_change_timing_error_p99_ms"] = p99_changes
             results.put("overhead", figures, run)
             print_table(["mode", "runs", "chunks", "chunks/CPU-s", "noise %", "timing err p99 ms", "p99 range",
                          "errors", "judging s (evals)", "poll delay p50/p99/max ms"], rows,
                         title=f"closed loop {args.concurrency} streams x {SCRIPT['tokens']} chunks, 5 ms apart, "
                               f"{args.duration:g} s per run, 1 worker; noise = (max - min) / mean over the runs")
-            print(f"with --live: chunks per client CPU-second {100 * change:+.1f}% against a run-to-run noise of "
-                  f"{100 * off['chunks_per_cpu_s_spread']:.1f}% (without) / {100 * on['chunks_per_cpu_s_spread']:.1f}% "
-                  "(with); on a machine shared with other engineers (2 CPUs): read the noise before the difference")
+            print_table(["pair", "chunks/CPU-s without", "with --live", "change %", "timing err p99 change ms"],
+                        [[i + 1, a["chunks_per_cpu_s"], b["chunks_per_cpu_s"], 100 * r, d]
+                         for i, ((a, b), r, d) in enumerate(zip(pairs, ratios, p99_changes))],
+                        title="each with-run against the without-run just before it")
+            print(f"with --live: chunks per client CPU-second {100 * change:+.1f}% (means; pairs: median "
+                  f"{100 * pct(ratios, 50):+.1f}%, {100 * min(ratios):+.1f}% to {100 * max(ratios):+.1f}%) against a "
+                  f"run-to-run noise of {100 * off['chunks_per_cpu_s_spread']:.1f}% (without) / "
+                  f"{100 * on['chunks_per_cpu_s_spread']:.1f}% (with); on a machine shared with other engineers "
+                  "(2 CPUs): read the noise before the difference")
         if "page-delay" in parts:
             delays = browser_delays(srv, args.concurrency, args.duration)
             if isinstance(delays, str):

@@ -101,3 +101,4 @@ def test_each_endpoint_is_scraped_and_tagged_and_the_gpu_reaches_the_summary_and
     assert f"GPU energy: {telemetry['energy_per_output_token_j']:.3g} J per output token" in text.getvalue()
     report = (run_dir / "report.html").read_text()
     assert "GPU utilisation, memory and power beside latency" in report and "Host CPU and network" in report
+    assert f"{telemetry['energy_per_output_token_j']:.3f} J/token" in report and "GPU utilisation, % (mean / max)" in report
