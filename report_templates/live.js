@@ -192,7 +192,12 @@
         var fresh = s.data_at !== null && s.data_at !== state.lastDataAt && state.polls > 0;
         merge(s);
         state.version = s.version;
-        drawClient(); drawServer(); drawFindings(); drawHeader(s);
+        // Redraw only what changed: drawing is most of what the page costs the machine it runs on.
+        var findingsText = JSON.stringify(s.findings);
+        if (s.windows.length || s.progress.length || s.server.length) { drawClient(); }
+        if (s.server.length || !state.polls) { drawServer(); }
+        if (findingsText !== state.findingsText) { drawFindings(); state.findingsText = findingsText; }
+        drawHeader(s);
         state.polls += 1;
         state.drawn = performance.now();
         if (fresh) {
