@@ -263,7 +263,15 @@ class _Process:
     def __init__(self, popen: subprocess.Popen) -> None:
         self.popen = popen
         self.pid = popen.pid
-        self.sentinel = os.pidfd_open(popen.pid)  # readable once the process has exited
+        try:
+            self.sentinel = os.pidfd_open(popen.pid)  # readable once the process has exited
+        except OSError:  # a kernel without pidfds (gVisor): a pipe whose writer closes when it exits
+            self.sentinel, done = os.pipe()
+            threading.Thread(target=self._close_on_exit, args=(done,), daemon=True, name="tp-reaper").start()
+
+    def _close_on_exit(self, done: int) -> None:
+        self.popen.wait()
+        os.close(done)
 
     @property
     def exitcode(self) -> int | None:

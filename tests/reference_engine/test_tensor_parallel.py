@@ -240,3 +240,19 @@ def test_a_dying_rank_gives_503_and_exit_1_with_its_error() -> None:
             proc.kill()
             proc.wait(10)
 
+
+
+def test_rank_exit_is_seen_without_pidfds(monkeypatch) -> None:
+    """Where the kernel has no pidfd_open (gVisor), a rank's exit still wakes the watchdog's select."""
+    import select
+
+    from servescope.reference_engine.tp_workers import _Process
+
+    def no_pidfds(pid: int) -> int:
+        raise OSError("pidfd_open is not implemented here")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfds)
+    process = _Process(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"]))
+    assert select.select([process.sentinel], [], [], 0.0)[0] == []
+    assert select.select([process.sentinel], [], [], 10.0)[0] == [process.sentinel]
+    assert process.exitcode == 0
