@@ -8,7 +8,7 @@
   var POLL_MS = 500, FINISHED_POLL_MS = 2000;
   var state = {
     version: 0, windows: new Map(), server: new Map(), progress: [], findings: [], current: null,
-    status: 'connecting', delays: [], polls: 0, drawn: 0, lastDataAt: null, windowS: 1,
+    status: 'connecting', delays: [], draws: [], polls: 0, drawn: 0, lastDataAt: null, windowS: 1,
   };
   window.servescopeLive = state;  // what the browser test and the benchmark read
 
@@ -25,7 +25,7 @@
   };
   var y2 = function (title) { return {title: {text: title}, overlaying: 'y', side: 'right', rangemode: 'tozero', showgrid: false}; };
   var line = function (x, y, name, extra) {
-    var t = {type: 'scatter', mode: 'lines+markers', marker: {size: 3}, name: name, x: x, y: y};
+    var t = {type: 'scatter', mode: 'lines', name: name, x: x, y: y};
     Object.keys(extra || {}).forEach(function (k) { t[k] = extra[k]; });
     return t;
   };
@@ -193,11 +193,13 @@
         merge(s);
         state.version = s.version;
         // Redraw only what changed: drawing is most of what the page costs the machine it runs on.
+        var drawStart = performance.now();
         var findingsText = JSON.stringify(s.findings);
         if (s.windows.length || s.progress.length || s.server.length) { drawClient(); }
         if (s.server.length || !state.polls) { drawServer(); }
         if (findingsText !== state.findingsText) { drawFindings(); state.findingsText = findingsText; }
         drawHeader(s);
+        state.draws.push((performance.now() - drawStart) / 1e3);
         state.polls += 1;
         state.drawn = performance.now();
         if (fresh) {
@@ -206,7 +208,10 @@
           state.delays.push((s.now - s.data_at) + (performance.now() - started) / 1e3);
         }
         state.lastDataAt = s.data_at;
-        setTimeout(poll, s.status === 'finished' ? FINISHED_POLL_MS : POLL_MS);
+        // One poll every POLL_MS from the start of the last, drawing included, so a slow draw
+        // does not add a whole interval to how far behind the page is.
+        var every = s.status === 'finished' ? FINISHED_POLL_MS : POLL_MS;
+        setTimeout(poll, Math.max(50, every - (performance.now() - started)));
       })
       .catch(function () {
         document.getElementById('status').textContent = state.status === 'finished' ? 'finished (page server closed)' : 'disconnected';
