@@ -68,8 +68,9 @@ BENCHMARK = "engine_served"
 PARTS = ("offline", "in-process", "served")
 
 
-def served_key(mode: str) -> str:
-    return "served" if mode == "process" else f"served-{mode}"
+def served_key(mode: str, defaults: bool = False) -> str:
+    key = "served" if mode == "process" else f"served-{mode}"
+    return f"{key}-defaults" if defaults else key
 
 
 def offline_reference(bench: Bench) -> dict | None:
@@ -234,6 +235,8 @@ def phase_server_side(run_dir: Path, summary: dict) -> dict[str, dict]:
 
 def server_args(bench: Bench, mode: str) -> list[str]:
     a = bench.args
+    if a.served_defaults:  # what a user who passes no engine flags gets
+        return ["--device", bench.device, "--engine-process" if mode == "process" else "--no-engine-process"]
     args = ["--device", bench.device, "--max-model-len", str(a.max_model_len), "--max-num-seqs", str(a.max_num_seqs),
             "--max-num-batched-tokens", str(a.max_num_batched_tokens),
             "--engine-process" if mode == "process" else "--no-engine-process"]
@@ -259,9 +262,10 @@ def served(bench: Bench, mode: str) -> dict:
         # Each harness run its own seed: with one seed the open run would resend the closed run's prompts,
         # and the server's prefix cache would hold part of them.
         plans = [("closed", ["--concurrency", str(a.concurrency), "--requests", str(a.requests), "--warmup", "2s",
-                             "--seed", "1"]),
-                 ("open", ["--sweep", "rate:" + ",".join(f"{r:g}" for r in a.rates), "--duration", a.duration,
-                           "--seed", "2"])]
+                             "--seed", "1"])]
+        if a.rates:
+            plans.append(("open", ["--sweep", "rate:" + ",".join(f"{r:g}" for r in a.rates), "--duration", a.duration,
+                                   "--seed", "2"]))
         rows = []
         for kind, extra in plans:
             before = httpx.get(server.base_url + "/internal/engine", timeout=10).json()
@@ -342,6 +346,9 @@ def main() -> None:
     p.add_argument("--duration", default="10s", help="each open-loop rate's phase")
     p.add_argument("--engine-modes", default="process", help="process, thread, or both (process,thread)")
     p.add_argument("--serve-args", default="", help="more `servescope serve` options, e.g. --no-async-scheduling")
+    p.add_argument("--served-defaults", action="store_true",
+                   help="serve with no engine flags but --device (the defaults a user gets; results part "
+                        "served-defaults), instead of this script's step budget, batch bound and KV size")
     p.add_argument("--runs-dir", default=None,
                    help="keep the run directories here (DIR/<mode>/closed, DIR/<mode>/open)")
     p.add_argument("--start-timeout", type=float, default=240.0, help="seconds the server may take to come up")
@@ -350,17 +357,18 @@ def main() -> None:
     if args.smoke:
         args.prompt_tokens, args.output_tokens, args.concurrency, args.requests = 32, 8, 8, 16
         args.rates, args.duration, args.repeat = "4,8", "2s", 1
-    args.rates = [float(x) for x in args.rates.split(",")]
+    args.rates = [float(x) for x in args.rates.split(",") if x]
     modes = [m for m in args.engine_modes.split(",") if m]
     if set(modes) - {"process", "thread"}:
         raise SystemExit(f"--engine-modes: process and/or thread, got {args.engine_modes}")
     bench = Bench(BENCHMARK, args, PARTS)
     if "served" in bench.parts:  # one results part per engine mode
-        bench.parts += [served_key(m) for m in modes if m != "process"]
+        bench.parts += [served_key(m, args.served_defaults) for m in modes
+                        if m != "process" or args.served_defaults]
     plan = [("offline", lambda: measure_offline(bench, args.concurrency, args.prompt_tokens, args.output_tokens,
                                                 args.max_num_batched_tokens), 20),
             ("in-process", lambda: in_process(bench), 60)]
-    plan += [(served_key(m), lambda m=m: served(bench, m), 90) for m in modes]
+    plan += [(served_key(m, args.served_defaults), lambda m=m: served(bench, m), 90) for m in modes]
     bench.run_parts(plan)
     summary(bench)
     sys.exit(bench.finish())

@@ -321,6 +321,7 @@ def add_engine_args(parser: argparse.ArgumentParser, parts: Sequence[str], max_n
     parser.add_argument("--max-num-batched-tokens", type=int, default=max_num_batched_tokens,
                         help="the engine's step token budget")
     parser.add_argument("--kv-gib", type=int, default=64, help="KV cache size on a GPU")
+    parser.add_argument("--cpu-kv-blocks", type=int, default=2048, help="KV cache size on the CPU, in blocks")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU check of this script: tiny preset, small shapes, results in a temporary folder")
     add_results_args(parser, default_save=True)
@@ -403,7 +404,7 @@ class Bench:
         if on_cuda(self.device):
             fields["kv_cache_memory"] = a.kv_gib * GiB
         else:
-            fields["num_kv_blocks"] = 2048
+            fields["num_kv_blocks"] = a.cpu_kv_blocks
         fields.update(overrides)
         return EngineConfig(**fields)
 

@@ -41,6 +41,9 @@ PRIOR_WEIGHT = 2.0  # pseudo-verifications of the population rate in a request's
 STALE_STEPS = 256
 BUCKETS_PER_OCTAVE = 4  # step sizes are grouped by token count in steps of 2**(1/4)
 NEAR_BUCKETS = 2  # a measurement this many buckets away still speaks for a size (no exploring there)
+# A step drafts only when it expects this much more throughput than a plain step: step times measured
+# on a busy host move by a few percent, and a predicted gain inside that noise is as likely a loss.
+MIN_GAIN = 0.02
 
 
 @dataclass(slots=True)
@@ -94,9 +97,13 @@ class StepTimes:
         self.weight = weight
         self.cells: dict[str, dict[int, _Cell]] = {PLAIN: {}, SPEC: {}}
         self.steps = 0
+        # Sorted (tokens, seconds) per kind, and the drafted steps' extra over plain ones: rebuilt after
+        # an observation, read several times per step by the decision.
+        self._cache: dict[str, list[tuple[float, float]]] = {}
 
     def observe(self, kind: str, tokens: int, seconds: float) -> None:
         self.steps += 1
+        self._cache.clear()
         cells = self.cells[kind]
         bucket = _bucket(tokens)
         cell = cells.get(bucket)
@@ -129,16 +136,25 @@ class StepTimes:
         return _interpolate(points, float(tokens), extend=True)
 
     def _points(self, kind: str) -> list[tuple[float, float]]:
-        return sorted((_bucket_tokens(b), c.seconds) for b, c in self.cells[kind].items() if c.samples > 0)
+        points = self._cache.get(kind)
+        if points is None:
+            points = self._cache[kind] = sorted((_bucket_tokens(b), c.seconds)
+                                                for b, c in self.cells[kind].items() if c.samples > 0)
+        return points
 
     def _spec_estimate(self, tokens: int, spec_points: list[tuple[float, float]]) -> float:
         """A drafted step costs a plain step of as many tokens (a verified token is a token through the
         model, like a prefill token) plus the measured extra of drafting (it runs alone, not overlapped,
         and cannot replay a decode graph), interpolated between the sizes it was measured at."""
-        if not self._points(PLAIN):
+        plain = self._points(PLAIN)
+        if not plain:
             return _interpolate(spec_points, float(tokens), extend=True)
-        extra = [(x, y - self.estimate(PLAIN, round(x))) for x, y in spec_points]  # type: ignore[operator]
-        return self.estimate(PLAIN, tokens) + _interpolate(extra, float(tokens), extend=False)  # type: ignore[operator]
+        extra = self._cache.get("extra")
+        if extra is None:
+            # Never below zero: a drafted step does a plain step's work and more; a negative extra is noise.
+            extra = self._cache["extra"] = [(x, max(0.0, y - _interpolate(plain, x, extend=True)))
+                                            for x, y in spec_points]
+        return _interpolate(plain, float(tokens), extend=True) + _interpolate(extra, float(tokens), extend=False)
 
 
 def _interpolate(points: list[tuple[float, float]], x: float, extend: bool) -> float:
@@ -186,7 +202,7 @@ def plan_drafts(candidates: Iterable[DraftCandidate], decodes: int, other_tokens
     drafts it computes D more tokens and yields `decodes` + G (G: expected accepted drafts) in
     T_spec. Draft position j of a request (accepted with chance rate**j) is kept when
     rate**j * T_plain / decodes >= the marginal seconds of one more verified token, and the step
-    drafts only when (decodes + G) / T_spec > decodes / T_plain. Exploring: a plain step comes first
+    drafts only when (decodes + G) / T_spec > (1 + MIN_GAIN) * decodes / T_plain. Exploring: a plain step comes first
     where none was measured near this size lately (drafting is judged against it); a drafted step is
     tried at a plain step's cost while none was measured lately.
     """
@@ -222,6 +238,6 @@ def plan_drafts(candidates: Iterable[DraftCandidate], decodes: int, other_tokens
     # Drafted steps never measured, or not for a while (an estimate never refreshed could keep them off
     # for good): try one at the plain cost of as many tokens.
     explore = not times.fresh(SPEC)
-    if (decodes + gain) * t_plain > decodes * t_spec(size, optimistic=explore):
+    if (decodes + gain) * t_plain > (1.0 + MIN_GAIN) * decodes * t_spec(size, optimistic=explore):
         return plan
     return {}

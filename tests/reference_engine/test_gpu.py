@@ -103,12 +103,13 @@ def test_cuda_engine_compiles_the_sampling_kernel_at_start_up(engine_factory) ->
     assert compiled() == before
 
 
-@pytest.mark.parametrize("overrides", [{"async_scheduling": False}, {"spec": SpecConfig(k=3)}],
+@pytest.mark.parametrize("overrides", [{"async_scheduling": False},
+                                       {"spec": SpecConfig(k=3, adaptive=False), "async_scheduling": False}],
                          ids=["no-overlap", "speculative"])
 def test_cuda_host_sampler_samples_on_the_device(engine_factory, overrides) -> None:
-    """Without overlapped scheduling (and with speculative decoding, which runs without it) the
-    host-side sampler draws on the CUDA logits, which stay on the device: unseeded and seeded
-    requests together, the seeded ones reproducible."""
+    """Without overlapped scheduling (and in steps that draft, which run alone) the host-side sampler
+    draws on the CUDA logits, which stay on the device: unseeded and seeded requests together, the
+    seeded ones reproducible (the fixed draft policy: adaptive drafting follows measured times)."""
     def run() -> list[list[int]]:
         engine = engine_factory(device="cuda", dtype="float32", **overrides)
         assert not engine.async_scheduling
