@@ -20,6 +20,7 @@ from servescope.analyzers.context import DiagnosisContext, build_context
 from servescope.analyzers.findings import Finding
 from servescope.analyzers.flow_view import flow_view
 from servescope.analyzers.rules import run_rules
+from servescope.analyzers.pools import pool_view
 from servescope.analyzers.slices import all_slice_tables
 from servescope.analyzers.summary import summarize
 from servescope.analyzers.timeseries import all_time_series
@@ -81,6 +82,7 @@ def report_context(run: RunData, summary: dict[str, Any], findings: list[Finding
         "target_label": target_label(run.run.get("target")),
         "server_metrics_present": not run.server_metrics.empty,
         "flows": flow_view(summary, ctx.frame),
+        "pools": pool_view(ctx.frame, ctx.metrics),
     }
 
 

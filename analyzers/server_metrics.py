@@ -41,6 +41,12 @@ METRIC_NAMES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "itl_hist": ("histogram", ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"), ("sglang:inter_token_latency_seconds",)),
     "e2e_hist": ("histogram", ("vllm:e2e_request_latency_seconds",), ("sglang:e2e_request_latency_seconds",)),
     "queue_hist": ("histogram", ("vllm:request_queue_time_seconds",), ("sglang:queue_time_seconds",)),
+    # Disaggregated prefill/decode: vLLM names transfer figures only for its NIXL connector.
+    "kv_transfer_hist": ("histogram", ("servescope:kv_transfer_seconds", "vllm:nixl_xfer_time_seconds"), ()),
+    "kv_transfer_bytes_hist": ("histogram", ("servescope:kv_transfer_bytes", "vllm:nixl_bytes_transferred"), ()),
+    "kv_transfer_queue": ("gauge", ("servescope:kv_transfer_queue_depth",), ()),
+    "kv_transfer_wait": ("counter", ("servescope:kv_transfer_wait_seconds_total", "servescope:kv_transfer_wait_seconds"), ()),
+    "step_hist": ("histogram", ("servescope:engine_step_seconds",), ()),
 }
 # GPU and host telemetry: canonical key -> (kind, ((exporter name, scale to the key's unit), ...)).
 # Units: percent, bytes, watts, joules, MHz. DCGM exporter names (dcgm-exporter's default counters),

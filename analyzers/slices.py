@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from servescope.analyzers.metrics import MIN_SAMPLES, describe
+from servescope.analyzers.pools import pool_labels
 
 TIME_WINDOWS = 10
 
@@ -56,6 +57,7 @@ DIMENSIONS: dict[str, tuple[str, Callable[[pd.DataFrame], pd.Series]]] = {
     "phase": ("Phase", _column("phase")),
     "time_window": ("Time window (by send time)", _time_window),
     "status": ("Status", lambda frame: frame["status"].fillna("error").astype(object)),
+    "pool": ("Pool that finished the request (disaggregated serving)", pool_labels),
 }
 
 

@@ -77,10 +77,17 @@ def client_bound(seed: int, size: int) -> SimSettings:
     return SimSettings(seed=seed, requests=size, schedule_lag_s=0.15)
 
 
+def kv_transfer(seed: int, size: int) -> SimSettings:
+    """Disaggregated prefill and decode over one slow shared link: every stream stalls ~80 ms after its first
+    token, longer when transfers queue."""
+    return SimSettings(seed=seed, requests=size, disaggregated=True, kv_transfer_base_s=0.06,
+                       kv_transfer_s_per_token=2e-5)
+
+
 INCIDENTS: dict[str, Incident] = {
     "healthy": healthy, "convoy": convoy, "stall": stall, "queueing": queueing, "preemption": preemption,
     "cache_miss": cache_miss, "rate_limit": rate_limit, "noisy_tenant": noisy_tenant, "slow_model": slow_model,
-    "output_tail": output_tail, "client_bound": client_bound,
+    "output_tail": output_tail, "client_bound": client_bound, "kv_transfer": kv_transfer,
 }
 
 EXPECTED: dict[str, frozenset[str]] = {
@@ -89,4 +96,5 @@ EXPECTED: dict[str, frozenset[str]] = {
     "cache_miss": frozenset({"prefix_cache"}), "rate_limit": frozenset({"rate_limit"}),
     "noisy_tenant": frozenset({"queueing", "slice_outlier"}), "slow_model": frozenset({"slice_outlier"}),
     "output_tail": frozenset(), "client_bound": frozenset({"client_bound"}),
+    "kv_transfer": frozenset({"kv_transfer"}),
 }

@@ -59,6 +59,7 @@ def requests_table(sim: Simulation) -> pa.Table:
         "http_status": _opt(c["http_status"], ok),
         "error_message": pa.array(np.where(ok, None, "429 Too Many Requests: tenant quota exceeded; retry-after 1s").astype(object)),
         "schedule_lag_s": pa.array(c["schedule_lag_s"]),
+        "kv_transfer_s": _opt(np.nan_to_num(c["kv_transfer_s"]), ~np.isfinite(c["kv_transfer_s"])),
     }
     if sim.itl_offsets is not None:
         offsets = pa.array(sim.itl_offsets.astype(np.int32))

@@ -16,7 +16,10 @@ million requests simulate in seconds:
   except a group told to stop hitting from some time on;
 * KV budget: when running requests hold more tokens than the budget, requests
   in flight are preempted and recompute their context (one long gap);
-* pauses: the whole server stops (every request in flight waits).
+* pauses: the whole server stops (every request in flight waits);
+* disaggregated prefill/decode: after its first token a request's KV crosses
+  a link shared by all (a fluid queue of `kv_links` seats), so its stream
+  stalls for the transfer before the second token.
 
 Freezes (pauses and unchunked long prefills) are applied as a time warp: each
 request is timed in server progress time, then mapped to wall time, so a
@@ -79,6 +82,10 @@ class SimSettings:
     pause_every_s: float = 0.0  # 0: the server never pauses
     pause_s: float = 0.0
     schedule_lag_s: float = 0.0005  # mean load-generator lateness
+    disaggregated: bool = False  # prefill and decode pools: each request's KV is transferred after its first token
+    kv_transfer_base_s: float = 0.002  # per transfer, on the link
+    kv_transfer_s_per_token: float = 1e-6  # per prompt token, on the link
+    kv_links: int = 1  # transfers the link carries at once
     itl: bool = True  # record per-token gaps (off for production-style logs)
 
     @property
@@ -155,6 +162,12 @@ def simulate(s: SimSettings) -> Simulation:
     start_p = warp.progress(sent) + wait
     first = warp.wall(start_p + prefill)
 
+    transfer = np.full(n, np.nan)
+    if s.disaggregated:
+        size = s.kv_transfer_base_s + prompt * s.kv_transfer_s_per_token
+        k_first = np.minimum(((start_p + prefill) / GRID_S).astype(np.int64), bins - 1)
+        transfer = np.where(served, _fluid_wait(k_first, np.where(served, size, 0.0), s.kv_links, bins) + size, np.nan)
+
     itl_offsets = itl_values = None
     if s.itl:
         gaps_n = np.where(served, out - 1, 0)
@@ -165,6 +178,9 @@ def simulate(s: SimSettings) -> Simulation:
         first_gap = itl_offsets[:-1]
         hit_rows = np.flatnonzero(preempted & (gaps_n > 0))
         gap_p[first_gap[hit_rows] + at[hit_rows]] += recompute[hit_rows]
+        if s.disaggregated:  # the stream waits for its KV between the first and second tokens
+            with_gaps = np.flatnonzero(served & (gaps_n > 0))
+            gap_p[first_gap[with_gaps]] += transfer[with_gaps]
         token_p = start_p[row] + prefill[row] + _cumsum_within(gap_p, itl_offsets)
         token_w = warp.wall(token_p)
         prev = np.concatenate(([0.0], token_w[:-1]))
@@ -176,7 +192,7 @@ def simulate(s: SimSettings) -> Simulation:
         last = itl_offsets[1:] - 1
         end[gaps_n > 0] = token_w[last[gaps_n > 0]]
     else:
-        end = warp.wall(start_p + prefill + (out - 1) * tpot + recompute)
+        end = warp.wall(start_p + prefill + (out - 1) * tpot + recompute + np.nan_to_num(transfer))
 
     first = np.where(served, first, np.nan)
     end = np.where(served, end, sent + 0.003)
@@ -185,6 +201,7 @@ def simulate(s: SimSettings) -> Simulation:
         "prompt_tokens": prompt, "output_tokens": np.where(served, out, 0), "max_tokens": np.full(n, s.max_output),
         "cached_tokens": np.where(served, cached, 0), "prefix_group": group, "first_token_at": first, "end_at": end,
         "http_status": np.where(limited, 429, 200), "preempted": preempted, "wait_s": wait,
+        "kv_transfer_s": transfer,
     }
     scrape_t, gauges = _scrape(s, columns, kv, wait, preempted, bins)
     return Simulation(s, columns, itl_offsets, itl_values, scrape_t, gauges)

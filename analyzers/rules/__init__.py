@@ -20,6 +20,7 @@ from servescope.analyzers.rules.client_bound import client_bound
 from servescope.analyzers.rules.convoy import convoy
 from servescope.analyzers.rules.errors import errors
 from servescope.analyzers.rules.flow_tail import flow_tail
+from servescope.analyzers.rules.kv_transfer import kv_transfer
 from servescope.analyzers.rules.preemption import preemption
 from servescope.analyzers.rules.prefix_cache import prefix_cache
 from servescope.analyzers.rules.queueing import queueing
@@ -42,6 +43,7 @@ RULES: dict[str, Rule] = {
     "preemption": preemption,
     "prefix_cache": prefix_cache,
     "spec_decode": spec_decode,
+    "kv_transfer": kv_transfer,
     "slice_outlier": slice_outlier,
     "tail": tail,
     "flow_tail": flow_tail,

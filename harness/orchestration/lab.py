@@ -74,6 +74,8 @@ _SPEC = _workload("lab-spec", _fixed("gen", 64, 96))
 _PREEMPT = _workload("lab-preemption", _fixed("gen", 128, 96))
 _SATURATION = _workload("lab-saturation", _fixed("gen", 64, 48))
 _STALL = _workload("lab-stall", _fixed("short", 48, 32, weight=3), _fixed("long", 512, 32, weight=1))
+_PD_MIX = _workload("lab-pd", _fixed("chat", 64, 48, weight=4), _fixed("answer", 256, 4, weight=2),
+                    _fixed("document", 1024, 24, weight=1))
 
 # Durations are as short as still gives each rule enough requests on 2 CPU cores
 # (the lab tests run every lab); `--scale` lengthens them for steadier numbers.
@@ -128,6 +130,17 @@ LABS: dict[str, Lab] = {
         experiment=LabSide(("--debug-pause", "5s:3s"), _STALL, rate=8.0, duration_s=12.0),
         control=LabSide((), _STALL, rate=8.0, duration_s=8.0),
     ),
+    "pd": Lab(
+        name="pd", rule="kv_transfer",
+        question="Does disaggregating prefill and decode steady TTFT, and what does the KV transfer cost the decode side?",
+        experiment_label="--disaggregate 1:1 (one prefill and one decode engine process)",
+        control_label="one colocated engine, chunked prefill, 512-token steps",
+        # The same machine: the two engine processes of the experiment each take a core where the control's one
+        # engine takes one (the tiny model runs fastest on one thread), as P and D pools take a GPU each.
+        experiment=LabSide(("--disaggregate", "1:1", "--max-num-batched-tokens", "512"), _PD_MIX, rate=4.0,
+                           duration_s=8.0),
+        control=LabSide(("--max-num-batched-tokens", "512"), _PD_MIX, rate=4.0, duration_s=8.0),
+    ),
 }
 
 
@@ -147,9 +160,10 @@ def run_lab(name: str, out: str | Path, *, duration_scale: float = 1.0, show_pro
         if on_side is not None:
             on_side(side_name, label)
         sides[side_name] = _run_side(out / side_name, side, label, duration_scale, show_progress, ray)
-    from servescope.analyzers.lab import LabResult, write_lab_report
+    from servescope.analyzers.lab import LabResult, lab_checks, write_lab_report
 
     result = LabResult(lab, out, sides["experiment"], sides["control"])
+    result.checks = lab_checks(result)
     result.report = write_lab_report(result)
     return result
 

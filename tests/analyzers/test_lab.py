@@ -21,6 +21,7 @@ def test_lab_separates_experiment_from_control(name, tmp_path):
     ctl_rules = [f.rule for f in result.control.findings]
     assert result.fired_in_experiment, f"{rule} did not fire for the experiment; findings: {exp_rules}"
     assert result.silent_in_control, f"{rule} fired for the control; findings: {ctl_rules}"
+    assert all(check.passed for check in result.checks), result.checks  # the lab's own claims (pd: TTFT, TPOT)
     # A control with too few requests would be silent for the wrong reason.
     assert result.control.summary["overall"]["ok"] >= (QUEUEING_MIN_REQUESTS if rule == "queueing" else 15)
     for side in ("experiment", "control"):
