@@ -363,8 +363,9 @@ def _cpu_cells(row: dict[str, Any]) -> list[float]:
 
 
 def _closed_part(args: argparse.Namespace, work: Path, results: ResultsFile) -> None:
-    rows, ratios, found = [], [], []
+    rows, ratios = [], []
     for streams in (int(s) for s in args.streams.split(",")):
+        found = []
         case = Case(streams, args.requests or CLOSED_REQUESTS.get(streams, 3 * streams),
                     CLOSED_ITL_S.get(streams, 0.05))
         with ScriptedServer(default_script=case.script) as srv:
@@ -387,7 +388,7 @@ def _closed_part(args: argparse.Namespace, work: Path, results: ResultsFile) -> 
                                pair["servescope"]["ttft_err_p99_ms"] / pair["bare"]["ttft_err_p99_ms"],
                                pair["servescope"]["itl_err_p99_ms"], pair["bare"]["itl_err_p99_ms"],
                                pair["servescope"]["itl_err_p99_ms"] / pair["bare"]["itl_err_p99_ms"]])
-    results.put("closed", {"rows": found}, run_info(cpus=sorted(os.sched_getaffinity(0))))
+        results.put(f"closed-{streams}", {"rows": found}, run_info(cpus=sorted(os.sched_getaffinity(0))))
     print_table(["streams", "client", "run", "workers", "requests", "chunks", "TTFT err p50 ms", "TTFT err p99 ms",
                  "ITL err p50 ms", "ITL err p99 ms", *CPU_HEADER], rows,
                 title=f"closed loop, {CHUNKS} chunks a request, {1e3 * TTFT_S:g} ms TTFT: client timestamp - server "

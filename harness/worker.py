@@ -55,6 +55,7 @@ LAG_PROBE_S = 0.01  # the sampler's sleep; lag = how much later than this it wok
 FLUSH_INTERVAL_S = 0.05  # records leave the worker at least this often...
 FLUSH_BATCH = 64  # ...or as soon as this many are waiting
 FINISH_SLICE_S = 0.0005  # responses are parsed into records for at most this long between two looks at the sockets
+DONE_COALESCE_S = 0.005  # sessions that end within this long of the first are reported in one SessionDone
 _END = object()  # end-of-phase marker inside a phase's job queue
 CONNECT_BACKOFF_S = 0.05  # a closed-loop user waits this long after a refused connection, doubling...
 CONNECT_BACKOFF_MAX_S = 1.0  # ...up to this (the run's TargetDownWatch ends a run whose target is gone)
@@ -153,6 +154,8 @@ class Worker:
         self.executing: dict[asyncio.Task, RequestRecord] = {}
         self.to_finish: deque[tuple[RequestRecord, Any]] = deque()  # (record, Exchange): ended, not yet parsed
         self.finish_wakeup = asyncio.Event()
+        self.done: dict[str, int] = {}  # phase -> sessions ended and not yet reported
+        self.done_timer: asyncio.TimerHandle | None = None
         self.phase_queues: dict[str, asyncio.Queue] = {}
         self.phase_tasks: set[asyncio.Task] = set()
         self.cancelled = 0
@@ -215,7 +218,7 @@ class Worker:
         if isinstance(message, Job):
             queue = self.phase_queues.get(message.phase)
             if queue is None or self.stopping:
-                self.outbox.put(SessionDone(self.index, message.phase))
+                self._session_done(message.phase)
             else:
                 queue.put_nowait(message)
         elif isinstance(message, StartPhase):
@@ -254,7 +257,8 @@ class Worker:
             if sessions:
                 await asyncio.wait(list(sessions))
         self.phase_queues.pop(start.phase, None)
-        self._finish_pending()  # the phase's records leave before it is reported idle
+        self._finish_pending()  # the phase's records and ended sessions are reported before it is idle
+        self._flush()
         self.outbox.put(PhaseIdle(self.index, start.phase))
 
     async def _slot(self, queue: asyncio.Queue, start_at: float, deadline: float | None) -> None:
@@ -265,7 +269,7 @@ class Worker:
         refused = 0  # connection failures in a row: a closed loop must not spin on a dead port
         while (job := await queue.get()) is not _END:
             if self.stopping or (deadline is not None and self.now() >= deadline):
-                self.outbox.put(SessionDone(self.index, job.phase))
+                self._session_done(job.phase)
                 continue
             last = await self._run_session(job.session, job.phase, free_since)
             refused = refused + 1 if last is not None and last.error_kind == "connect" else 0
@@ -282,7 +286,7 @@ class Worker:
         live = [len(start.slot_starts)]
 
         def done(job: Job) -> None:
-            self.outbox.put(SessionDone(self.index, job.phase))
+            self._session_done(job.phase)
 
         async def one(at: float, slot: Any) -> None:
             if await self.users.run_slot(queue, _END, at, start.deadline, slot, start.phase, done):
@@ -300,7 +304,7 @@ class Worker:
         try:
             await self.users.run_arrival(job.session, job.phase, job.at)
         finally:
-            self.outbox.put(SessionDone(self.index, job.phase))
+            self._session_done(job.phase)
 
     async def _run_session(self, session: Session, phase: str, at: float) -> RequestRecord | None:
         """Send the session's turns in order: the first at `at`, each next one its think time after the previous ended.
@@ -317,7 +321,7 @@ class Worker:
             record = self._new_record(spec, phase, scheduled)
             await self._execute(spec, record, deferred=True)
             previous_end = record.end_at if record.end_at is not None else self.now()
-        self.outbox.put(SessionDone(self.index, phase))
+        self._session_done(phase)
         return record
 
     # -- what scripted users ask of their worker (harness.users.runtime.Host) ----------------
@@ -448,7 +452,7 @@ class Worker:
         for phase, queue in list(self.phase_queues.items()):
             while not queue.empty():
                 if queue.get_nowait() is not _END:
-                    self.outbox.put(SessionDone(self.index, phase))
+                    self._session_done(phase)
             queue.put_nowait(_END)
         if self.executing and grace_s > 0:
             await asyncio.wait(list(self.executing), timeout=grace_s)
@@ -463,6 +467,23 @@ class Worker:
         self._flush()
         self.finished.set()
 
+    def _session_done(self, phase: str) -> None:
+        """Count an ended session; the count goes out DONE_COALESCE_S after the first of a run of them.
+
+        One message per session made every wave of hundreds of streams ending together hundreds of
+        queue puts (a lock, a wake-up of the queue's feeder thread, a pickle each) beside the reads."""
+        self.done[phase] = self.done.get(phase, 0) + 1
+        if self.done_timer is None:
+            self.done_timer = asyncio.get_running_loop().call_later(DONE_COALESCE_S, self._report_done)
+
+    def _report_done(self) -> None:
+        if self.done_timer is not None:
+            self.done_timer.cancel()
+            self.done_timer = None
+        for phase, count in self.done.items():
+            self.outbox.put(SessionDone(self.index, phase, count))
+        self.done.clear()
+
     def _flush(self) -> None:
         if self.started:  # before the records: a request is known to be out before it is known to be done
             started, self.started = self.started, []
@@ -473,6 +494,7 @@ class Worker:
         if self.flow_rows:  # after the records: a flow's calls reach the driver no later than the flow
             flows, self.flow_rows = self.flow_rows, []
             self.outbox.put(Flows(self.index, flows))
+        self._report_done()
 
     async def _flush_periodically(self) -> None:
         while True:

@@ -44,6 +44,7 @@ LOOKAHEAD_S = 0.5  # open loop: hand a session to its worker this long before it
 MAX_AHEAD = 4096  # ...but never more than this many undelivered sessions at once
 POLL_S = 0.01  # longest the main loop waits for worker messages before looking at the clock
 START_LEAD_S = 0.1  # a phase starts this long after it is announced, so its first wave is queued in time
+REFILL_PER_PUMP = 8  # closed loop: sessions built per worker per pump while it still holds a wave beyond its slots
 READY_TIMEOUT_S = 60.0  # workers must prewarm within this
 EXIT_TIMEOUT_S = 10.0  # after Shutdown/Stop (+ grace) workers must be gone within this
 
@@ -196,8 +197,12 @@ class Dispatcher:
         for worker in range(self.workers):
             self.channel.send(worker, StartPhase(phase.name, slots[worker], deadline, users[worker]))
         # Keep each worker a few sessions ahead of its slots: refills ride on SessionDone
-        # messages, which arrive up to POLL_S late.
+        # messages, which arrive up to POLL_S late. A worker that still holds a full wave beyond
+        # its slots gets its refill REFILL_PER_PUMP at a time: when hundreds of sessions end
+        # together, building the next ones (tokenizing prompts) is spread over the following
+        # polls instead of taking a core in one burst while the workers time the next first tokens.
         buffer = [2 * len(s) + 4 if s else 0 for s in slots]
+        ahead = [len(s) + 4 for s in slots]
         dispatched = 0
         while True:
             if phase.requests is not None and dispatched >= phase.requests:
@@ -205,7 +210,9 @@ class Dispatcher:
             if deadline is not None and self.clock() >= deadline:
                 return dispatched
             for worker in range(self.workers):
-                while self.outstanding[worker] < buffer[worker] and worker not in self.lost:
+                budget = REFILL_PER_PUMP if self.outstanding[worker] >= ahead[worker] else buffer[worker]
+                while self.outstanding[worker] < buffer[worker] and worker not in self.lost and budget > 0:
+                    budget -= 1
                     if phase.requests is not None and dispatched >= phase.requests:
                         break
                     session = next(self.sessions, None)
@@ -338,9 +345,9 @@ class Dispatcher:
             self.result.flows += len(message.rows)
             self.hooks.flows(message.rows)
         elif isinstance(message, SessionDone):
-            self.outstanding[message.worker] = max(0, self.outstanding[message.worker] - 1)
+            self.outstanding[message.worker] = max(0, self.outstanding[message.worker] - message.count)
             if message.phase == self.progress.phase:
-                self.progress.phase_done += 1
+                self.progress.phase_done += message.count
         elif isinstance(message, PhaseIdle):
             if message.phase == self.progress.phase:
                 self.idle.add(message.worker)

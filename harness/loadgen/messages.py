@@ -96,8 +96,11 @@ class Flows:
 
 @dataclass(slots=True)
 class SessionDone:
+    """`count` sessions of `phase` ended (a worker reports those that end close together in one message)."""
+
     worker: int
     phase: str
+    count: int = 1
 
 
 @dataclass(slots=True)
