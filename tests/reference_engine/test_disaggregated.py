@@ -19,10 +19,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from click.testing import CliRunner
 
 from servescope.reference_engine.cli import serve as serve_command
+from servescope.reference_engine.disagg.kv_blocks import gather_blocks, place_blocks
 from servescope.reference_engine.disagg.pools import DisaggConfig, start_disaggregated
+from servescope.reference_engine.disagg.transport import make_transport
 from servescope.reference_engine.errors import ConfigError
 from servescope.reference_engine.sequence import SamplingParams
 from servescope.reference_engine.server import ServerThread
@@ -180,3 +183,38 @@ def test_bad_disaggregate_values_are_usage_errors() -> None:
             DisaggConfig.parse(value)
     result = CliRunner().invoke(serve_command, ["--disaggregate", "2", "--device", "cpu"])
     assert result.exit_code == 2 and "P:D" in result.output
+
+
+@pytest.mark.parametrize("name", ["shm", "socket"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_transport_delivers_the_blocks_bit_for_bit_and_releases_them(name: str, dtype: torch.dtype) -> None:
+    transport = make_transport(name)
+    kv = torch.randn(2, 2, 3, 16, 2, 8).to(dtype)
+    received = transport.receive(transport.send(kv), torch.device("cpu"))
+    assert received.dtype == dtype and torch.equal(received, kv)
+    dropped = transport.send(kv)
+    transport.discard(dropped)
+    transport.discard(dropped)  # twice, or after a receive: nothing left to release, no error
+    assert not _kv_segments()
+
+
+def test_placed_blocks_equal_the_gathered_ones_and_a_wrong_shape_is_refused() -> None:
+    caches = [(torch.randn(6, 4, 2, 8), torch.randn(6, 4, 2, 8)) for _ in range(3)]
+    kv = gather_blocks(caches, [4, 1])
+    other = [(torch.zeros(6, 4, 2, 8), torch.zeros(6, 4, 2, 8)) for _ in range(3)]
+    place_blocks(other, [0, 5], kv)
+    for (k, v), (k2, v2) in zip(caches, other):
+        assert torch.equal(k2[0], k[4]) and torch.equal(v2[5], v[1]) and not k2[1:5].any()
+    with pytest.raises(ValueError, match="same model and block size"):
+        place_blocks(other[:2], [0, 5], kv)
+
+
+def test_the_socket_transport_serves_the_same_tokens(launch_factory, servers) -> None:
+    srv = ServerThread(start_disaggregated(launch_factory(), DisaggConfig(1, 1, "socket")), "tiny")
+    try:
+        assert httpx.get(srv.url + "/internal/engine").json()["kv_transport"] == "socket"
+        body = {"prompt": _prompt(90, 5), "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+        got, want = _complete(srv.url, body), _complete(servers["colocated"].url, body)
+        assert got["choices"][0]["text"] == want["choices"][0]["text"] and got["usage"]["kv_transfer_s"] > 0
+    finally:
+        srv.stop()
