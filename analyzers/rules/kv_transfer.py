@@ -21,6 +21,7 @@ when the transfers are cheap.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from servescope.analyzers.context import DiagnosisContext
 from servescope.analyzers.findings import Finding
@@ -44,10 +45,13 @@ def handoff_gaps(ctx: DiagnosisContext, rows: np.ndarray) -> tuple[np.ndarray, n
     values = np.asarray(run.itl_values, dtype=np.float64)
     first = np.full(len(rows), np.nan)
     later = np.full(len(rows), np.nan)
-    for i, r in enumerate(rows):
-        if lengths[r] >= 3:
-            gaps = values[offsets[r]:offsets[r + 1]]
-            first[i], later[i] = gaps[0], np.median(gaps[1:])
+    enough = np.flatnonzero(lengths[rows] >= 3)  # positions in `rows`
+    if enough.size:
+        starts, counts = offsets[rows[enough]] + 1, lengths[rows[enough]] - 1
+        owner = np.repeat(np.arange(enough.size), counts)
+        index = np.repeat(starts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts) + np.arange(counts.sum())
+        first[enough] = values[offsets[rows[enough]]]
+        later[enough] = pd.Series(values[index]).groupby(owner).median().to_numpy()
     return first, later
 
 
