@@ -22,6 +22,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from servescope.harness.targets.engine import EngineProcess
 from servescope.reference_engine.cli import serve as serve_command
 from servescope.reference_engine.disagg.kv_blocks import gather_blocks, place_blocks
 from servescope.reference_engine.disagg.pools import DisaggConfig, start_disaggregated
@@ -29,7 +30,7 @@ from servescope.reference_engine.disagg.transport import make_transport
 from servescope.reference_engine.errors import ConfigError
 from servescope.reference_engine.sequence import SamplingParams
 from servescope.reference_engine.server import ServerThread
-from support.processes import process_gone, wait_until
+from support.processes import parent_of, process_gone, wait_until
 
 SHM = Path("/dev/shm")
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
@@ -218,3 +219,29 @@ def test_the_socket_transport_serves_the_same_tokens(launch_factory, servers) ->
         assert got["choices"][0]["text"] == want["choices"][0]["text"] and got["usage"]["kv_transfer_s"] > 0
     finally:
         srv.stop()
+
+
+def test_the_served_command_stops_every_engine_and_exits_1_when_no_decode_engine_is_left() -> None:
+    """`servescope serve --disaggregate 1:1`: SIGTERM stops both engine processes in order; a server whose last
+    decode engine died exits 1 with the reason on stderr."""
+    for ending in ("sigterm", "decode engine killed"):
+        engine = EngineProcess(extra_args=("--device", "cpu", "--num-kv-blocks", "256", "--disaggregate", "1:1"),
+                               health_timeout_s=90)
+        engine.start()
+        try:
+            state = httpx.get(engine.base_url + "/internal/engine").json()
+            pids = state["pids"]
+            assert len(pids) == 2 and all(parent_of(pid) == engine.process.pid for pid in pids)
+            reply = httpx.post(engine.base_url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=30)
+            assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
+            if ending == "sigterm":
+                engine.process.send_signal(signal.SIGTERM)
+                assert engine.process.wait(30) == 0
+            else:
+                os.kill(state["decode"][0]["pid"], signal.SIGKILL)
+                assert engine.process.wait(30) == 1
+                assert "no decode engine is left" in engine.stderr_tail()
+            for pid in pids:
+                wait_until(lambda pid=pid: process_gone(pid), timeout=15, what=f"engine process {pid} to exit")
+        finally:
+            engine.close()
