@@ -5,6 +5,12 @@ medium or above; every other rule should stay below medium. `healthy` and
 `output_tail` expect nothing: a long-output tail is how every server behaves.
 A noisy tenant's requests wait in its own bursts, so naming that tenant
 (`slice_outlier`) is as right as naming the queue.
+
+Each incident is judged in two forms: the run directory servescope writes
+(token gaps, server metrics, client timing) and the production-style log an
+on-call engineer has (`output.LOG_COLUMNS`, imported as `servescope slice`
+does). `UNSEEN_IN_LOG` names the causes a log cannot show, with the reason;
+`expected(name, form)` is what each form should name.
 """
 
 from __future__ import annotations
@@ -98,3 +104,24 @@ EXPECTED: dict[str, frozenset[str]] = {
     "output_tail": frozenset(), "client_bound": frozenset({"client_bound"}),
     "kv_transfer": frozenset({"kv_transfer"}),
 }
+
+FORMS = ("run", "log")
+
+# Causes a production-style log (LOG_COLUMNS) holds no trace of: the rule that names them reads data the log lacks.
+UNSEEN_IN_LOG: dict[str, dict[str, str]] = {
+    "preemption": {"preemption": "needs the server's preemption counter; a request log has no server metrics, "
+                                 "and recomputed requests are only slower, like any queued one"},
+    "cache_miss": {"prefix_cache": "needs the prefix group of each request to know which ones expected a hit; "
+                                   "a log's cached_tokens alone cannot tell a lost hit from a prompt with no shared prefix"},
+    "client_bound": {"client_bound": "needs the load generator's schedule lag and loop lag; a server's log has no "
+                                     "client timing"},
+    "kv_transfer": {"kv_transfer": "needs per-request transfer times, token gaps or the decode pool's metrics; "
+                                   "a log's TTFT ends at the prefill pool's first token, before the transfer"},
+}
+
+
+def expected(name: str, form: str) -> frozenset[str]:
+    """The rules that should name incident `name`'s cause at medium or above, in `form` (run or log)."""
+    if form not in FORMS:
+        raise ValueError(f"form {form!r}: use one of {', '.join(FORMS)}")
+    return EXPECTED[name] - UNSEEN_IN_LOG.get(name, {}).keys() if form == "log" else EXPECTED[name]

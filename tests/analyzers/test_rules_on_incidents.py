@@ -1,11 +1,13 @@
-"""Rules on simulated incidents: each fires on its own incident and stays below medium on every other one."""
+"""Rules on simulated incidents: each fires on its own incident and stays below medium on every other one,
+judged on run directories and on production-style logs imported as `servescope slice` does."""
 
 import pytest
 
-from servescope.analyzers.incidents.catalogue import EXPECTED, INCIDENTS
-from servescope.analyzers.incidents.output import write_run
+from servescope.analyzers.incidents.catalogue import EXPECTED, INCIDENTS, UNSEEN_IN_LOG, expected
+from servescope.analyzers.incidents.output import write_log, write_run
 from servescope.analyzers.incidents.simulator import simulate
 from servescope.analyzers.rules import diagnose
+from servescope.harness.orchestration.log_import import import_log
 from servescope.rundir.reader import load_run
 
 MEDIUM_OR_ABOVE = ("high", "medium")
@@ -136,3 +138,45 @@ def test_stall_leaves_long_prefills_back_to_back_to_convoy(tmp_path):
     found = _findings(tmp_path, "convoy", 7)
     assert found["convoy"].severity == "high"
     assert "stall" not in found or found["stall"].severity in ("low", "info")
+
+
+def _log_findings(tmp_path, name, seed, size=2000):
+    """The incident as an on-call engineer has it: a CSV request log (no token gaps, no server metrics), imported."""
+    log = write_log(simulate(INCIDENTS[name](seed, size)), tmp_path / f"{name}-{size}-{seed}.csv")
+    return {f.rule: f for f in diagnose(load_run(import_log(log, tmp_path / f"{name}-{size}-{seed}-log")))}
+
+
+@pytest.mark.parametrize(("seed", "size"), [(0, 2000), (5, 8000)])
+@pytest.mark.parametrize("name", list(INCIDENTS))
+def test_every_rule_on_a_production_log_names_what_the_log_can_show_and_nothing_else(tmp_path, name, seed, size):
+    found = _log_findings(tmp_path, name, seed, size)
+    named = {rule for rule, f in found.items() if f.severity in MEDIUM_OR_ABOVE}
+    assert named == expected(name, "log"), {rule: (f.severity, f.title) for rule, f in found.items()}
+
+
+def test_what_a_log_cannot_show_is_a_planted_cause_with_a_reason():
+    for name, reasons in UNSEEN_IN_LOG.items():
+        assert reasons and set(reasons) <= EXPECTED[name], name
+        assert all(len(reason) > 40 for reason in reasons.values())
+        assert expected(name, "log") == EXPECTED[name] - set(reasons)
+    assert all(expected(name, "run") == EXPECTED[name] for name in INCIDENTS)
+    with pytest.raises(ValueError, match="use one of run, log"):
+        expected("convoy", "jsonl")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_convoy_on_a_log_short_first_tokens_follow_the_long_prefill(tmp_path, seed):
+    """No gaps to check the decodes: the short requests' first tokens come one step after the long prompt's."""
+    f = _log_findings(tmp_path, "convoy", seed)["convoy"]
+    assert f.severity == "high" and "itl_gap_ratio" not in f.evidence
+    assert f.evidence["ttft_share_after_long_first_token_p50"] < 0.15
+
+
+@pytest.mark.parametrize("name", ["queueing", "noisy_tenant"])
+@pytest.mark.parametrize("seed", range(3))
+def test_convoy_on_a_log_leaves_a_queue_alone(tmp_path, name, seed):
+    """Short requests behind long prompts wait in a queue too, but their first tokens come seconds after the long
+    prompt's, whenever a slot frees: the queue is named, not a convoy."""
+    found = _log_findings(tmp_path, name, seed, 8000)
+    assert "convoy" not in found
+    assert found["queueing"].severity == "high"
