@@ -36,6 +36,7 @@ ANCHOR = "This is an anchor."  # measured context: a unit's count is taken after
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _MAX_TAIL_TRIES = 64  # sentences tried for a partial sentence of one length
 _MAX_FILL_TRIES = 256  # sentences tried, whole or cut, to end a piece on an exact count
+_MAX_CACHED_CUTS = 1 << 17  # cuts remembered per index (each a sentence prefix; bounds the memory)
 _MIN_STARTERS = 3  # chat framing is measured with three probes that must differ in their first token
 OPENING_TOKENS = 8  # prompts from distinct openings differ within their first 8 tokens
 
@@ -86,6 +87,10 @@ class CorpusIndex:
         self.joiner_tokens = self._common_start()
         self.starters = self._distinct_starters()
         self.openings = self._distinct_openings()
+        # _cut is a pure function of its arguments and costs two tokenizer calls; prompts of
+        # one length cut the same sentences at the same places over and over, and at a
+        # thousand sessions a second those calls were most of the driver's CPU.
+        self._cuts: dict[tuple[int, int, bool], str | None] = {}
         if len(self.starters) < _MIN_STARTERS:
             raise WorkloadError(
                 f"tokenizer {tokenizer.name}: only {len(self.starters)} sentences of the prompt corpus start with "
@@ -256,6 +261,15 @@ class CorpusIndex:
 
         The cut is made at the end offset of token `tokens` in the original text and then
         re-counted: a cut inside a word can tokenize differently from the word's first tokens."""
+        key = (idx, tokens, lead)
+        if key in self._cuts:
+            return self._cuts[key]
+        text = self._cut_uncached(idx, tokens, lead=lead)
+        if len(self._cuts) < _MAX_CACHED_CUTS:
+            self._cuts[key] = text
+        return text
+
+    def _cut_uncached(self, idx: int, tokens: int, *, lead: bool) -> str | None:
         ids = self.lead_ids[idx] if lead else self.unit_ids[idx]
         if len(ids) < tokens:
             return None
