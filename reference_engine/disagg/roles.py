@@ -13,7 +13,9 @@ the first token before it schedules the request again.
 Decode (`DecodeLoop`): ("decode", key, prompt ids, params, tenant, request
 id, Handoff) takes a request in. Its blocks are received on a loader thread
 (the copy out of the transport overlaps the decode steps; torch releases the
-GIL while it copies) and placed between steps when the pool has room; the
+GIL while it copies), or on the loop itself when they are small enough that
+the copy costs less than waiting a step, and placed between steps when the
+pool has room; the
 request then joins the running batch with its prompt computed and its first
 token as its last token, exactly where a colocated engine would stand after
 the prefill step. An abort before that drops the transfer. Usage gains
@@ -42,6 +44,9 @@ if TYPE_CHECKING:
 
 HANDOFF = "handoff"  # the finish reason of a prefill engine's output that continues on a decode engine
 WAIT_SLICE_S = 0.02  # an idle decode loop waits for a transfer this long at a time, then reads commands
+# A transfer this small is received on the loop itself and placed before the next step (its copy costs less
+# than the step it would otherwise wait for); a larger one loads on the loader thread while steps run.
+INLINE_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -121,10 +126,11 @@ class DecodeLoop(StepLoop):
         self.incoming: dict[Hashable, _Incoming] = {}  # in arrival order
         self.transfer_s: dict[Hashable, float] = {}  # key -> its transfer time, until its usage is sent
         self.transfers = 0
+        self.loaded_aside = 0  # transfers received on the loader thread (the rest on the loop)
         self.transfer_wait_s = 0.0
 
     def state(self) -> dict:
-        return {**super().state(), "role": "decode", "transfers": self.transfers,
+        return {**super().state(), "role": "decode", "transfers": self.transfers, "loaded_aside": self.loaded_aside,
                 "transfer_queue": len(self.incoming), "transfer_wait_s": self.transfer_wait_s}
 
     def idle(self) -> bool:
@@ -138,7 +144,15 @@ class DecodeLoop(StepLoop):
         if kind == "decode":
             _, key, prompt_token_ids, params, tenant, request_id, handoff = command
             self.adds_taken += 1
-            load = self.loader.submit(self.transport.receive, handoff.handle, self.engine.device)
+            if handoff.handle.nbytes <= INLINE_BYTES:
+                load = concurrent.futures.Future()
+                try:
+                    load.set_result(self.transport.receive(handoff.handle, self.engine.device))
+                except Exception as exc:  # noqa: BLE001 - placed as a failed transfer of its own request
+                    load.set_exception(exc)
+            else:
+                load = self.loader.submit(self.transport.receive, handoff.handle, self.engine.device)
+                self.loaded_aside += 1
             self.incoming[key] = _Incoming(key, prompt_token_ids, params, tenant, request_id, handoff, load)
             self.pd.queue_depth.set(len(self.incoming))
             return None

@@ -77,7 +77,7 @@ def _pools_idle(url: str) -> bool:
 
 def test_greedy_output_equals_the_colocated_engine_for_mixed_lengths(servers) -> None:
     bodies = [{"prompt": _prompt(n, n), "max_tokens": m, "temperature": 0, "ignore_eos": True}
-              for n, m in ((3, 24), (40, 16), (150, 8), (9, 1), (70, 30), (300, 5))]
+              for n, m in ((3, 24), (40, 16), (150, 8), (9, 1), (70, 30), (300, 5), (1100, 6))]
     bodies.append({"prompt": _prompt(20), "max_tokens": 12, "temperature": 0, "stop": ["a"]})  # held-back text
     pd, colocated = _both(servers, bodies)
     for body, got, want in zip(bodies, pd, colocated):
@@ -91,6 +91,8 @@ def test_greedy_output_equals_the_colocated_engine_for_mixed_lengths(servers) ->
             assert "kv_transfer_s" not in usage
     wait_until(lambda: _pools_idle(servers["pd"].url), what="both pools idle with every block free")
     assert not _kv_segments()
+    decode = httpx.get(servers["pd"].url + "/internal/engine").json()["decode"][0]
+    assert decode["loaded_aside"] >= 1  # the long prompt's blocks loaded on the loader thread, the rest inline
 
 
 def test_prefix_hits_are_served_by_the_prefill_side(servers) -> None:
