@@ -8,6 +8,7 @@ come in (`receive`) and messages go out (`send`).
 
 Commands, in the order the front end posted them:
     ("add", key, prompt ids, SamplingParams, tenant, request id, arrival time)
+    ("decode", key, prompt ids, SamplingParams, tenant, request id, Handoff)  (a decode engine's: disagg/roles.py)
     ("abort", key)
     ("call", call id, "metrics" | "state")
     ("stop",)
