@@ -17,7 +17,7 @@ The parts:
            the bandwidth it achieved (bytes over seconds of its transfer histograms), set against
            the link's.
 
-On one GPU the two engine processes share it (each gets --kv-gib of KV cache); on two the pools
+On one GPU the two engine processes share it (each gets --kv-gib of KV cache, 16 by default); on two the pools
 still share the first until the engine places pools on devices of their own. Figures go to
 benchmarks/results/engine_pd_<device>.json as each part ends.
 """
@@ -189,7 +189,8 @@ def main() -> None:
     parser.add_argument("--rates", default=None, help="comma-separated req/s (default 2,4,8,16; 2,4 with --smoke)")
     parser.add_argument("--duration", default=None, help="per rate (default 30s; 4s with --smoke)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="default 2048 (512 with --smoke)")
-    parser.add_argument("--kv-gib", type=float, default=20.0, help="GPU: KV cache of each engine process, GiB")
+    parser.add_argument("--kv-gib", type=float, default=16.0,
+                        help="GPU: KV cache of each engine process, GiB (two 8B engines and their KV share one GPU)")
     parser.add_argument("--link-mib", type=int, default=None, help="buffer of the link part (default 256; 16 with --smoke)")
     parser.add_argument("--serve-args", default="", help="more `servescope serve` flags for both servers")
     parser.add_argument("--runs-dir", default=None, help="keep the run directories here (default: a temporary folder)")
