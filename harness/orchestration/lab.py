@@ -133,8 +133,7 @@ LABS: dict[str, Lab] = {
     "pd": Lab(
         name="pd", rule="kv_transfer",
         question="Does disaggregating prefill and decode steady TTFT, and what does the KV transfer cost the decode side?",
-        experiment_label="--disaggregate 1:1 --kv-transport socket (prefill and decode engine processes, KV through "
-                         "the server's sockets)",
+        experiment_label="--disaggregate 1:1 --kv-transport socket (KV through the server)",
         control_label="one colocated engine, chunked prefill, 512-token steps",
         # The same machine: the two engine processes of the experiment each take a core where the control's one
         # engine takes one (the tiny model runs fastest on one thread), as P and D pools take a GPU each. The KV
