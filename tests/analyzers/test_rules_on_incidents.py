@@ -166,10 +166,12 @@ def test_what_a_log_cannot_show_is_a_planted_cause_with_a_reason():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_convoy_on_a_log_short_first_tokens_follow_the_long_prefill(tmp_path, seed):
-    """No gaps to check the decodes: the short requests' first tokens come one step after the long prompt's."""
+    """No gaps to check the decodes: once the long prompt's first token is out, a short request caught behind it
+    takes what a short request takes with no long prefill in flight."""
     f = _log_findings(tmp_path, "convoy", seed)["convoy"]
     assert f.severity == "high" and "itl_gap_ratio" not in f.evidence
-    assert f.evidence["ttft_share_after_long_first_token_p50"] < 0.15
+    after, clear = f.evidence["short_wait_after_long_first_token_p50_s"], f.evidence["short_ttft_p50_clear_s"]
+    assert 0.5 * clear < after < 1.5 * clear
 
 
 @pytest.mark.parametrize("name", ["queueing", "noisy_tenant"])
