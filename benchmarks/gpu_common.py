@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from benchmarks.common import ResultsFile, add_results_args, print_table, run_info
+from benchmarks.common import ResultsFile, add_results_args, cpu_name, print_table, run_info
 from servescope.reference_engine.config import EngineConfig, ModelConfig, preset
 from servescope.reference_engine.engine import LLMEngine
 from servescope.reference_engine.sequence import SamplingParams
@@ -37,7 +37,8 @@ def sync(device: str) -> None:
 
 
 def device_name(device: str) -> str:
-    return torch.cuda.get_device_name() if on_cuda(device) else "cpu"
+    """The GPU's name, or the CPU's model and CPU count (the results file is named after it)."""
+    return torch.cuda.get_device_name() if on_cuda(device) else cpu_name()
 
 
 def median_s(fn: Callable[[], object], device: str) -> float:

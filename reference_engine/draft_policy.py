@@ -122,6 +122,12 @@ class StepTimes:
         return any(cell.samples > 0 and self.steps - cell.last_step <= STALE_STEPS
                    for b, cell in self.cells[kind].items() if abs(b - bucket) <= NEAR_BUCKETS)
 
+    def brackets(self, kind: str, tokens: int) -> bool:
+        """Whether this kind was measured at sizes on both sides of this one (an estimate between them
+        interpolates; beyond them it extrapolates)."""
+        points = self._points(kind)
+        return bool(points) and points[0][0] <= tokens <= points[-1][0]
+
     def fresh(self, kind: str) -> bool:
         """Whether some size of this kind was measured within the last STALE_STEPS steps."""
         return any(c.samples > 0 and self.steps - c.last_step <= STALE_STEPS for c in self.cells[kind].values())
@@ -202,15 +208,15 @@ def plan_drafts(candidates: Iterable[DraftCandidate], decodes: int, other_tokens
     drafts it computes D more tokens and yields `decodes` + G (G: expected accepted drafts) in
     T_spec. Draft position j of a request (accepted with chance rate**j) is kept when
     rate**j * T_plain / decodes >= the marginal seconds of one more verified token, and the step
-    drafts only when (decodes + G) / T_spec > (1 + MIN_GAIN) * decodes / T_plain. Exploring: a plain step comes first
-    where none was measured near this size lately (drafting is judged against it); a drafted step is
-    tried at a plain step's cost while none was measured lately.
+    drafts only when (decodes + G) / T_spec > (1 + MIN_GAIN) * decodes / T_plain. Exploring: a plain step
+    comes first at a size that no plain step was measured near lately nor on both sides of (drafting is
+    judged against it); a drafted step is tried at a plain step's cost while none was measured lately.
     """
     candidates = [c for c in candidates if c.room > 0]
     if not candidates or decodes <= 0:
         return {}
     base = decodes + other_tokens
-    if not times.measured(PLAIN, base):
+    if not (times.measured(PLAIN, base) or times.brackets(PLAIN, base)):
         return {}  # measure the plain step first: it is what drafting is judged against
     t_plain = times.estimate(PLAIN, base)
     assert t_plain is not None
