@@ -29,7 +29,7 @@ import time
 import traceback
 from array import array
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from servescope.harness.loadgen.messages import (
@@ -77,6 +77,7 @@ class WorkerSettings:
     users_source: str | None = None  # the script's text, for a worker on a host without the file (Ray)
     node: str | None = None  # the Ray node this worker runs on (records' `node`); None for local workers
     report_starts: bool = False  # send `Started` batches, so a lost worker's in-flight requests are known
+    notices: list[str] = field(default_factory=list)  # said by whatever started the worker, reported at exit
 
 
 def worker_main(index: int, inbox: Any, outbox: Any, settings: WorkerSettings) -> None:
@@ -198,7 +199,8 @@ class Worker:
         try:
             await self.client.aclose()
         finally:
-            self.outbox.put(Exited(self.index, self.cancelled, list(getattr(self.client, "notices", [])),
+            self.outbox.put(Exited(self.index, self.cancelled,
+                                   list(getattr(self.client, "notices", [])) + self.settings.notices,
                                    self.users.retired if self.users is not None else 0))
 
     def _read_inbox(self, loop: asyncio.AbstractEventLoop) -> None:
