@@ -253,8 +253,18 @@ class RayWorkerPool:
             else:
                 self.clocks[node] = NodeClock(node, 0.0, 0.0, [sample], same_kernel=True)
             return
+        best = self.estimate_offset(actor)
+        clock = self.clocks.get(node)
+        sample = (time.perf_counter(), best[1], best[0])
+        if clock is None:
+            self.clocks[node] = NodeClock(node, best[1], best[0], [sample])
+        else:
+            clock.samples.append(sample)
+
+    def estimate_offset(self, actor: Any, pings: int = CLOCK_PINGS) -> tuple[float, float]:
+        """(half round trip, offset) of the fastest of `pings` clock reads: node time = driver time + offset."""
         best: tuple[float, float] | None = None
-        for _ in range(CLOCK_PINGS):
+        for _ in range(pings):
             t0 = time.perf_counter()
             remote_t = self._ray.get(actor.clock.options(concurrency_group="clock").remote())
             t1 = time.perf_counter()
@@ -262,12 +272,7 @@ class RayWorkerPool:
             if best is None or half < best[0]:
                 best = (half, offset)
         assert best is not None
-        clock = self.clocks.get(node)
-        sample = (time.perf_counter(), best[1], best[0])
-        if clock is None:
-            self.clocks[node] = NodeClock(node, best[1], best[0], [sample])
-        else:
-            clock.samples.append(sample)
+        return best
 
     def describe(self) -> dict[str, Any]:
         per_node: dict[str, list[int]] = {}

@@ -90,6 +90,22 @@ def test_ray_workers_measure_like_local_workers_on_two_nodes(tmp_path, cluster, 
     assert p99["ray"] <= p99["local"] + 1e-3, p99  # within 1 ms of local workers at p99, 64 streams
 
 
+def test_the_round_trip_estimate_finds_a_known_clock_offset(cluster, server):
+    """Nodes on other hosts get their offset from round trips: on this host the truth is 0, and the
+    estimate must land within its own stated uncertainty of it."""
+    from servescope.harness.loadgen.ray_pool import RayWorkerPool, connect
+    from servescope.harness.worker import WorkerSettings
+
+    connect(cluster.address)
+    client = {"base_url": server.base_url, "model": "scripted", "clock_origin": time.perf_counter()}
+    pool = RayWorkerPool(1, [WorkerSettings(client=client)])
+    try:
+        half, offset = pool.estimate_offset(pool.actors[0], pings=30)
+    finally:
+        pool.close()
+    assert 0 < half < 0.05 and abs(offset) <= half + 1e-4
+
+
 def test_a_lost_worker_costs_only_its_in_flight_requests(tmp_path, cluster):
     with ScriptedServer(default_script={"first_token_delay_s": 0.3, "itl_s": 0.05}) as slow:
         killer = threading.Thread(target=_kill_one_worker_actor, args=(slow, 8), daemon=True)
