@@ -105,8 +105,10 @@ LABS: dict[str, Lab] = {
     "spec": Lab(
         name="spec", rule="spec_decode",
         question="How much of speculative decoding's drafting is accepted, and where does it lose?",
-        experiment_label="--spec ngram:k=4", control_label="speculation off",
-        experiment=LabSide(("--spec", "ngram:k=4"), _SPEC, rate=4.0, duration_s=5.0),
+        # The fixed policy (every request drafts 4 tokens a step): the adaptive default stops drafting
+        # where acceptance is low, which is what this lab's rule must see happen.
+        experiment_label="--spec ngram:k=4,adaptive=0", control_label="speculation off",
+        experiment=LabSide(("--spec", "ngram:k=4,adaptive=0"), _SPEC, rate=4.0, duration_s=5.0),
         control=LabSide((), _SPEC, rate=4.0, duration_s=5.0),
     ),
     "saturation": Lab(
