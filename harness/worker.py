@@ -29,6 +29,7 @@ import time
 import traceback
 from array import array
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -331,8 +332,9 @@ class Worker:
     async def sleep_until(self, at: float) -> bool:
         return await self._sleep_until(at)
 
-    async def execute(self, spec: RequestSpec, record: RequestRecord, reply: Any = None) -> None:
-        await self._execute(spec, record, reply)
+    async def execute(self, spec: RequestSpec, record: RequestRecord, reply: Any = None,
+                      finalize: Callable[[RequestRecord], None] | None = None) -> None:
+        await self._execute(spec, record, reply, finalize=finalize)
 
     def add_flow(self, row: dict[str, Any]) -> None:
         row["node"] = self.settings.node
@@ -372,9 +374,11 @@ class Worker:
             scheduled_at=scheduled,
         )
 
-    async def _execute(self, spec: RequestSpec, record: RequestRecord, reply: Any = None, deferred: bool = False) -> None:
+    async def _execute(self, spec: RequestSpec, record: RequestRecord, reply: Any = None, deferred: bool = False,
+                       finalize: Callable[[RequestRecord], None] | None = None) -> None:
         """Send one request and record it. `deferred`: a response that ended without a failure is
-        parsed later by `_finish_records`; until then its record holds only its labels and `end_at`."""
+        parsed later by `_finish_records`; until then its record holds only its labels and `end_at`.
+        `finalize(record)` runs once the response is parsed, before the record becomes a row."""
         if self.settings.report_starts:
             self.started.append((record.request_id, record.phase, record.scheduled_at))
         send = self.client.send(spec, record) if deferred else self.client.execute(spec, record, reply)
@@ -385,7 +389,7 @@ class Worker:
         except asyncio.CancelledError:  # the caller (a scripted flow) was cancelled: the call goes too, recorded
             task.cancel()
             await asyncio.wait([task])
-            self._record_outcome(task, record)
+            self._record_outcome(task, record, finalize)
             raise
         finally:
             self.executing.pop(task, None)
@@ -398,7 +402,7 @@ class Worker:
                 self.finish_wakeup.set()
                 return
             self.client.finish(record, ex)
-        self._record_outcome(task, record)
+        self._record_outcome(task, record, finalize)
 
     async def _finish_records(self) -> None:
         """Parse ended responses into records, FINISH_SLICE_S at a time, letting the loop read between slices."""
@@ -419,7 +423,8 @@ class Worker:
             if time.perf_counter() >= deadline:
                 return
 
-    def _record_outcome(self, task: asyncio.Task, record: RequestRecord) -> None:
+    def _record_outcome(self, task: asyncio.Task, record: RequestRecord,
+                        finalize: Callable[[RequestRecord], None] | None = None) -> None:
         if task.cancelled():
             self.cancelled += 1
             record.status, record.error_kind = "cancelled", "cancelled"
@@ -432,6 +437,8 @@ class Worker:
             exc = task.exception()
             record.status, record.error_kind = "error", "client"
             record.error_message = f"{type(exc).__name__}: {exc}"[:500]
+        if finalize is not None:
+            finalize(record)
         self._hand_off(record)
 
     def _hand_off(self, record: RequestRecord) -> None:

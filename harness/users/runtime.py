@@ -41,7 +41,8 @@ class Host(Protocol):
 
     def now(self) -> float: ...
     async def sleep_until(self, at: float) -> bool: ...
-    async def execute(self, spec: RequestSpec, record: RequestRecord, reply: Reply | None = None) -> None: ...
+    async def execute(self, spec: RequestSpec, record: RequestRecord, reply: Reply | None = None,
+                      finalize: Any = None) -> None: ...
     def add_flow(self, row: dict[str, Any]) -> None: ...
 
 
@@ -237,25 +238,29 @@ class UserRuntime:
             raise asyncio.CancelledError("the run is stopping")
         fr = flow.record
         step = flow.take_step()
-        prompt_tokens = self.text.count(api, body)
         spec = RequestSpec(request_id=f"{fr.flow_id}:s{step}", api=api, prompt=body.get("prompt"),
-                           messages=body.get("messages"), prompt_tokens=prompt_tokens or 0, max_tokens=max_tokens,
-                           tenant=tenant, extra_body=fields)
+                           messages=body.get("messages"), max_tokens=max_tokens, tenant=tenant, extra_body=fields)
         record = RequestRecord(request_id=spec.request_id, worker=self.host.index, phase=fr.phase, tenant=tenant,
-                               api=api, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
-                               user_class=fr.user_class, task=fr.task, flow_id=fr.flow_id, step=step,
-                               session_id=fr.user_id)
+                               api=api, max_tokens=max_tokens, user_class=fr.user_class, task=fr.task,
+                               flow_id=fr.flow_id, step=step, session_id=fr.user_id)
         if self.buckets is not None:
-            if prompt_tokens is not None:
-                record.prompt_bucket = self.buckets.prompt_label(prompt_tokens)
             record.output_bucket = self.buckets.output_label(max_tokens)
+
+        def finalize(done: RequestRecord) -> None:
+            # The prompt's length as the target counted it (usage), else the run tokenizer's count;
+            # taken after the answer, so tokenizing never sits between the script's call and the send.
+            done.prompt_tokens = done.usage_prompt_tokens if done.usage_prompt_tokens is not None \
+                else self.text.count(api, body)
+            if self.buckets is not None and done.prompt_tokens is not None:
+                done.prompt_bucket = self.buckets.prompt_label(done.prompt_tokens)
+
         reply = Reply()
         record.scheduled_at = self.host.now()  # the script asked now: any delay until the send is the framework's
-        await self.host.execute(spec, record, reply)
+        await self.host.execute(spec, record, reply, finalize)
         fr.calls += 1
         if record.status != "ok":
             fr.failed_calls += 1
-        fr.prompt_tokens += prompt_tokens or record.usage_prompt_tokens or 0
+        fr.prompt_tokens += record.prompt_tokens or 0
         fr.output_tokens += record.output_tokens or 0
         return Response(record, reply)
 
