@@ -30,6 +30,7 @@ Ray is imported only here, and this module only with `--ray`.
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,11 @@ from servescope.errors import UsageError
 from servescope.harness.worker import WorkerSettings, worker_main
 
 DRAIN_WAIT_S = 0.05  # longest an idle actor holds a drain call before answering "nothing yet"
+# Each Ray call costs the relay and the driver a fixed amount of CPU, so messages travel in batches:
+# a drain that got its first message keeps collecting this long, and the driver sends a worker's
+# queued messages at most this often (control messages, broadcast, go at once). Both stay far
+# inside the slack the dispatcher keeps (closed-loop job buffers, open-loop send times 0.5 s ahead).
+BATCH_S = 0.025
 CLOCK_PINGS = 15  # round trips per node and measurement; the fastest one is kept
 RESYNC_S = 10.0  # offsets are measured again this often during a run (drift)
 ACTOR_START_TIMEOUT_S = 120.0
@@ -104,12 +110,14 @@ class WorkerActor:
             self.inbox.put(message)
 
     def drain(self, wait_s: float) -> list[Any]:
-        """What the worker said since the last drain (waits up to `wait_s` for the first message)."""
+        """What the worker said since the last drain: waits up to `wait_s` for the first message,
+        then collects for BATCH_S more (one call carries a batch, not a message)."""
         out = []
         try:
             out.append(self.outbox.get(timeout=wait_s))
-            while True:
-                out.append(self.outbox.get_nowait())
+            until = time.monotonic() + BATCH_S
+            while (left := until - time.monotonic()) > 0:
+                out.append(self.outbox.get(timeout=left))
         except queue.Empty:
             pass
         if not out and self.process is not None and self.process.exitcode is not None:
@@ -124,6 +132,21 @@ def boot_id() -> str | None:
             return f.read().strip()
     except OSError:
         return None
+
+
+class _Pickled:
+    """A queue end whose messages cross as pickled bytes, so the relaying actor never unpickles
+    and re-pickles them: it moves bytes between the worker's queues and Ray, and only the two
+    ends (the worker, the driver) pay for (un)pickling."""
+
+    def __init__(self, queue_: Any) -> None:
+        self.queue = queue_
+
+    def put(self, message: Any) -> None:
+        self.queue.put(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def get(self, *args: Any, **kwargs: Any) -> Any:
+        return pickle.loads(self.queue.get(*args, **kwargs))
 
 
 def _worker_process(index: int, inbox: Any, outbox: Any, settings: WorkerSettings) -> None:
@@ -148,7 +171,7 @@ def _worker_process(index: int, inbox: Any, outbox: Any, settings: WorkerSetting
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signals.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: the actor's kill still ends it when its queues close
         pass
-    worker_main(index, inbox, outbox, settings)
+    worker_main(index, _Pickled(inbox), _Pickled(outbox), settings)
 
 
 def connect(address: str) -> dict[str, Any]:
@@ -231,6 +254,7 @@ class RayWorkerPool:
         for node in dict.fromkeys(self.nodes):
             self._measure(node)
         self._last_sync = time.monotonic()
+        self._last_send = 0.0
         self.outgoing: list[list[Any]] = [[] for _ in range(count)]
         self.lost: dict[int, str] = {}
         self.pending: dict[Any, int] = {}
@@ -293,12 +317,17 @@ class RayWorkerPool:
     def broadcast(self, message: Any) -> None:
         for worker in range(len(self.actors)):
             self.outgoing[worker].append(message)
-        self._flush()
+        self._flush(force=True)
 
-    def _flush(self) -> None:
+    def _flush(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_send < BATCH_S:
+            return
+        self._last_send = now
         for worker, messages in enumerate(self.outgoing):
             if messages and worker not in self.lost:
-                self.actors[worker].send.options(concurrency_group="io").remote(messages)
+                payload = [pickle.dumps(m, protocol=pickle.HIGHEST_PROTOCOL) for m in messages]
+                self.actors[worker].send.options(concurrency_group="io").remote(payload)
                 self.outgoing[worker] = []
             elif messages:
                 messages.clear()
@@ -324,7 +353,7 @@ class RayWorkerPool:
         for ref in ready:
             worker = self.pending.pop(ref)
             try:
-                messages.extend(self._ray.get(ref))
+                messages.extend(pickle.loads(raw) for raw in self._ray.get(ref))
             except Exception as exc:  # noqa: BLE001 - RayActorError and friends: the actor or its node died
                 self.lost[worker] = _reason(exc)
                 continue
