@@ -20,7 +20,7 @@ def test_a_healthy_run_has_no_findings(make_sim):
 
 def test_every_rule_is_registered_with_its_stable_id():
     assert set(RULES) == {"convoy", "queueing", "preemption", "prefix_cache", "spec_decode", "client_bound", "errors", "tail",
-                          "stall", "rate_limit", "slice_outlier", "flow_tail"}
+                          "stall", "rate_limit", "slice_outlier", "flow_tail", "kv_transfer"}
 
 
 # -- convoy ---------------------------------------------------------------------------------
