@@ -167,23 +167,22 @@ class RunDirWriter:
 
 def compact_requests(run_dir: Path) -> Path:
     """requests.jsonl -> requests.parquet with `request_arrow_schema()`."""
-    import pyarrow.parquet as pq
-
-    table = request_table(read_jsonl(run_dir / REQUESTS_JSONL))
-    out = run_dir / REQUESTS_PARQUET
-    pq.write_table(table, out)
-    (run_dir / REQUESTS_JSONL).unlink(missing_ok=True)
-    return out
+    return _compact(run_dir, REQUESTS_JSONL, REQUESTS_PARQUET, request_table)
 
 
 def compact_flows(run_dir: Path) -> Path:
     """flows.jsonl -> flows.parquet with `flow_arrow_schema()`."""
+    return _compact(run_dir, FLOWS_JSONL, FLOWS_PARQUET, flow_table)
+
+
+def _compact(run_dir: Path, jsonl: str, parquet: str, to_table: Any) -> Path:
+    """One JSONL file of rows -> its parquet file; the JSONL goes once the parquet file holds every row."""
     import pyarrow.parquet as pq
 
-    table = flow_table(read_jsonl(run_dir / FLOWS_JSONL))
-    out = run_dir / FLOWS_PARQUET
+    table = to_table(read_jsonl(run_dir / jsonl))
+    out = run_dir / parquet
     pq.write_table(table, out)
-    (run_dir / FLOWS_JSONL).unlink(missing_ok=True)
+    (run_dir / jsonl).unlink(missing_ok=True)
     return out
 
 
