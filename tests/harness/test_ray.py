@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import threading
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from support.processes import interrupt_after
 from support.scripted_server import ScriptedServer
 
 from servescope.cli import main
@@ -165,19 +165,9 @@ def test_ctrl_c_on_the_driver_keeps_what_was_measured(tmp_path, cluster):
         cmd = [sys.executable, "-m", "servescope", "run", "--target", slow.base_url, "--model", "scripted",
                "--ray", cluster.address, "--workers", "2", "--rate", "10", "--arrival", "constant", "--duration", "60s",
                "--prompt-tokens", "16", "--max-tokens", "2", "--out", str(out), "--no-report", "--grace", "0.5s"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
-            deadline = time.monotonic() + 90
-            while slow.stats()["requests"] < 10 and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert slow.stats()["requests"] >= 10, "the run never started sending"
-            proc.send_signal(signal.SIGINT)
-            output, _ = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        code, output = interrupt_after(cmd, lambda: slow.stats()["requests"], 10, start_timeout=90, exit_timeout=60)
         sent = slow.stats()["requests"]
-    assert proc.returncode == 130, output
+    assert code == 130, output
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
     run = load_run(out)
     assert len(run.requests[run.requests["sent_at"].notna()]) == sent  # every request the server saw

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from support.processes import interrupt_after
 from support.scripted_server import ScriptedServer
 
 from servescope.cli import main
@@ -288,18 +286,8 @@ def test_ctrl_c_keeps_every_finished_call_and_flow(tmp_path, server):
     cmd = [sys.executable, "-m", "servescope", "run", "--target", server.base_url, "--model", "scripted",
            "--users", str(script), "--concurrency", "3", "--duration", "60s", "--out", str(out), "--no-report",
            "--grace", "0.3s"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 40
-        while server.stats()["requests"] < 6 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert server.stats()["requests"] >= 6, "the run never started sending"
-        proc.send_signal(signal.SIGINT)
-        output, _ = proc.communicate(timeout=40)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, output
+    code, output = interrupt_after(cmd, lambda: server.stats()["requests"], 6)
+    assert code == 130, output
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
     run = load_run(out)
     assert len(run.requests[run.requests["sent_at"].notna()]) == server.stats()["requests"]
