@@ -229,14 +229,20 @@ def _serve_rank(launch: RankLaunch, sock: socket.socket, decoder: FrameDecoder) 
     runner: ModelRunner | None = None
     prev_ids: torch.Tensor | None = None
     last_report = time.monotonic()
+    unreported = False  # steps run since the last report: an idle rank still sends its last ones
     while True:
-        data = sock.recv(_RECV_BYTES)
-        if not data:
-            return  # rank 0 is gone
-        for message in decoder.feed(data):
+        # Wake at least every STATS_EVERY_S, so the step times of a burst that ended reach rank 0.
+        if not select.select([sock], [], [], STATS_EVERY_S)[0]:
+            data = None
+        else:
+            data = sock.recv(_RECV_BYTES)
+            if not data:
+                return  # rank 0 is gone
+        for message in decoder.feed(data) if data else ():
             kind = message[0]
             if kind == "step":
                 _, inputs, share_ids = message
+                unreported = True
                 runner.execute(inputs, prev_ids)  # type: ignore[union-attr]
                 if share_ids and inputs.logit_rows:
                     prev_ids = torch.empty(len(inputs.logit_rows), dtype=torch.int64, device=device)
@@ -248,10 +254,10 @@ def _serve_rank(launch: RankLaunch, sock: socket.socket, decoder: FrameDecoder) 
                 runner.capture_graphs(**message[1])  # type: ignore[union-attr]
             elif kind == "stop":
                 return
-        if runner is not None and time.monotonic() - last_report >= STATS_EVERY_S:
+        if runner is not None and unreported and time.monotonic() - last_report >= STATS_EVERY_S:
             runner.timer.drain()
             sock.sendall(encode(("stats", runner.timer.stats)))
-            last_report = time.monotonic()
+            last_report, unreported = time.monotonic(), False
 
 
 # -- rank 0's side ----------------------------------------------------------------------------------
