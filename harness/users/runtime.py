@@ -172,7 +172,6 @@ class UserRuntime:
         cls = self.script.classes[class_name]
         client = UserClient(self, class_name, cls.tenant)
         user = cls(client, random.Random(f"{self.seed}/{user_id}"), user_id, self.text)
-        user._flow_count = 0  # type: ignore[attr-defined]
         return user
 
     def _think(self, user: User) -> float:
@@ -199,8 +198,8 @@ class UserRuntime:
         """Run `make()` as one flow and record it; returns how it ended: its status, or `stop_user`.
 
         `quiet`: a flow that made no call and ended well leaves no row (an on_start that only sets state)."""
-        user._flow_count += 1  # type: ignore[attr-defined]
-        record = FlowRecord(flow_id=f"{user.user_id}:f{user._flow_count}", user_class=type(user).__name__,  # type: ignore[attr-defined]
+        user.flows_started += 1
+        record = FlowRecord(flow_id=f"{user.user_id}:f{user.flows_started}", user_class=type(user).__name__,
                             task=name, user_id=user.user_id, worker=self.host.index, phase=phase,
                             scheduled_at=scheduled, start_at=self.host.now())
         user.client.flow = Flow(record)

@@ -129,6 +129,7 @@ class User:
         self.user_id = user_id
         self._text = text
         self.task_started_at: float | None = None  # perf_counter() when the current/last task began
+        self.flows_started = 0  # this user's task invocations so far (numbers its flow ids)
 
     async def on_start(self) -> None:
         """Once per user, before its first task (log in, load a profile, ...)."""

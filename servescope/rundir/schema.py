@@ -238,12 +238,7 @@ def server_metrics_arrow_schema():
 
 def conform_server_metrics(table):
     """Add the columns an older or foreign writer left out (as nulls) and cast to the contract schema."""
-    import pyarrow as pa
-
-    schema = server_metrics_arrow_schema()
-    columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
-               for f in schema]
-    return pa.Table.from_arrays(columns, schema=schema)
+    return conform_table(table, server_metrics_arrow_schema())
 
 
 # File names of the run directory.
